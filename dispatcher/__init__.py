@@ -1,0 +1,1 @@
+"""smtp-dispatcher batch runner."""

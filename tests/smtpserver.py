@@ -1,0 +1,299 @@
+"""A scriptable SMTP server on 127.0.0.1 for tests and benchmarks.
+
+Built on aiosmtpd and run inside the caller's event loop. It records every session
+and every message it accepted, and injects faults by script:
+
+    server = FaultyServer()
+    server.faults.refuse_connections = 2      # close the next 2 connections at once
+    server.faults.close_after_messages = 3    # answer MAIL with 421 and hang up after 3 per session
+    server.faults.drop_after_data = 1         # record the next message, then drop without a reply
+    server.faults.data_4xx = 2                # answer the next 2 end-of-DATA with 451
+    server.faults.rcpt["bad@x.org"] = "550 5.1.1 No such user"
+    server.faults.rcpt_defer["slow@x.org"] = 1  # 450 the first time, then accept
+    server.faults.delay = 0.05                # every end-of-DATA reply is this late
+    server.faults.hang = 1                    # the next end-of-DATA is never answered
+    server.faults.chaos = 0.05                # each step faults with this probability
+
+    async with server:                        # listening on server.port
+        ...
+
+The record: ``server.messages`` (ReceivedMessage), ``server.sessions`` (SessionRecord),
+``server.max_concurrent``, and ``await server.wait_for(lambda: ..., timeout)`` to wait
+on the record without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email import message_from_bytes
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+@dataclass
+class Faults:
+    refuse_connections: int = 0
+    greeting_421: int = 0
+    close_after_messages: int | None = None
+    drop_after_data: int = 0
+    drop_before_data_reply_unrecorded: int = 0
+    data_4xx: int = 0
+    data_5xx: int = 0
+    mail_code: str | None = None
+    rcpt: dict[str, str] = field(default_factory=dict)
+    rcpt_defer: dict[str, int] = field(default_factory=dict)
+    delay: float = 0.0
+    hang: int = 0
+    chaos: float = 0.0
+    seed: int = 1
+
+
+@dataclass
+class ReceivedMessage:
+    session_id: int
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+    reply_dropped: bool = False  # the client never saw our reply: an ambiguous delivery
+
+    @property
+    def message_id(self) -> str | None:
+        msg = message_from_bytes(self.content)
+        value = msg.get("Message-ID")
+        return str(value) if value is not None else None
+
+    def header(self, name: str) -> str | None:
+        value = message_from_bytes(self.content).get(name)
+        return str(value) if value is not None else None
+
+
+@dataclass
+class SessionRecord:
+    session_id: int
+    messages: int = 0
+    commands: list[str] = field(default_factory=list)
+    closed: bool = False
+    quit: bool = False
+
+
+class _Handler:
+    def __init__(self, server: FaultyServer) -> None:
+        self.server = server
+
+    async def handle_EHLO(
+        self, smtp: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.server.pipelining:
+            return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return responses
+
+    async def handle_MAIL(
+        self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        srv, faults = self.server, self.server.faults
+        record = srv._record(smtp)
+        record.commands.append("MAIL")
+        if faults.close_after_messages is not None and record.messages >= faults.close_after_messages:
+            return await srv._hang_up(smtp, "421 4.7.0 Too many messages, closing")
+        if srv._roll():
+            return await srv._hang_up(smtp, "421 4.3.2 Chaos: service not available")
+        if faults.mail_code is not None:
+            return faults.mail_code
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(
+        self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        srv, faults = self.server, self.server.faults
+        srv._record(smtp).commands.append("RCPT")
+        if address in faults.rcpt:
+            return faults.rcpt[address]
+        if faults.rcpt_defer.get(address, 0) > 0:
+            faults.rcpt_defer[address] -= 1
+            return "450 4.2.1 Mailbox busy, try later"
+        if srv._roll():
+            return srv._rng.choice(["450 4.2.1 Chaos: try later", "550 5.1.1 Chaos: no such user"])
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 OK"
+
+    async def handle_RSET(self, smtp: SMTP, session: Session, envelope: Envelope) -> str:
+        self.server._record(smtp).commands.append("RSET")
+        return "250 2.0.0 OK"
+
+    async def handle_DATA(self, smtp: SMTP, session: Session, envelope: Envelope) -> str:
+        srv, faults = self.server, self.server.faults
+        record = srv._record(smtp)
+        record.commands.append("DATA")
+        content = envelope.original_content or b""
+        if faults.delay:
+            await asyncio.sleep(faults.delay)
+        if faults.hang > 0:
+            faults.hang -= 1
+            await srv._released.wait()
+            return "451 4.3.0 Released"
+        fault = srv._rng.choice(["drop", "drop-unrecorded", "451", "554", "slow"]) if srv._roll() else None
+        if fault == "slow":
+            await asyncio.sleep(0.01)
+        if faults.data_4xx > 0 or fault == "451":
+            faults.data_4xx = max(0, faults.data_4xx - 1)
+            return "451 4.3.0 Try again later"
+        if faults.data_5xx > 0 or fault == "554":
+            faults.data_5xx = max(0, faults.data_5xx - 1)
+            return "554 5.6.0 Message rejected"
+        if faults.drop_before_data_reply_unrecorded > 0 or fault == "drop-unrecorded":
+            faults.drop_before_data_reply_unrecorded = max(0, faults.drop_before_data_reply_unrecorded - 1)
+            srv._abort(smtp)
+            return "451 never seen"
+        dropped = faults.drop_after_data > 0 or fault == "drop"
+        srv.messages.append(
+            ReceivedMessage(record.session_id, envelope.mail_from, list(envelope.rcpt_tos), content, dropped)
+        )
+        record.messages += 1
+        srv._changed()
+        if dropped:
+            faults.drop_after_data = max(0, faults.drop_after_data - 1)
+            srv._abort(smtp)
+            return "250 never seen"
+        return "250 2.0.0 OK queued"
+
+    async def handle_QUIT(self, smtp: SMTP, session: Session, envelope: Envelope) -> str:
+        self.server._record(smtp).quit = True
+        return "221 2.0.0 Bye"
+
+
+class _SMTP(SMTP):
+    """aiosmtpd's session, with connection accounting for the test record."""
+
+    def __init__(self, server: FaultyServer) -> None:
+        super().__init__(_Handler(server), hostname="test.local", ident="faulty", data_size_limit=None)
+        self._test_server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        srv = self._test_server
+        srv.connections_made += 1
+        faults = srv.faults
+        if faults.refuse_connections > 0 or (srv._roll() and srv._rng.random() < 0.5):
+            faults.refuse_connections = max(0, faults.refuse_connections - 1)
+            srv.connections_refused += 1
+            transport.abort()
+            return
+        if self.transport is None:
+            srv._open += 1
+            srv.max_concurrent = max(srv.max_concurrent, srv._open)
+            record = SessionRecord(len(srv.sessions) + 1)
+            srv.sessions.append(record)
+            srv._by_protocol[id(self)] = record
+            srv._protocols.add(self)
+        super().connection_made(transport)
+        if faults.greeting_421 > 0:
+            faults.greeting_421 -= 1
+            transport.write(b"421 4.3.2 Not now\r\n")
+            transport.close()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        srv = self._test_server
+        record = srv._by_protocol.pop(id(self), None)
+        if record is not None:
+            record.closed = True
+            srv._open -= 1
+            srv._protocols.discard(self)
+            srv._changed()
+        if self.session is not None:
+            super().connection_lost(error)
+
+
+class FaultyServer:
+    """An aiosmtpd server on 127.0.0.1 with a fault script and a record of what it received."""
+
+    def __init__(self, *, port: int = 0, pipelining: bool = True, faults: Faults | None = None) -> None:
+        self.host = "127.0.0.1"
+        self.port = port
+        self.pipelining = pipelining
+        self.faults = faults or Faults()
+        self.messages: list[ReceivedMessage] = []
+        self.sessions: list[SessionRecord] = []
+        self.connections_made = 0
+        self.connections_refused = 0
+        self.max_concurrent = 0
+        self._open = 0
+        self._by_protocol: dict[int, SessionRecord] = {}
+        self._protocols: set[_SMTP] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._released = asyncio.Event()
+        self._change = asyncio.Event()
+        self._rng = random.Random(self.faults.seed)
+
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+    async def start(self) -> FaultyServer:
+        loop = asyncio.get_running_loop()
+        self._released = asyncio.Event()
+        self._change = asyncio.Event()
+        self._rng = random.Random(self.faults.seed)
+        self._server = await loop.create_server(lambda: _SMTP(self), self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        self._released.set()
+        if self._server is not None:
+            self._server.close()
+            for proto in list(self._protocols):
+                if proto.transport is not None:
+                    proto.transport.abort()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> FaultyServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Wait until ``predicate()`` holds for the record; raise TimeoutError after ``timeout``."""
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await self._change.wait()
+
+    def deliveries(self) -> Counter[tuple[str | None, str]]:
+        """How many times each (Message-ID, recipient) was accepted by this server."""
+        counts: Counter[tuple[str | None, str]] = Counter()
+        for message in self.messages:
+            mid = message.message_id
+            for rcpt in message.rcpt_tos:
+                counts[(mid, rcpt)] += 1
+        return counts
+
+    # -- internals used by the handler --
+
+    def _record(self, smtp: SMTP) -> SessionRecord:
+        return self._by_protocol.get(id(smtp)) or SessionRecord(0)
+
+    def _roll(self) -> bool:
+        return self.faults.chaos > 0 and self._rng.random() < self.faults.chaos
+
+    def _abort(self, smtp: SMTP) -> None:
+        if smtp.transport is not None:
+            smtp.transport.abort()
+
+    async def _hang_up(self, smtp: SMTP, reply: str) -> str:
+        await smtp.push(reply)
+        if smtp.transport is not None:
+            smtp.transport.close()
+        return reply
+
+    def _changed(self) -> None:
+        self._change.set()
+        self._change = asyncio.Event()
