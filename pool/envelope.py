@@ -1,0 +1,92 @@
+"""Turning what the caller submits into an envelope and wire-ready DATA bytes, once."""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from email.message import EmailMessage, Message
+from email.utils import getaddresses, parseaddr
+
+# Any bare CR or LF becomes CRLF (RFC 5321 section 2.3.8): a lone "\n.\n" in a body
+# must never end DATA early and smuggle a second message (SMTP smuggling).
+_LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
+# Dot-stuffing, RFC 5321 section 4.5.2.
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+_MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(.*?)\r?$")
+_FORBIDDEN_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
+END_OF_DATA = b".\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    sender: str
+    recipients: tuple[str, ...]
+    content: bytes  # CRLF-normalized, dot-stuffed, ending in the end-of-data line
+    message_id: str | None
+
+
+def check_address(address: str, field: str) -> str:
+    """Return ``address`` if it is safe to put on an SMTP command line; else ValueError."""
+    if not isinstance(address, str):
+        raise ValueError(f"{field}: address must be a string, got {type(address).__name__}")
+    if _FORBIDDEN_IN_ADDRESS.search(address):
+        raise ValueError(f"{field}: address {address!r} contains CR, LF, a control character or <>")
+    return address
+
+
+def wire_content(message: bytes) -> bytes:
+    """CRLF line endings only, dot-stuffed, terminated with ``.\\r\\n``."""
+    if b"\r" in message or b"\n" in message:
+        message = _LINE_ENDINGS.sub(b"\r\n", message)
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    if message.startswith(b".") or b"\n." in message:
+        message = _LEADING_DOT.sub(b"..", message)
+    return message + END_OF_DATA
+
+
+def _header_message_id(raw: bytes) -> str | None:
+    head_end = raw.find(b"\r\n\r\n")
+    head = raw if head_end < 0 else raw[:head_end]
+    found = _MESSAGE_ID.search(head)
+    return found.group(1).decode("ascii", "replace").strip() if found else None
+
+
+def build_envelope(
+    message: EmailMessage | Message | bytes | str,
+    sender: str | None = None,
+    recipients: list[str] | tuple[str, ...] | None = None,
+) -> Envelope:
+    """Validate and prepare a submission. Raises ValueError on bad input."""
+    if isinstance(message, Message):
+        if sender is None:
+            sender = parseaddr(str(message.get("Sender") or message.get("From") or ""))[1]
+            if not sender:
+                raise ValueError("sender: no sender given and the message has no From header")
+        if recipients is None:
+            fields = [str(v) for h in ("To", "Cc", "Bcc") for v in message.get_all(h, [])]
+            recipients = [addr for _, addr in getaddresses(fields) if addr]
+        if "Bcc" in message:
+            message = copy.copy(message)
+            del message["Bcc"]
+        policy = message.policy.clone(linesep="\r\n", max_line_length=998)
+        raw = message.as_bytes(policy=policy)
+    elif isinstance(message, (bytes, bytearray, memoryview, str)):
+        if sender is None or recipients is None:
+            raise ValueError("sender and recipients are required for a raw message")
+        raw = message.encode("utf-8") if isinstance(message, str) else bytes(message)
+    else:
+        raise TypeError(f"message must be an EmailMessage, bytes or str, not {type(message).__name__}")
+    if isinstance(recipients, str):
+        raise ValueError("recipients: must be a list of addresses, not a string")
+    check_address(sender, "sender")
+    rcpts = tuple(check_address(r, "recipients") for r in recipients)
+    if not rcpts:
+        raise ValueError("recipients: the message has no recipients")
+    if any(not r for r in rcpts):
+        raise ValueError("recipients: empty address")
+    # One transaction names each recipient once (a duplicate would be delivered twice).
+    rcpts = tuple(dict.fromkeys(rcpts))
+    content = wire_content(raw)
+    return Envelope(sender, rcpts, content, _header_message_id(content))

@@ -1,0 +1,426 @@
+"""SMTPPool: a bounded queue feeding ``size`` workers, each owning one SMTP session.
+
+    submit() -> queue -> worker -> Connection.transaction() -> SendResult | DeliveryError
+
+A message is a ``_Job``. Its state (recipients still pending, accepted, refused,
+attempts) changes only in the worker that holds it, or in ``_finish``. Transient
+failures send the job through a backoff timer back into the queue, so a worker never
+idles on a sleep while other messages wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from email.message import Message
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiosmtplib import SMTPResponseException
+
+from pool.connection import Connection, ConnectionFailed, SessionOptions, TransactionReply
+from pool.envelope import Envelope, build_envelope
+from pool.metrics import PoolMetrics
+from pool.ratelimit import RateLimiter
+from pool.results import DeliveryError, PoolClosedError, Refusals, SendResult
+from pool.retry import backoff_delay, is_permanent, is_positive
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+log = structlog.get_logger("pool")
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    envelope: Envelope
+    future: asyncio.Future[SendResult]
+    submitted: float
+    pending: tuple[str, ...]
+    accepted: list[str] = field(default_factory=list)
+    refused: Refusals = field(default_factory=dict)
+    attempts: int = 0
+    last_code: int | None = None
+    last_response: str = ""
+    taken: bool = False
+
+
+_STOP: Any = object()
+
+
+class SMTPPool:
+    """A pool of long-lived SMTP sessions. ``result = await pool.submit(message)``.
+
+    See SPEC section 1 for every option. Use as ``async with SMTPPool(...) as pool``
+    or call ``await pool.close()`` when done.
+    """
+
+    def __init__(
+        self,
+        hostname: str = "localhost",
+        port: int = 25,
+        *,
+        size: int = 4,
+        use_tls: bool = False,
+        start_tls: bool | None = None,
+        validate_certs: bool = True,
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = 30.0,
+        max_messages_per_connection: int | None = None,
+        idle_timeout: float | None = 60.0,
+        max_attempts: int = 5,
+        backoff_base: float = 0.5,
+        backoff_max: float = 60.0,
+        rate_limit: float | None = None,
+        pipelining: bool | None = None,
+        queue_size: int = 1000,
+        registry: CollectorRegistry | None = None,
+        local_hostname: str | None = None,
+    ) -> None:
+        if size < 1:
+            raise ValueError("size must be at least 1")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if queue_size < 1:
+            raise ValueError("queue_size must be at least 1")
+        if max_messages_per_connection is not None and max_messages_per_connection < 1:
+            raise ValueError("max_messages_per_connection must be at least 1")
+        self.size = size
+        self.max_messages_per_connection = max_messages_per_connection
+        self.idle_timeout = idle_timeout
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self._options = SessionOptions(
+            hostname=hostname,
+            port=port,
+            use_tls=use_tls,
+            start_tls=start_tls,
+            validate_certs=validate_certs,
+            username=username,
+            password=password,
+            timeout=timeout,
+            local_hostname=local_hostname or socket.gethostname() or "localhost",
+            pipelining=pipelining,
+        )
+        self._rate = RateLimiter(rate_limit) if rate_limit else None
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
+        self._connections = [Connection(self._options) for _ in range(size)]
+        self.max_open = 0  # most sessions ever open at once: for tests and stats
+        self.metrics = PoolMetrics(
+            registry, queue_depth=self._queue.qsize, connections_open=self.connections_open
+        )
+        self._rng = random.Random()
+        self._workers: list[asyncio.Task[None]] = []
+        self._backoffs: set[asyncio.Task[None]] = set()
+        self._unfinished = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._closing = False  # no new submissions
+        self._abandon = False  # close(drain=False): fail what is not on the wire
+        self._closed = False
+
+    @classmethod
+    def from_config(cls, settings: Any, **overrides: Any) -> SMTPPool:
+        """Build a pool from ``dispatcher.config.Settings`` (SPEC section 3)."""
+        from dispatcher.config import pool_kwargs
+
+        return cls(**{**pool_kwargs(settings), **overrides})
+
+    # -- lifecycle --
+
+    async def __aenter__(self) -> SMTPPool:
+        self._start()
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        await self.close()
+
+    def connections_open(self) -> int:
+        """SMTP sessions open now (never more than ``size``)."""
+        return sum(1 for conn in self._connections if conn.is_open)
+
+    def _start(self) -> None:
+        if not self._workers and not self._closed:
+            self._workers = [
+                asyncio.create_task(self._worker(conn), name=f"smtp-pool-worker-{conn.id}")
+                for conn in self._connections
+            ]
+
+    async def close(self, drain: bool = True) -> None:
+        """Stop taking messages. ``drain=True`` sends everything already submitted;
+        ``drain=False`` fails the waiting with PoolClosedError and finishes only the
+        transactions on the wire. Then every session is ended with QUIT."""
+        self._closing = True
+        if not drain:
+            self._abandon_waiting()
+        if self._workers:
+            await self._drained.wait()
+            for _ in self._workers:
+                await self._queue.put(_STOP)
+            await asyncio.gather(*self._workers)
+        self._closed = True
+        self._abandon_waiting()
+
+    def _abandon_waiting(self) -> None:
+        """Fail every job not on the wire: queued ones and those backing off."""
+        self._abandon = True
+        for task in list(self._backoffs):
+            task.cancel()
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if job is not _STOP:
+                self._finish(job, closed=True)
+
+    # -- submit --
+
+    async def submit(
+        self,
+        message: Message | bytes | str,
+        *,
+        sender: str | None = None,
+        recipients: list[str] | tuple[str, ...] | None = None,
+    ) -> SendResult:
+        """Send one message. Returns a SendResult when at least one recipient accepted.
+
+        Raises DeliveryError when none did, PoolClosedError when the pool is closed,
+        ValueError at once for bad input. Waits while the queue is full.
+        """
+        envelope = build_envelope(message, sender, recipients)
+        if self._closing:
+            raise PoolClosedError("the pool is closed")
+        self._start()
+        loop = asyncio.get_running_loop()
+        job = _Job(envelope, loop.create_future(), time.monotonic(), envelope.recipients)
+        self._unfinished += 1
+        self._drained.clear()
+        try:
+            await self._queue.put(job)
+        except BaseException:
+            # Cancelled while the queue was full: never queued, never sent.
+            self._job_done()
+            raise
+        if self._closed:
+            self._abandon_waiting()
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            if not job.taken and not job.future.done():
+                # Still queued: the worker that takes it will see the future cancelled.
+                job.future.cancel()
+            raise
+
+    # -- workers --
+
+    async def _worker(self, conn: Connection) -> None:
+        bound = log.bind(connection=conn.id)
+        job: _Job | None = None
+        try:
+            while True:
+                job = await self._next_job(conn)
+                if job is _STOP:
+                    break
+                if job.future.done():  # cancelled by its caller while queued
+                    self._job_done()
+                elif self._abandon:
+                    self._finish(job, closed=True)
+                else:
+                    job.taken = True
+                    await self._attempt(job, conn, bound)
+                job = None
+        except asyncio.CancelledError:
+            # Only when the loop itself is torn down: nobody may wait forever.
+            conn.close()
+            if job is not None and job is not _STOP:
+                self._finish(job, closed=True)
+            raise
+        await conn.quit()
+
+    async def _next_job(self, conn: Connection) -> _Job:
+        """The next queued job; an idle session is QUIT after ``idle_timeout``."""
+        if conn.is_connected and self.idle_timeout is not None:
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    return await self._queue.get()
+            except TimeoutError:
+                log.info("smtp.idle_close", connection=conn.id, idle_for=round(conn.idle_for(), 3))
+                await conn.quit()
+        return await self._queue.get()
+
+    async def _attempt(self, job: _Job, conn: Connection, bound: Any) -> None:
+        job.attempts += 1
+        try:
+            if self._rate is not None:
+                await self._rate.acquire()
+            if (
+                conn.is_connected
+                and self.max_messages_per_connection is not None
+                and conn.transactions >= self.max_messages_per_connection
+            ):
+                bound.debug("smtp.recycle", transactions=conn.transactions)
+                await conn.quit()
+            if not conn.is_connected:
+                conn.close()  # a session the server closed between transactions
+                await self._connect(conn, bound)
+            reply = await conn.transaction(job.envelope, job.pending)
+        except ConnectionFailed as exc:
+            conn.close()
+            if exc.ambiguous:
+                self.metrics.ambiguous.inc()
+                bound.warning(
+                    "smtp.ambiguous", message_id=job.envelope.message_id, attempt=job.attempts,
+                    reason=exc.reason,
+                )
+            job.last_code, job.last_response = exc.code, exc.reason
+            self._deferred(job, {}, bound)
+            return
+        except SMTPResponseException as exc:
+            # A permanent refusal while opening the session (for example 535 on AUTH).
+            conn.close()
+            job.last_code, job.last_response = exc.code, exc.message
+            if is_permanent(exc.code):
+                for rcpt in job.pending:
+                    job.refused[rcpt] = (exc.code, exc.message)
+                job.pending = ()
+                self._finish(job)
+            else:
+                self._deferred(job, {}, bound)
+            return
+        except Exception as exc:
+            # Not a server reply (say, a non-ASCII address to a server without
+            # SMTPUTF8): the session state is unknown, so it goes; the message fails.
+            conn.close()
+            bound.exception("smtp.error", message_id=job.envelope.message_id, attempt=job.attempts)
+            job.last_code, job.last_response = None, f"{type(exc).__name__}: {exc}"
+            self._finish(job)
+            return
+        self._apply(job, reply, bound)
+
+    async def _connect(self, conn: Connection, bound: Any) -> None:
+        self.max_open = max(self.max_open, self.connections_open() + 1)
+        try:
+            await conn.connect()
+        except BaseException as exc:
+            self.metrics.connect_errors.inc()
+            bound.warning("smtp.connect_error", error=str(exc), host=self._options.hostname, port=self._options.port)
+            raise
+        self.metrics.connects.inc()
+        bound.info("smtp.connect", host=self._options.hostname, port=self._options.port)
+
+    def _apply(self, job: _Job, reply: TransactionReply, bound: Any) -> None:
+        """Fold one transaction's replies into the job: accepted, refused, deferred."""
+        deferred: Refusals = {}
+        mail_code, mail_text = reply.mail
+        if not is_positive(mail_code):
+            job.last_code, job.last_response = mail_code, mail_text
+            target = job.refused if is_permanent(mail_code) else deferred
+            for rcpt in job.pending:
+                target[rcpt] = reply.mail
+        else:
+            candidates: list[str] = []
+            for rcpt, rcpt_reply in zip(job.pending, reply.rcpt):
+                if is_positive(rcpt_reply[0]):
+                    candidates.append(rcpt)
+                elif is_permanent(rcpt_reply[0]):
+                    job.refused[rcpt] = rcpt_reply
+                else:
+                    deferred[rcpt] = rcpt_reply
+            if candidates:
+                assert reply.data is not None
+                job.last_code, job.last_response = reply.data
+                if is_positive(reply.data[0]):
+                    job.accepted.extend(candidates)
+                else:
+                    target = job.refused if is_permanent(reply.data[0]) else deferred
+                    for rcpt in candidates:
+                        target[rcpt] = reply.data
+            elif reply.rcpt:
+                job.last_code, job.last_response = reply.rcpt[-1]
+        job.pending = tuple(deferred)
+        if deferred:
+            self._deferred(job, deferred, bound)
+        else:
+            self._finish(job)
+
+    def _deferred(self, job: _Job, deferred: Refusals, bound: Any) -> None:
+        """Retry the pending recipients after a backoff, or give up on them."""
+        if job.attempts >= self.max_attempts or job.future.done() or self._abandon:
+            for rcpt in job.pending:
+                job.refused[rcpt] = deferred.get(rcpt, (job.last_code or 0, job.last_response))
+            if job.attempts >= self.max_attempts:
+                bound.warning(
+                    "smtp.give_up", message_id=job.envelope.message_id, attempts=job.attempts,
+                    code=job.last_code, response=job.last_response,
+                )
+            self._finish(job, closed=self._abandon and not job.accepted)
+            return
+        delay = backoff_delay(job.attempts, self.backoff_base, self.backoff_max, self._rng)
+        self.metrics.retries.inc()
+        bound.info(
+            "smtp.retry", message_id=job.envelope.message_id, attempt=job.attempts,
+            delay=round(delay, 3), code=job.last_code, response=job.last_response,
+            recipients=len(job.pending),
+        )
+        task = asyncio.create_task(self._requeue_after(job, delay))
+        self._backoffs.add(task)
+        task.add_done_callback(self._backoffs.discard)
+
+    async def _requeue_after(self, job: _Job, delay: float) -> None:
+        try:
+            await asyncio.sleep(delay)
+            await self._queue.put(job)
+        except asyncio.CancelledError:
+            # close(drain=False) while backing off: nothing is on the wire for this job.
+            for rcpt in job.pending:
+                job.refused.setdefault(rcpt, (job.last_code or 0, job.last_response))
+            self._finish(job, closed=not job.accepted)
+            raise
+
+    def _finish(self, job: _Job, *, closed: bool = False) -> None:
+        """Resolve the caller's future with the job's outcome (exactly once)."""
+        if not job.future.done():
+            elapsed = time.monotonic() - job.submitted
+            if job.accepted:
+                job.future.set_result(
+                    SendResult(
+                        message_id=job.envelope.message_id,
+                        accepted=list(job.accepted),
+                        refused=dict(job.refused),
+                        code=job.last_code or 250,
+                        response=job.last_response,
+                        attempts=job.attempts,
+                        elapsed=elapsed,
+                    )
+                )
+                self.metrics.sent.inc()
+            elif closed and job.attempts == 0:
+                job.future.set_exception(PoolClosedError("the pool closed before this message was sent"))
+            else:
+                permanent = bool(job.refused) and all(is_permanent(c) for c, _ in job.refused.values())
+                error_cls = PoolClosedError if closed and not permanent else None
+                if error_cls is not None:
+                    job.future.set_exception(PoolClosedError("the pool closed before this message could be retried"))
+                else:
+                    job.future.set_exception(
+                        DeliveryError(
+                            f"not delivered: {job.last_code} {job.last_response}",
+                            code=job.last_code,
+                            response=job.last_response,
+                            permanent=permanent,
+                            attempts=job.attempts,
+                            refused=job.refused,
+                            message_id=job.envelope.message_id,
+                        )
+                    )
+                self.metrics.failed.inc()
+            self.metrics.send_seconds.observe(elapsed)
+        self._job_done()
+
+    def _job_done(self) -> None:
+        self._unfinished -= 1
+        if self._unfinished == 0:
+            self._drained.set()

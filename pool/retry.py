@@ -1,0 +1,40 @@
+"""Classifying SMTP replies and errors, and backoff with full jitter. Pure functions."""
+
+from __future__ import annotations
+
+import random
+
+#: RFC 5321 section 4.2.1: 4yz is a transient negative completion, 5yz a permanent one.
+PERMANENT_MIN, PERMANENT_MAX = 500, 599
+TRANSIENT_MIN, TRANSIENT_MAX = 400, 499
+
+#: 421: the server is closing the transmission channel (RFC 5321 section 3.8).
+SERVICE_CLOSING = 421
+
+
+def is_positive(code: int) -> bool:
+    return 200 <= code < 400
+
+
+def is_permanent(code: int | None) -> bool:
+    """A 5xx reply: retrying the same transaction will not succeed."""
+    return code is not None and PERMANENT_MIN <= code <= PERMANENT_MAX
+
+
+def is_transient(code: int | None) -> bool:
+    """A 4xx reply, or no reply at all (``None``: connection lost, timeout)."""
+    return code is None or TRANSIENT_MIN <= code <= TRANSIENT_MAX
+
+
+def backoff_delay(
+    retry: int, base: float, cap: float, rng: random.Random | None = None
+) -> float:
+    """Seconds to wait before retry number ``retry`` (1-based): full jitter.
+
+    ``uniform(0, min(cap, base * 2 ** (retry - 1)))`` — AWS Architecture Blog,
+    "Exponential Backoff And Jitter": spreads retries of many senders evenly.
+    """
+    if retry < 1:
+        raise ValueError("retry is 1-based")
+    ceiling = min(cap, base * (2 ** min(retry - 1, 62)))
+    return (rng or random).uniform(0.0, ceiling)
