@@ -13,13 +13,15 @@ and every message it accepted, and injects faults by script:
     server.faults.delay = 0.05                # every end-of-DATA reply is this late
     server.faults.hang = 1                    # the next end-of-DATA is never answered
     server.faults.chaos = 0.05                # each step faults with this probability
+    server.gate = asyncio.Event()             # every end-of-DATA waits for gate.set()
 
     async with server:                        # listening on server.port
         ...
 
 The record: ``server.messages`` (ReceivedMessage), ``server.sessions`` (SessionRecord),
-``server.max_concurrent``, and ``await server.wait_for(lambda: ..., timeout)`` to wait
-on the record without sleeping.
+``server.max_concurrent``, ``server.data_started`` (end-of-DATA seen, reply not yet
+sent), and ``await server.wait_for(lambda: ..., timeout)`` to wait on the record
+without sleeping.
 """
 
 from __future__ import annotations
@@ -134,6 +136,10 @@ class _Handler:
         record = srv._record(smtp)
         record.commands.append("DATA")
         content = envelope.original_content or b""
+        srv.data_started += 1
+        srv._changed()
+        if srv.gate is not None:
+            await srv.gate.wait()
         if faults.delay:
             await asyncio.sleep(faults.delay)
         if faults.hang > 0:
@@ -151,6 +157,7 @@ class _Handler:
             return "554 5.6.0 Message rejected"
         if faults.drop_before_data_reply_unrecorded > 0 or fault == "drop-unrecorded":
             faults.drop_before_data_reply_unrecorded = max(0, faults.drop_before_data_reply_unrecorded - 1)
+            srv.replies_dropped += 1
             srv._abort(smtp)
             return "451 never seen"
         dropped = faults.drop_after_data > 0 or fault == "drop"
@@ -161,6 +168,7 @@ class _Handler:
         srv._changed()
         if dropped:
             faults.drop_after_data = max(0, faults.drop_after_data - 1)
+            srv.replies_dropped += 1
             srv._abort(smtp)
             return "250 never seen"
         return "250 2.0.0 OK queued"
@@ -222,6 +230,9 @@ class FaultyServer:
         self.messages: list[ReceivedMessage] = []
         self.sessions: list[SessionRecord] = []
         self.connections_made = 0
+        self.data_started = 0
+        self.replies_dropped = 0  # end-of-DATA never answered: what a client counts as ambiguous
+        self.gate: asyncio.Event | None = None
         self.connections_refused = 0
         self.max_concurrent = 0
         self._open = 0
@@ -247,6 +258,8 @@ class FaultyServer:
 
     async def stop(self) -> None:
         self._released.set()
+        if self.gate is not None:
+            self.gate.set()
         if self._server is not None:
             self._server.close()
             for proto in list(self._protocols):
