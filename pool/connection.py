@@ -60,7 +60,7 @@ class SessionOptions:
     start_tls: bool | None
     validate_certs: bool
     username: str | None
-    password: str | None
+    password: str | None = field(repr=False)
     timeout: float
     local_hostname: str
     pipelining: bool | None

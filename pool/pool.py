@@ -123,6 +123,7 @@ class SMTPPool:
         self._closing = False  # no new submissions
         self._abandon = False  # close(drain=False): fail what is not on the wire
         self._closed = False
+        self._close_lock = asyncio.Lock()
 
     @classmethod
     def from_config(cls, settings: Any, **overrides: Any) -> SMTPPool:
@@ -138,7 +139,8 @@ class SMTPPool:
         return self
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        await self.close()
+        # A cancelled owner must not wait for the whole queue to drain.
+        await self.close(drain=exc_type is not asyncio.CancelledError)
 
     def connections_open(self) -> int:
         """SMTP sessions open now (never more than ``size``)."""
@@ -158,13 +160,16 @@ class SMTPPool:
         self._closing = True
         if not drain:
             self._abandon_waiting()
-        if self._workers:
-            await self._drained.wait()
-            for _ in self._workers:
-                await self._queue.put(_STOP)
-            await asyncio.gather(*self._workers)
-        self._closed = True
-        self._abandon_waiting()
+        async with self._close_lock:
+            if self._closed:
+                return
+            if self._workers:
+                await self._drained.wait()
+                for _ in self._workers:
+                    await self._queue.put(_STOP)
+                await asyncio.gather(*self._workers)
+            self._closed = True
+            self._abandon_waiting()
 
     def _abandon_waiting(self) -> None:
         """Fail every job not on the wire: queued ones and those backing off."""

@@ -496,3 +496,19 @@ def test_backoff_is_full_jitter_and_capped() -> None:
         assert max(delays) > ceiling * 0.8, "jitter spans the whole window"
     assert backoff_delay(1000, 0.5, 60.0, rng) <= 60.0
     assert math.isfinite(backoff_delay(10**6, 0.5, 60.0, rng))
+
+
+async def test_close_twice_and_escalating_to_no_drain(server: FaultyServer, make_pool: Any) -> None:
+    server.gate = asyncio.Event()
+    pool = make_pool(size=1)
+    tasks = [asyncio.create_task(pool.submit(make_message(i))) for i in range(3)]
+    await server.wait_for(lambda: server.data_started == 1)
+    graceful = asyncio.create_task(pool.close())
+    await asyncio.sleep(0)
+    hurried = asyncio.create_task(pool.close(drain=False))
+    server.gate.set()
+    await asyncio.gather(graceful, hurried)
+    await pool.close()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(outcomes[0], SendResult)
+    assert [type(o) for o in outcomes[1:]] == [PoolClosedError, PoolClosedError]
