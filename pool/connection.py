@@ -1,8 +1,16 @@
 """One long-lived SMTP session: connect, recycle, idle, and the transaction seam.
 
-aiosmtplib opens every session (TCP, TLS or STARTTLS, EHLO, AUTH). A transaction
-(MAIL, RCPT..., DATA, content) goes through ``Connection.transaction`` and nowhere
-else, so a pipelined engine can replace the command-by-command exchange there.
+aiosmtplib opens every session (TCP, TLS or STARTTLS, EHLO, AUTH). A transaction goes
+through ``Connection.start`` and ``Transaction.finish`` and nowhere else:
+
+- command by command (aiosmtplib): ``start`` runs MAIL, each RCPT, DATA and the
+  content, one reply at a time; ``finish`` has nothing left to wait for.
+- pipelined (RFC 2920, when the server advertises PIPELINING and ``pipelining`` is not
+  False): ``start`` writes MAIL, every RCPT and DATA in one write, reads their replies,
+  writes the content after the 354 and returns at once; ``finish`` reads the reply to
+  the end of DATA. A worker that starts the next transaction before finishing this
+  one puts the end of DATA and the next envelope on the wire together: one round
+  trip per message.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ from dataclasses import dataclass, field
 import aiosmtplib
 from aiosmtplib import SMTPException, SMTPResponseException
 
-from pool.envelope import Envelope
+from pool.envelope import END_OF_DATA, Envelope
+from pool.pipeline import PipelineProtocol
+from pool.results import ConnectionFailed
 from pool.retry import SERVICE_CLOSING, is_positive
 
 _ids = itertools.count(1)
@@ -23,28 +33,17 @@ _ids = itertools.count(1)
 #: (code, text) of one server reply.
 Reply = tuple[int, str]
 
-
-class ConnectionFailed(Exception):
-    """The session is unusable: disconnect, timeout, 421, or a failed connect.
-
-    ``ambiguous`` is True when the end of DATA was sent and its reply never came:
-    the server may have accepted the message.
-    """
-
-    def __init__(self, reason: str, *, code: int | None = None, ambiguous: bool = False) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-        self.ambiguous = ambiguous
+__all__ = ["Connection", "ConnectionFailed", "SessionOptions", "Transaction", "TransactionReply"]
 
 
 @dataclass(slots=True)
 class TransactionReply:
     """Every reply of one transaction, in order.
 
-    ``rcpt`` has one reply per recipient (empty when MAIL was refused). ``data`` is
-    the reply that ended the DATA phase: a refusal of DATA itself, or the reply to
-    the end of the content; None when DATA was not sent.
+    ``rcpt`` has one reply per recipient (empty when MAIL was refused and the
+    recipients were not sent). ``data`` is the reply that ended the DATA phase: a
+    refusal of DATA itself, or the reply to the end of the content; None when DATA
+    was not sent.
     """
 
     mail: Reply
@@ -66,17 +65,50 @@ class SessionOptions:
     pipelining: bool | None
 
 
-def _encode_address(address: str, smtputf8: bool) -> tuple[bytes, list[bytes]]:
+class Transaction:
+    """A transaction whose content may still be awaiting its reply."""
+
+    __slots__ = ("reply", "_connection", "_final")
+
+    def __init__(
+        self,
+        reply: TransactionReply,
+        connection: Connection | None = None,
+        final: asyncio.Future[list[Reply]] | None = None,
+    ) -> None:
+        self.reply = reply
+        self._connection = connection
+        self._final = final
+
+    @property
+    def open(self) -> bool:
+        """The end of DATA is on the wire and its reply not yet read."""
+        return self._final is not None
+
+    async def finish(self) -> TransactionReply:
+        """Every reply of the transaction. Raises ConnectionFailed (ambiguous) when the
+        session is lost before the reply to the end of DATA."""
+        final, self._final = self._final, None
+        if final is None:
+            return self.reply
+        assert self._connection is not None
+        replies = await self._connection._await_replies(final, ambiguous=True)
+        self.reply.data = self._connection._checked(replies[0])
+        return self.reply
+
+
+def _address(address: str, smtputf8: bool) -> tuple[bytes, bytes]:
+    """``<address>`` for MAIL/RCPT, and the SMTPUTF8 parameter when one is needed."""
     try:
-        return b"<" + address.encode("ascii") + b">", []
+        return b"<" + address.encode("ascii") + b">", b""
     except UnicodeEncodeError:
         if not smtputf8:
             raise
-        return b"<" + address.encode("utf-8") + b">", [b"SMTPUTF8"]
+        return b"<" + address.encode("utf-8") + b">", b" SMTPUTF8"
 
 
 class Connection:
-    """Owns one aiosmtplib client for a pool worker. Not shared between tasks."""
+    """Owns one SMTP session for a pool worker. Not shared between tasks."""
 
     def __init__(self, options: SessionOptions) -> None:
         self.options = options
@@ -84,6 +116,8 @@ class Connection:
         self.transactions = 0
         self.last_used = time.monotonic()
         self._client: aiosmtplib.SMTP | None = None
+        self._pipe: PipelineProtocol | None = None
+        self._smtputf8 = False
 
     @property
     def is_open(self) -> bool:
@@ -92,14 +126,20 @@ class Connection:
 
     @property
     def is_connected(self) -> bool:
+        if self._pipe is not None:
+            return self._pipe.is_connected
         return self._client is not None and self._client.is_connected
+
+    @property
+    def pipelined(self) -> bool:
+        return self._pipe is not None
 
     def idle_for(self) -> float:
         return time.monotonic() - self.last_used
 
     async def connect(self) -> None:
-        """Open the session (TLS, STARTTLS, EHLO, AUTH). Raises ConnectionFailed or
-        SMTPResponseException (for example 535 on AUTH) on failure."""
+        """Open the session (TLS, STARTTLS, EHLO, AUTH). Raises ConnectionFailed, or
+        SMTPResponseException for a permanent refusal such as 535 on AUTH."""
         o = self.options
         client = aiosmtplib.SMTP(
             hostname=o.hostname,
@@ -116,7 +156,7 @@ class Connection:
             await client.connect()
         except SMTPResponseException as exc:
             client.close()
-            if exc.code == SERVICE_CLOSING or 400 <= exc.code < 500:
+            if 400 <= exc.code < 500:
                 raise ConnectionFailed(f"connect refused: {exc.code} {exc.message}", code=exc.code) from exc
             raise
         except (SMTPException, OSError, asyncio.TimeoutError) as exc:
@@ -126,88 +166,176 @@ class Connection:
             client.close()
             raise
         self._client = client
+        self._smtputf8 = client.supports_extension("smtputf8")
         self.transactions = 0
         self.last_used = time.monotonic()
+        if o.pipelining is not False and client.supports_extension("pipelining"):
+            transport = client.transport
+            if transport is not None:
+                self._pipe = PipelineProtocol(transport)
+                transport.set_protocol(self._pipe)
 
     async def transaction(self, envelope: Envelope, recipients: tuple[str, ...]) -> TransactionReply:
-        """Run one mail transaction for ``recipients``; return every reply.
+        """One whole transaction: ``start`` then ``finish``."""
+        return await (await self.start(envelope, recipients)).finish()
 
-        Negative replies are returned, not raised. Raises ConnectionFailed when the
-        session is lost (it is then closed); the connection is never left
-        mid-transaction: a transaction that did not reach the end of DATA is RSET.
+    async def start(self, envelope: Envelope, recipients: tuple[str, ...]) -> Transaction:
+        """Begin a transaction for ``recipients``; see the module docstring.
+
+        Negative replies are returned, not raised, and a transaction that did not
+        reach the end of DATA is RSET, so the session is never left mid-transaction.
+        Raises ConnectionFailed (and closes the session) when the session is lost.
         """
-        client = self._client
-        if client is None or not client.is_connected:
+        if not self.is_connected:
+            self.close()
             raise ConnectionFailed("not connected")
         self.transactions += 1
         self.last_used = time.monotonic()
-        smtputf8 = client.supports_extension("smtputf8")
-        sent_end_of_data = False
         try:
-            sender, mail_params = _encode_address(envelope.sender, smtputf8)
-            reply = TransactionReply(self._checked(await client.execute_command(b"MAIL", b"FROM:" + sender, *mail_params)))
-            if not is_positive(reply.mail[0]):
-                await self._reset(client)
-                return reply
-            for rcpt in recipients:
-                address, _ = _encode_address(rcpt, smtputf8)
-                reply.rcpt.append(self._checked(await client.execute_command(b"RCPT", b"TO:" + address)))
-            if not any(is_positive(code) for code, _ in reply.rcpt):
-                await self._reset(client)
-                return reply
-            start = self._checked(await client.execute_command(b"DATA"))
-            if start[0] != 354:
-                reply.data = start
-                await self._reset(client)
-                return reply
-            protocol = client.protocol
-            if protocol is None:
-                raise ConnectionFailed("connection lost before the message content")
-            protocol.write(envelope.content)
-            sent_end_of_data = True
-            response = await protocol.read_response(timeout=self.options.timeout)
-            reply.data = self._checked((response.code, response.message))
-            return reply
-        except ConnectionFailed as exc:
+            if self._pipe is not None:
+                return await self._start_pipelined(self._pipe, envelope, recipients)
+            assert self._client is not None
+            return Transaction(await self._command_by_command(self._client, envelope, recipients))
+        except ConnectionFailed:
             self.close()
-            exc.ambiguous = sent_end_of_data
             raise
         except (SMTPException, OSError, asyncio.TimeoutError) as exc:
             self.close()
-            raise ConnectionFailed(f"connection lost: {exc}", ambiguous=sent_end_of_data) from exc
+            raise ConnectionFailed(f"connection lost: {exc}") from exc
         except BaseException:
-            # Cancelled mid-transaction: the session state is unknown, so it is dropped.
+            # Cancelled or a bug mid-transaction: the session state is unknown, so it goes.
+            self.close()
+            raise
+
+    # -- pipelined (RFC 2920) --
+
+    async def _start_pipelined(
+        self, pipe: PipelineProtocol, envelope: Envelope, recipients: tuple[str, ...]
+    ) -> Transaction:
+        sender, param = _address(envelope.sender, self._smtputf8)
+        commands = [b"MAIL FROM:" + sender + param + b"\r\n"]
+        for rcpt in recipients:
+            commands.append(b"RCPT TO:" + _address(rcpt, self._smtputf8)[0] + b"\r\n")
+        commands.append(b"DATA\r\n")
+        replies = await self._await_replies(pipe.send(b"".join(commands), len(commands)))
+        for code_text in replies:
+            self._checked(code_text)
+        reply = TransactionReply(replies[0], replies[1:-1])
+        data_start = replies[-1]
+        if data_start[0] != 354:
+            if is_positive(reply.mail[0]) and any(is_positive(c) for c, _ in reply.rcpt):
+                reply.data = data_start
+            await self._reset_pipelined(pipe)
+            return Transaction(reply)
+        if not is_positive(reply.mail[0]) or not any(is_positive(c) for c, _ in reply.rcpt):
+            # RFC 2920 section 3.1: DATA accepted with no valid recipient; end it
+            # with no content and take no delivery from it.
+            self._checked((await self._await_replies(pipe.send(END_OF_DATA, 1)))[0])
+            return Transaction(reply)
+        final = pipe.send(envelope.content, 1)
+        await pipe.drain()
+        return Transaction(reply, self, final)
+
+    async def _reset_pipelined(self, pipe: PipelineProtocol) -> None:
+        code, text = self._checked((await self._await_replies(pipe.send(b"RSET\r\n", 1)))[0])
+        if not is_positive(code):
+            raise ConnectionFailed(f"RSET refused: {code} {text}", code=code)
+
+    async def _await_replies(
+        self, future: asyncio.Future[list[Reply]], *, ambiguous: bool = False
+    ) -> list[Reply]:
+        try:
+            async with asyncio.timeout(self.options.timeout):
+                return await future
+        except ConnectionFailed as exc:
+            self.close()
+            exc.ambiguous = ambiguous
+            raise
+        except TimeoutError as exc:
+            self.close()
+            raise ConnectionFailed("timed out waiting for the server", ambiguous=ambiguous) from exc
+        except BaseException:
             self.close()
             raise
         finally:
             self.last_used = time.monotonic()
 
-    def _checked(self, response: tuple[int, str] | aiosmtplib.SMTPResponse) -> Reply:
-        code, text = response[0], response[1]
-        if code == SERVICE_CLOSING:
-            raise ConnectionFailed(f"{code} {text}", code=code)
-        return code, text
+    # -- command by command (aiosmtplib) --
+
+    async def _command_by_command(
+        self, client: aiosmtplib.SMTP, envelope: Envelope, recipients: tuple[str, ...]
+    ) -> TransactionReply:
+        sender, param = _address(envelope.sender, self._smtputf8)
+        mail_args = [b"FROM:" + sender] + ([param.strip()] if param else [])
+        reply = TransactionReply(self._checked(await client.execute_command(b"MAIL", *mail_args)))
+        if not is_positive(reply.mail[0]):
+            await self._reset(client)
+            return reply
+        for rcpt in recipients:
+            address = _address(rcpt, self._smtputf8)[0]
+            reply.rcpt.append(self._checked(await client.execute_command(b"RCPT", b"TO:" + address)))
+        if not any(is_positive(code) for code, _ in reply.rcpt):
+            await self._reset(client)
+            return reply
+        start = self._checked(await client.execute_command(b"DATA"))
+        if start[0] != 354:
+            reply.data = start
+            await self._reset(client)
+            return reply
+        protocol = client.protocol
+        if protocol is None:
+            raise ConnectionFailed("connection lost before the message content")
+        # aiosmtplib's data() would normalise and dot-stuff again; the envelope's
+        # content is already wire-ready, so it is written as it is.
+        protocol.write(envelope.content)
+        try:
+            response = await protocol.read_response(timeout=self.options.timeout)
+        except (SMTPException, OSError, asyncio.TimeoutError) as exc:
+            raise ConnectionFailed(f"connection lost after the end of DATA: {exc}", ambiguous=True) from exc
+        reply.data = self._checked((response.code, response.message))
+        return reply
 
     async def _reset(self, client: aiosmtplib.SMTP) -> None:
         code, text = self._checked(await client.execute_command(b"RSET"))
         if not is_positive(code):
             raise ConnectionFailed(f"RSET refused: {code} {text}", code=code)
 
+    def _checked(self, response: tuple[int, str]) -> Reply:
+        code, text = response[0], response[1]
+        if code == SERVICE_CLOSING:
+            # 421 (RFC 5321 section 3.8): the server is closing the channel. A 421
+            # to the end of DATA is a refusal of the message, not an ambiguity.
+            raise ConnectionFailed(f"{code} {text}", code=code)
+        return code, text
+
+    # -- end of the session --
+
     async def quit(self) -> None:
         """End the session politely; never raises for a session already gone."""
-        client, self._client = self._client, None
+        client, pipe = self._client, self._pipe
+        self._client = self._pipe = None
         if client is None:
             return
         try:
-            if client.is_connected:
+            if pipe is not None:
+                if pipe.is_connected:
+                    async with asyncio.timeout(min(self.options.timeout, 5.0)):
+                        await pipe.send(b"QUIT\r\n", 1)
+            elif client.is_connected:
                 await client.quit(timeout=min(self.options.timeout, 5.0))
-        except (SMTPException, OSError, asyncio.TimeoutError):
+        except (ConnectionFailed, SMTPException, OSError, TimeoutError):
             pass
         finally:
+            if pipe is not None:
+                pipe.abort()
             client.close()
 
     def close(self) -> None:
         """Drop the session at once (no QUIT)."""
-        client, self._client = self._client, None
+        client, pipe = self._client, self._pipe
+        self._client = self._pipe = None
+        if pipe is not None:
+            pipe.abort()
         if client is not None:
             client.close()
+

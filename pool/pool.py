@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiosmtplib import SMTPResponseException
 
-from pool.connection import Connection, ConnectionFailed, SessionOptions, TransactionReply
+from pool.connection import Connection, ConnectionFailed, SessionOptions, Transaction, TransactionReply
 from pool.envelope import Envelope, build_envelope
 from pool.metrics import PoolMetrics
 from pool.ratelimit import RateLimiter
@@ -135,7 +135,7 @@ class SMTPPool:
     # -- lifecycle --
 
     async def __aenter__(self) -> SMTPPool:
-        self._start()
+        self._start_workers()
         return self
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -146,7 +146,7 @@ class SMTPPool:
         """SMTP sessions open now (never more than ``size``)."""
         return sum(1 for conn in self._connections if conn.is_open)
 
-    def _start(self) -> None:
+    def _start_workers(self) -> None:
         if not self._workers and not self._closed:
             self._workers = [
                 asyncio.create_task(self._worker(conn), name=f"smtp-pool-worker-{conn.id}")
@@ -198,7 +198,7 @@ class SMTPPool:
         envelope = build_envelope(message, sender, recipients)
         if self._closing:
             raise PoolClosedError("the pool is closed")
-        self._start()
+        self._start_workers()
         loop = asyncio.get_running_loop()
         job = _Job(envelope, loop.create_future(), time.monotonic(), envelope.recipients)
         self._unfinished += 1
@@ -222,11 +222,21 @@ class SMTPPool:
     # -- workers --
 
     async def _worker(self, conn: Connection) -> None:
+        """Take jobs one after another on this worker's session.
+
+        With a pipelined session, the next job's envelope is written before the
+        previous job's end-of-DATA reply is read (``inflight``), when the queue already
+        holds it: the two share one round trip.
+        """
         bound = log.bind(connection=conn.id)
         job: _Job | None = None
+        inflight: tuple[_Job, Transaction] | None = None
         try:
             while True:
-                job = await self._next_job(conn)
+                if inflight is not None and (self._queue.empty() or self._must_recycle(conn)):
+                    await self._complete(*inflight, conn, bound)
+                    inflight = None
+                job = self._queue.get_nowait() if inflight is not None else await self._next_job(conn)
                 if job is _STOP:
                     break
                 if job.future.done():  # cancelled by its caller while queued
@@ -235,13 +245,28 @@ class SMTPPool:
                     self._finish(job, closed=True)
                 else:
                     job.taken = True
-                    await self._attempt(job, conn, bound)
+                    job.attempts += 1
+                    if self._rate is not None:
+                        delay = self._rate.reserve()
+                        if delay > 0:
+                            if inflight is not None:
+                                await self._complete(*inflight, conn, bound)
+                                inflight = None
+                            await asyncio.sleep(delay)
+                    transaction = await self._start(job, conn, bound, reuse=inflight is not None)
+                    if inflight is not None:
+                        await self._complete(*inflight, conn, bound)
+                    inflight = (job, transaction) if transaction is not None else None
                 job = None
+            if inflight is not None:
+                await self._complete(*inflight, conn, bound)
+                inflight = None
         except asyncio.CancelledError:
             # Only when the loop itself is torn down: nobody may wait forever.
             conn.close()
-            if job is not None and job is not _STOP:
-                self._finish(job, closed=True)
+            for stranded in (job, inflight[0] if inflight else None):
+                if stranded is not None and stranded is not _STOP:
+                    self._finish(stranded, closed=True)
             raise
         await conn.quit()
 
@@ -256,45 +281,34 @@ class SMTPPool:
                 await conn.quit()
         return await self._queue.get()
 
-    async def _attempt(self, job: _Job, conn: Connection, bound: Any) -> None:
-        job.attempts += 1
+    def _must_recycle(self, conn: Connection) -> bool:
+        limit = self.max_messages_per_connection
+        return limit is not None and conn.transactions >= limit
+
+    async def _start(self, job: _Job, conn: Connection, bound: Any, *, reuse: bool) -> Transaction | None:
+        """Begin one attempt of ``job``. Returns the transaction when its end-of-DATA
+        reply is still to be read; None when the attempt has already been applied."""
         try:
-            if self._rate is not None:
-                await self._rate.acquire()
-            if (
-                conn.is_connected
-                and self.max_messages_per_connection is not None
-                and conn.transactions >= self.max_messages_per_connection
-            ):
-                bound.debug("smtp.recycle", transactions=conn.transactions)
-                await conn.quit()
-            if not conn.is_connected:
-                conn.close()  # a session the server closed between transactions
-                await self._connect(conn, bound)
-            reply = await conn.transaction(job.envelope, job.pending)
+            if not reuse:
+                if conn.is_connected and self._must_recycle(conn):
+                    bound.debug("smtp.recycle", transactions=conn.transactions)
+                    await conn.quit()
+                if not conn.is_connected:
+                    conn.close()  # a session the server closed between transactions
+                    await self._connect(conn, bound)
+            transaction = await conn.start(job.envelope, job.pending)
         except ConnectionFailed as exc:
-            conn.close()
-            if exc.ambiguous:
-                self.metrics.ambiguous.inc()
-                bound.warning(
-                    "smtp.ambiguous", message_id=job.envelope.message_id, attempt=job.attempts,
-                    reason=exc.reason,
-                )
-            job.last_code, job.last_response = exc.code, exc.reason
-            self._deferred(job, {}, bound)
-            return
+            self._lost(job, conn, exc, bound)
+            return None
         except SMTPResponseException as exc:
             # A permanent refusal while opening the session (for example 535 on AUTH).
             conn.close()
             job.last_code, job.last_response = exc.code, exc.message
-            if is_permanent(exc.code):
-                for rcpt in job.pending:
-                    job.refused[rcpt] = (exc.code, exc.message)
-                job.pending = ()
-                self._finish(job)
-            else:
-                self._deferred(job, {}, bound)
-            return
+            for rcpt in job.pending:
+                job.refused[rcpt] = (exc.code, exc.message)
+            job.pending = ()
+            self._finish(job)
+            return None
         except Exception as exc:
             # Not a server reply (say, a non-ASCII address to a server without
             # SMTPUTF8): the session state is unknown, so it goes; the message fails.
@@ -302,8 +316,30 @@ class SMTPPool:
             bound.exception("smtp.error", message_id=job.envelope.message_id, attempt=job.attempts)
             job.last_code, job.last_response = None, f"{type(exc).__name__}: {exc}"
             self._finish(job)
+            return None
+        if transaction.open:
+            return transaction
+        self._apply(job, transaction.reply, bound)
+        return None
+
+    async def _complete(self, job: _Job, transaction: Transaction, conn: Connection, bound: Any) -> None:
+        """Read the end-of-DATA reply of an open transaction and apply the outcome."""
+        try:
+            reply = await transaction.finish()
+        except ConnectionFailed as exc:
+            self._lost(job, conn, exc, bound)
             return
         self._apply(job, reply, bound)
+
+    def _lost(self, job: _Job, conn: Connection, exc: ConnectionFailed, bound: Any) -> None:
+        conn.close()
+        if exc.ambiguous:
+            self.metrics.ambiguous.inc()
+            bound.warning(
+                "smtp.ambiguous", message_id=job.envelope.message_id, attempt=job.attempts, reason=exc.reason
+            )
+        job.last_code, job.last_response = exc.code, exc.reason
+        self._deferred(job, {}, bound)
 
     async def _connect(self, conn: Connection, bound: Any) -> None:
         self.max_open = max(self.max_open, self.connections_open() + 1)
@@ -314,7 +350,9 @@ class SMTPPool:
             bound.warning("smtp.connect_error", error=str(exc), host=self._options.hostname, port=self._options.port)
             raise
         self.metrics.connects.inc()
-        bound.info("smtp.connect", host=self._options.hostname, port=self._options.port)
+        bound.info(
+            "smtp.connect", host=self._options.hostname, port=self._options.port, pipelining=conn.pipelined
+        )
 
     def _apply(self, job: _Job, reply: TransactionReply, bound: Any) -> None:
         """Fold one transaction's replies into the job: accepted, refused, deferred."""

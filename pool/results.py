@@ -60,3 +60,17 @@ class DeliveryError(PoolError):
             f"DeliveryError(code={self.code!r}, response={self.response!r}, "
             f"permanent={self.permanent}, attempts={self.attempts}, refused={self.refused!r})"
         )
+
+
+class ConnectionFailed(Exception):
+    """Internal: the session is unusable (disconnect, timeout, 421, failed connect).
+
+    ``ambiguous`` is True when the end of DATA was sent and its reply never came:
+    the server may have accepted the message. Never reaches the pool's callers.
+    """
+
+    def __init__(self, reason: str, *, code: int | None = None, ambiguous: bool = False) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.ambiguous = ambiguous

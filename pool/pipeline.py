@@ -1,0 +1,157 @@
+"""RFC 2920 command pipelining on a session that aiosmtplib opened.
+
+aiosmtplib keeps one reply waiter and drops replies that arrive while none is
+pending, so it cannot pipeline. After aiosmtplib has done TCP, TLS or STARTTLS, EHLO
+and AUTH, ``PipelineProtocol`` takes over the transport (``set_protocol``) and matches
+replies to commands strictly in order: each write registers a group expecting a known
+number of replies (RFC 2920 section 3.1: every command gets exactly one reply, even
+after an earlier one in the group failed, typically with 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from pool.results import ConnectionFailed
+
+Reply = tuple[int, str]
+
+# RFC 5321 section 4.5.3.1.5: a reply line is at most 512 octets; be lenient.
+MAX_REPLY_LINE = 4096
+MAX_REPLY_LINES = 100
+
+
+class _Group:
+    __slots__ = ("count", "replies", "future")
+
+    def __init__(self, count: int, future: asyncio.Future[list[Reply]]) -> None:
+        self.count = count
+        self.replies: list[Reply] = []
+        self.future = future
+
+
+class PipelineProtocol(asyncio.Protocol):
+    """Writes groups of commands and hands each group its replies, in order."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport: asyncio.Transport | None = transport
+        self._loop = asyncio.get_running_loop()
+        self._groups: deque[_Group] = deque()
+        self._buffer = bytearray()
+        self._lines: list[str] = []
+        self._lost: ConnectionFailed | None = None
+        self._paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol --
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while True:
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                break
+            line = bytes(buffer[start:end]).rstrip(b"\r")
+            start = end + 1
+            if not self._reply_line(line):
+                del buffer[:]
+                return
+        if start:
+            del buffer[:start]
+        if len(buffer) > MAX_REPLY_LINE:
+            self._fail(ConnectionFailed("reply line too long"))
+
+    def _reply_line(self, line: bytes) -> bool:
+        try:
+            code = int(line[:3])
+        except ValueError:
+            self._fail(ConnectionFailed(f"malformed reply line: {line[:80]!r}"))
+            return False
+        text = line[4:].decode("utf-8", "surrogateescape").strip()
+        self._lines.append(text)
+        if line[3:4] == b"-":
+            if len(self._lines) > MAX_REPLY_LINES:
+                self._fail(ConnectionFailed("reply too long"))
+                return False
+            return True
+        reply = (code, "\n".join(self._lines))
+        self._lines = []
+        if not self._groups:
+            # Unsolicited (typically 421 before the server hangs up): no command may
+            # be paired with it, so the session ends here.
+            self._fail(ConnectionFailed(f"unsolicited reply: {code} {reply[1]}", code=code))
+            return False
+        group = self._groups[0]
+        group.replies.append(reply)
+        if len(group.replies) == group.count:
+            self._groups.popleft()
+            if not group.future.done():
+                group.future.set_result(group.replies)
+        return True
+
+    def eof_received(self) -> bool:
+        self._fail(ConnectionFailed("connection closed by the server"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f"connection lost: {exc}" if exc else "connection lost"
+        self._fail(ConnectionFailed(reason), close=False)
+        self.transport = None
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- API --
+
+    @property
+    def is_connected(self) -> bool:
+        return self._lost is None and self.transport is not None and not self.transport.is_closing()
+
+    def send(self, data: bytes, replies: int) -> asyncio.Future[list[Reply]]:
+        """Write ``data`` (commands and/or content) and expect ``replies`` replies to it."""
+        future: asyncio.Future[list[Reply]] = self._loop.create_future()
+        if self._lost is not None or self.transport is None:
+            future.set_exception(self._lost or ConnectionFailed("not connected"))
+            future.exception()
+            return future
+        if replies:
+            self._groups.append(_Group(replies, future))
+        else:
+            future.set_result([])
+        self.transport.write(data)
+        return future
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is over its high-water mark."""
+        if self._paused and self.transport is not None:
+            self._drain_waiter = self._loop.create_future()
+            await self._drain_waiter
+
+    def _fail(self, error: ConnectionFailed, *, close: bool = True) -> None:
+        if self._lost is None:
+            self._lost = error
+        while self._groups:
+            group = self._groups.popleft()
+            if not group.future.done():
+                # One exception per group: each waiter marks its own as ambiguous or not.
+                failure = ConnectionFailed(error.reason, code=error.code)
+                for code, text in group.replies:
+                    if code == 421:  # what did arrive names the reason
+                        failure = ConnectionFailed(f"{code} {text}", code=code)
+                group.future.set_exception(failure)
+                group.future.exception()  # retrieved: nobody may await a dead group
+        if close and self.transport is not None:
+            self.transport.abort()
+
+    def abort(self) -> None:
+        self._fail(ConnectionFailed("session dropped"))
