@@ -81,6 +81,7 @@ class SessionRecord:
     commands: list[str] = field(default_factory=list)
     closed: bool = False
     quit: bool = False
+    reads: int = 0  # socket reads: about one per round trip the client made us wait for
 
 
 class _Handler:
@@ -206,6 +207,12 @@ class _SMTP(SMTP):
             faults.greeting_421 -= 1
             transport.write(b"421 4.3.2 Not now\r\n")
             transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        record = self._test_server._by_protocol.get(id(self))
+        if record is not None:
+            record.reads += 1
+        super().data_received(data)
 
     def connection_lost(self, error: Exception | None) -> None:
         srv = self._test_server
