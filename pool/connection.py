@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 import aiosmtplib
-from aiosmtplib import SMTPException, SMTPResponseException
+from aiosmtplib import SMTPException, SMTPHeloError, SMTPResponseException
 
 from pool.envelope import END_OF_DATA, Envelope
 from pool.pipeline import PipelineProtocol
@@ -154,6 +154,12 @@ class Connection:
         )
         try:
             await client.connect()
+            if client.is_ehlo_or_helo_needed:
+                # aiosmtplib greets lazily (implicit TLS, no AUTH); our commands need it now.
+                try:
+                    await client.ehlo()
+                except SMTPHeloError:
+                    await client.helo()
         except SMTPResponseException as exc:
             client.close()
             if 400 <= exc.code < 500:

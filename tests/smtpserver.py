@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 
 @dataclass
@@ -183,7 +184,17 @@ class _SMTP(SMTP):
     """aiosmtpd's session, with connection accounting for the test record."""
 
     def __init__(self, server: FaultyServer) -> None:
-        super().__init__(_Handler(server), hostname="test.local", ident="faulty", data_size_limit=None)
+        auth: dict[str, Any] = {}
+        if server.credentials is not None:
+            auth = {"auth_required": True, "auth_require_tls": False, "authenticator": server._authenticate}
+        super().__init__(
+            _Handler(server),
+            hostname="test.local",
+            ident="faulty",
+            data_size_limit=None,
+            tls_context=server.starttls_context,
+            **auth,
+        )
         self._test_server = server
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -229,7 +240,22 @@ class _SMTP(SMTP):
 class FaultyServer:
     """An aiosmtpd server on 127.0.0.1 with a fault script and a record of what it received."""
 
-    def __init__(self, *, port: int = 0, pipelining: bool = True, faults: Faults | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        port: int = 0,
+        pipelining: bool = True,
+        faults: Faults | None = None,
+        starttls_context: ssl.SSLContext | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        credentials: tuple[str, str] | None = None,
+    ) -> None:
+        """``starttls_context`` offers STARTTLS; ``tls_context`` makes the port implicit
+        TLS; ``credentials`` (user, password) makes AUTH required."""
+        self.starttls_context = starttls_context
+        self.tls_context = tls_context
+        self.credentials = credentials
+        self.auth_attempts: list[tuple[str, bool]] = []
         self.host = "127.0.0.1"
         self.port = port
         self.pipelining = pipelining
@@ -259,7 +285,7 @@ class FaultyServer:
         self._released = asyncio.Event()
         self._change = asyncio.Event()
         self._rng = random.Random(self.faults.seed)
-        self._server = await loop.create_server(lambda: _SMTP(self), self.host, self.port)
+        self._server = await loop.create_server(lambda: _SMTP(self), self.host, self.port, ssl=self.tls_context)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -297,6 +323,16 @@ class FaultyServer:
         return counts
 
     # -- internals used by the handler --
+
+    def _authenticate(
+        self, smtp: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        assert self.credentials is not None
+        login = auth_data.login.decode() if isinstance(auth_data, LoginPassword) else ""
+        password = auth_data.password.decode() if isinstance(auth_data, LoginPassword) else ""
+        ok = (login, password) == self.credentials
+        self.auth_attempts.append((login, ok))
+        return AuthResult(success=ok, handled=False)
 
     def _record(self, smtp: SMTP) -> SessionRecord:
         return self._by_protocol.get(id(smtp)) or SessionRecord(0)

@@ -1,0 +1,86 @@
+"""TLS, STARTTLS and AUTH go through aiosmtplib; pipelining takes over after them."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+import trustme
+from conftest import make_message
+from smtpserver import FaultyServer
+
+from pool import DeliveryError, SMTPPool
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def server_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def trust_test_ca(ca: trustme.CA, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[None]:
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    yield
+
+
+@pytest.mark.parametrize("pipelining", [None, False], ids=["pipelined", "command"])
+async def test_starttls_and_auth_then_many_messages(
+    server_context: ssl.SSLContext, pipelining: bool | None
+) -> None:
+    async with FaultyServer(starttls_context=server_context, credentials=("user", "s3cret")) as srv:
+        async with SMTPPool(hostname="127.0.0.1", port=srv.port, size=2, validate_certs=False,
+                            username="user", password="s3cret", pipelining=pipelining) as pool:
+            results = await asyncio.gather(*(pool.submit(make_message(i)) for i in range(40)))
+        assert all(r.attempts == 1 for r in results)
+        assert len(srv.messages) == 40
+        assert srv.auth_attempts and all(ok for _, ok in srv.auth_attempts)
+
+
+@pytest.mark.parametrize("pipelining", [None, False], ids=["pipelined", "command"])
+async def test_implicit_tls_with_certificate_validation(
+    server_context: ssl.SSLContext, trust_test_ca: None, pipelining: bool | None
+) -> None:
+    async with FaultyServer(tls_context=server_context) as srv:
+        async with SMTPPool(hostname="127.0.0.1", port=srv.port, size=2, use_tls=True,
+                            pipelining=pipelining) as pool:
+            results = await asyncio.gather(*(pool.submit(make_message(i)) for i in range(20)))
+        assert len(results) == 20 == len(srv.messages)
+
+
+async def test_untrusted_certificate_is_refused_by_default(server_context: ssl.SSLContext) -> None:
+    async with FaultyServer(tls_context=server_context) as srv:
+        async with SMTPPool(hostname="127.0.0.1", port=srv.port, size=1, use_tls=True,
+                            max_attempts=2, backoff_base=0.001) as pool:
+            with pytest.raises(DeliveryError):
+                await pool.submit(make_message(1))
+        assert srv.messages == []
+
+
+async def test_bad_password_fails_permanently_and_is_never_logged() -> None:
+    async with FaultyServer(credentials=("user", "right")) as srv:
+        with structlog.testing.capture_logs() as logs:
+            async with SMTPPool(hostname="127.0.0.1", port=srv.port, size=1,
+                                username="user", password="hunter2-wrong") as pool:
+                with pytest.raises(DeliveryError) as failed:
+                    await pool.submit(make_message(1))
+    assert failed.value.permanent is True
+    assert failed.value.code == 535
+    assert failed.value.attempts == 1
+    assert logs, "the failure was logged"
+    assert "hunter2-wrong" not in repr(logs)
+    assert "hunter2-wrong" not in repr(failed.value) + str(failed.value)
