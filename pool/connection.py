@@ -68,16 +68,18 @@ class SessionOptions:
 class Transaction:
     """A transaction whose content may still be awaiting its reply."""
 
-    __slots__ = ("reply", "_connection", "_final")
+    __slots__ = ("reply", "_connection", "_pipe", "_final")
 
     def __init__(
         self,
         reply: TransactionReply,
         connection: Connection | None = None,
+        pipe: PipelineProtocol | None = None,
         final: asyncio.Future[list[Reply]] | None = None,
     ) -> None:
         self.reply = reply
         self._connection = connection
+        self._pipe = pipe  # the session it ran on, even if the connection has moved on
         self._final = final
 
     @property
@@ -91,8 +93,9 @@ class Transaction:
         final, self._final = self._final, None
         if final is None:
             return self.reply
-        assert self._connection is not None
-        replies = await self._connection._await_replies(final, ambiguous=True)
+        connection, pipe = self._connection, self._pipe
+        assert connection is not None and pipe is not None
+        replies = await connection._await_replies(pipe, final, ambiguous=True)
         self.reply.data = self._connection._checked(replies[0])
         return self.reply
 
@@ -178,7 +181,7 @@ class Connection:
         if o.pipelining is not False and client.supports_extension("pipelining"):
             transport = client.transport
             if transport is not None:
-                self._pipe = PipelineProtocol(transport)
+                self._pipe = PipelineProtocol(transport, o.timeout)
                 transport.set_protocol(self._pipe)
 
     async def transaction(self, envelope: Envelope, recipients: tuple[str, ...]) -> TransactionReply:
@@ -223,7 +226,7 @@ class Connection:
         for rcpt in recipients:
             commands.append(b"RCPT TO:" + _address(rcpt, self._smtputf8)[0] + b"\r\n")
         commands.append(b"DATA\r\n")
-        replies = await self._await_replies(pipe.send(b"".join(commands), len(commands)))
+        replies = await self._await_replies(pipe, pipe.send(b"".join(commands), len(commands)))
         for code_text in replies:
             self._checked(code_text)
         reply = TransactionReply(replies[0], replies[1:-1])
@@ -236,30 +239,28 @@ class Connection:
         if not is_positive(reply.mail[0]) or not any(is_positive(c) for c, _ in reply.rcpt):
             # RFC 2920 section 3.1: DATA accepted with no valid recipient; end it
             # with no content and take no delivery from it.
-            self._checked((await self._await_replies(pipe.send(END_OF_DATA, 1)))[0])
+            self._checked((await self._await_replies(pipe, pipe.send(END_OF_DATA, 1)))[0])
             return Transaction(reply)
-        final = pipe.send(envelope.content, 1)
-        await pipe.drain()
-        return Transaction(reply, self, final)
+        # Not flushed here: the next transaction's envelope, or finish(), sends it.
+        return Transaction(reply, self, pipe, pipe.send(envelope.content, 1))
 
     async def _reset_pipelined(self, pipe: PipelineProtocol) -> None:
-        code, text = self._checked((await self._await_replies(pipe.send(b"RSET\r\n", 1)))[0])
+        code, text = self._checked((await self._await_replies(pipe, pipe.send(b"RSET\r\n", 1)))[0])
         if not is_positive(code):
             raise ConnectionFailed(f"RSET refused: {code} {text}", code=code)
 
     async def _await_replies(
-        self, future: asyncio.Future[list[Reply]], *, ambiguous: bool = False
+        self, pipe: PipelineProtocol, future: asyncio.Future[list[Reply]], *, ambiguous: bool = False
     ) -> list[Reply]:
+        """Flush what is queued and wait for ``future``'s replies; the protocol's own
+        timer ends the session after ``timeout`` seconds of silence."""
         try:
-            async with asyncio.timeout(self.options.timeout):
-                return await future
+            await pipe.flush()
+            return await future
         except ConnectionFailed as exc:
             self.close()
             exc.ambiguous = ambiguous
             raise
-        except TimeoutError as exc:
-            self.close()
-            raise ConnectionFailed("timed out waiting for the server", ambiguous=ambiguous) from exc
         except BaseException:
             self.close()
             raise
@@ -325,8 +326,10 @@ class Connection:
         try:
             if pipe is not None:
                 if pipe.is_connected:
+                    quit_reply = pipe.send(b"QUIT\r\n", 1)
                     async with asyncio.timeout(min(self.options.timeout, 5.0)):
-                        await pipe.send(b"QUIT\r\n", 1)
+                        await pipe.flush()
+                        await quit_reply
             elif client.is_connected:
                 await client.quit(timeout=min(self.options.timeout, 5.0))
         except (ConnectionFailed, SMTPException, OSError, TimeoutError):

@@ -34,9 +34,13 @@ class _Group:
 class PipelineProtocol(asyncio.Protocol):
     """Writes groups of commands and hands each group its replies, in order."""
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(self, transport: asyncio.Transport, timeout: float) -> None:
         self.transport: asyncio.Transport | None = transport
+        self.timeout = timeout
         self._loop = asyncio.get_running_loop()
+        self._outgoing: list[bytes] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._progress = 0.0
         self._groups: deque[_Group] = deque()
         self._buffer = bytearray()
         self._lines: list[str] = []
@@ -79,6 +83,7 @@ class PipelineProtocol(asyncio.Protocol):
             return True
         reply = (code, "\n".join(self._lines))
         self._lines = []
+        self._progress = self._loop.time()
         if not self._groups:
             # Unsolicited (typically 421 before the server hangs up): no command may
             # be paired with it, so the session ends here.
@@ -118,28 +123,51 @@ class PipelineProtocol(asyncio.Protocol):
         return self._lost is None and self.transport is not None and not self.transport.is_closing()
 
     def send(self, data: bytes, replies: int) -> asyncio.Future[list[Reply]]:
-        """Write ``data`` (commands and/or content) and expect ``replies`` replies to it."""
+        """Queue ``data`` (commands and/or content) expecting ``replies`` replies to it.
+
+        Nothing is written until ``flush``: what is sent before the next reply is
+        awaited leaves in one write (one segment where it fits).
+        """
         future: asyncio.Future[list[Reply]] = self._loop.create_future()
         if self._lost is not None or self.transport is None:
             future.set_exception(self._lost or ConnectionFailed("not connected"))
             future.exception()
             return future
-        if replies:
-            self._groups.append(_Group(replies, future))
-        else:
-            future.set_result([])
-        self.transport.write(data)
+        self._groups.append(_Group(replies, future))
+        self._outgoing.append(data)
         return future
 
-    async def drain(self) -> None:
-        """Wait while the transport's write buffer is over its high-water mark."""
+    async def flush(self) -> None:
+        """Write what ``send`` queued; wait while the transport's buffer is full."""
+        if self._outgoing and self.transport is not None:
+            outgoing = self._outgoing
+            self._outgoing = []
+            self.transport.write(outgoing[0] if len(outgoing) == 1 else b"".join(outgoing))
+            if self._timer is None:
+                self._progress = self._loop.time()
+                self._timer = self._loop.call_at(self._progress + self.timeout, self._check_timeout)
         if self._paused and self.transport is not None:
             self._drain_waiter = self._loop.create_future()
             await self._drain_waiter
 
+    def _check_timeout(self) -> None:
+        # One timer per session, not one per command: it fires, and re-arms itself
+        # while replies keep coming; silence for ``timeout`` seconds ends the session.
+        self._timer = None
+        if not self._groups:
+            return
+        deadline = self._progress + self.timeout
+        if self._loop.time() >= deadline:
+            self._fail(ConnectionFailed(f"no reply from the server in {self.timeout:g} s"))
+        else:
+            self._timer = self._loop.call_at(deadline, self._check_timeout)
+
     def _fail(self, error: ConnectionFailed, *, close: bool = True) -> None:
         if self._lost is None:
             self._lost = error
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         while self._groups:
             group = self._groups.popleft()
             if not group.future.done():

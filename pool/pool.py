@@ -310,12 +310,7 @@ class SMTPPool:
             self._finish(job)
             return None
         except Exception as exc:
-            # Not a server reply (say, a non-ASCII address to a server without
-            # SMTPUTF8): the session state is unknown, so it goes; the message fails.
-            conn.close()
-            bound.exception("smtp.error", message_id=job.envelope.message_id, attempt=job.attempts)
-            job.last_code, job.last_response = None, f"{type(exc).__name__}: {exc}"
-            self._finish(job)
+            self._broken(job, conn, exc, bound)
             return None
         if transaction.open:
             return transaction
@@ -329,7 +324,21 @@ class SMTPPool:
         except ConnectionFailed as exc:
             self._lost(job, conn, exc, bound)
             return
+        except Exception as exc:
+            self._broken(job, conn, exc, bound)
+            return
         self._apply(job, reply, bound)
+
+    def _broken(self, job: _Job, conn: Connection, exc: Exception, bound: Any) -> None:
+        """Not a server reply (say, a non-ASCII address to a server without SMTPUTF8,
+        or a bug): the session state is unknown, so it goes; the message fails."""
+        conn.close()
+        bound.error("smtp.error", message_id=job.envelope.message_id, attempt=job.attempts, exc_info=exc)
+        job.last_code, job.last_response = None, f"{type(exc).__name__}: {exc}"
+        for rcpt in job.pending:
+            job.refused.setdefault(rcpt, (0, job.last_response))
+        job.pending = ()
+        self._finish(job)
 
     def _lost(self, job: _Job, conn: Connection, exc: ConnectionFailed, bound: Any) -> None:
         conn.close()

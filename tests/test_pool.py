@@ -521,3 +521,15 @@ async def test_close_twice_and_escalating_to_no_drain(server: FaultyServer, make
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(o, SendResult) for o in outcomes[:taken])
     assert [type(o) for o in outcomes[taken:]] == [PoolClosedError, PoolClosedError]
+
+
+async def test_non_ascii_address_without_smtputf8_fails_only_that_message(
+    server: FaultyServer, make_pool: Any
+) -> None:
+    async with make_pool(size=1) as pool:
+        with pytest.raises(DeliveryError) as failed:
+            await pool.submit(b"Subject: x\r\n\r\nbody\r\n", sender="a@example.org", recipients=["jürgen@example.net"])
+        after = await pool.submit(make_message(2))
+    assert failed.value.attempts == 1
+    assert "jürgen@example.net" in failed.value.refused
+    assert after.accepted == ["rcpt2@example.net"]
