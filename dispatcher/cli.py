@@ -1,0 +1,149 @@
+"""The ``dispatcher`` command: argument parsing and exit codes only."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from dispatcher.config import ConfigError, Settings, describe_errors, load_settings
+from dispatcher.journal import default_results_path
+from dispatcher.logs import configure_logging
+from dispatcher.runner import EXIT_OK, EXIT_SIGNAL, EXIT_USAGE, RunOptions
+
+# argparse exits with 2 on a usage error, as SPEC section 2 wants.
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dispatcher", description="Send a lot of email through an SMTP relay.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="send every job of a JSON Lines file")
+    run.add_argument("jobs", metavar="JOBS", help="JSON Lines file of jobs, or - for standard input")
+    run.add_argument("--config", type=Path, help="YAML configuration (see config.example.yaml)")
+    run.add_argument("--results", type=Path, help="results file (default: JOBS with .results.jsonl)")
+    run.add_argument("--size", type=int, help="SMTP connections (overrides pool.size)")
+    run.add_argument("--rate", type=float, help="messages per second across the pool (overrides pool.rate_limit)")
+    run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at :PORT/metrics during the run")
+    run.add_argument("--metrics-textfile", type=Path, help="write the metrics to FILE at the end")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bar (default: when stderr is a terminal; log lines otherwise)")
+    run.add_argument("--maildir", type=Path, default=Path("outbox"),
+                     help="Maildir of the built-in capture server when no relay is configured")
+
+    sink = commands.add_parser("sink", help="run the local capture server (aiosmtpd -> Maildir)")
+    sink.add_argument("--host", default="127.0.0.1")
+    sink.add_argument("--port", type=int, default=1025)
+    sink.add_argument("--maildir", type=Path, default=Path("outbox"))
+
+    check = commands.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("file", type=Path)
+    return parser
+
+
+def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        return asyncio.run
+    return uvloop.run  # type: ignore[no-any-return]
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config) if args.config else Settings()
+    pool = settings.pool.model_copy(update={
+        k: v for k, v in (("size", args.size), ("rate_limit", args.rate)) if v is not None
+    })
+    metrics = settings.metrics.model_copy(update={
+        k: v for k, v in (("port", args.metrics_port), ("textfile", args.metrics_textfile)) if v is not None
+    })
+    updated = settings.model_copy(update={"pool": pool, "metrics": metrics})
+    # Re-validate so that flags get the file's checks (size >= 1, rate > 0...).
+    return Settings.model_validate(updated.model_dump())
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dispatcher.runner import Run
+
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"dispatcher: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValidationError as exc:
+        print(f"dispatcher: bad option: {describe_errors(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.jobs == "-" and args.results is None:
+        print("dispatcher: --results is required when JOBS is - (standard input)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.jobs != "-" and not Path(args.jobs).is_file():
+        print(f"dispatcher: {args.jobs}: no such jobs file", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(settings.logging.level, settings.logging.format)
+    options = RunOptions(
+        jobs=args.jobs,
+        results=args.results or default_results_path(args.jobs),
+        progress=args.progress,
+        maildir=args.maildir,
+    )
+    try:
+        return _event_loop_runner()(Run(options, settings).execute())
+    except OSError as exc:
+        print(f"dispatcher: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_SIGNAL
+
+
+def _sink(args: argparse.Namespace) -> int:
+    from dispatcher.sink import CaptureServer
+
+    configure_logging("info", "auto")
+
+    async def serve() -> int:
+        import signal
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        async with CaptureServer(args.host, args.port, args.maildir) as server:
+            print(f"dispatcher sink: listening on {server.host}:{server.port}, Maildir {server.maildir}/",
+                  file=sys.stderr, flush=True)
+            await stop.wait()
+            print(f"dispatcher sink: stopped after {server.handler.received} messages", file=sys.stderr)
+        return EXIT_OK
+
+    try:
+        return _event_loop_runner()(serve())
+    except OSError as exc:
+        print(f"dispatcher sink: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.file)
+    except ConfigError as exc:
+        print(f"{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    relay = f"{settings.smtp.hostname}:{settings.smtp.port}" if settings.smtp else "none (built-in capture server)"
+    print(f"{args.file}: ok (relay {relay}, pool size {settings.pool.size})")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    handlers = {"run": _run, "sink": _sink, "check-config": _check_config}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Jobs: the JSON Lines reader, the job models (SPEC section 2) and message building."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import mimetypes
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import formatdate, make_msgid, parseaddr
+from pathlib import Path
+from typing import IO, Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+#: Longer lines are rejected without being held in memory.
+MAX_LINE_BYTES = 16 * 1024 * 1024
+
+_ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"]+@[^@\s<>()\[\],;:\"]+$")
+_HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 section 2.2: printable ASCII but ':'
+_RESERVED_HEADERS = {"from", "to", "cc", "bcc", "subject", "reply-to", "content-type",
+                     "content-transfer-encoding", "mime-version"}
+
+
+class JobError(ValueError):
+    """A job line that cannot be sent; ``field`` names what is wrong."""
+
+    def __init__(self, field: str, message: str, job_id: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.job_id = job_id  # when the line's id could still be read
+
+
+def _no_newlines(value: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise ValueError("contains CR or LF (header injection)")
+    return value
+
+
+def _mailbox(value: str) -> str:
+    """``addr@example.org`` or ``Name <addr@example.org>``; returns it as given."""
+    _no_newlines(value)
+    _, address = parseaddr(value)
+    if not address or not _ADDRESS.match(address):
+        raise ValueError(f"{value!r} is not a valid email address")
+    return value
+
+
+def _bare_address(value: str) -> str:
+    _no_newlines(value)
+    if not _ADDRESS.match(value):
+        raise ValueError(f"{value!r} is not a valid email address")
+    return value
+
+
+Mailbox = Annotated[str, AfterValidator(_mailbox)]
+Address = Annotated[str, AfterValidator(_bare_address)]
+HeaderText = Annotated[str, AfterValidator(_no_newlines)]
+JobId = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_no_newlines)]
+
+
+class Attachment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filename: HeaderText = Field(min_length=1)
+    content_type: HeaderText | None = None
+    path: str | None = None
+    content_base64: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Attachment:
+        if (self.path is None) == (self.content_base64 is None):
+            raise ValueError("give exactly one of path or content_base64")
+        return self
+
+
+class ComposedJob(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    id: JobId
+    from_: Mailbox = Field(alias="from")
+    to: list[Mailbox] = Field(min_length=1)
+    cc: list[Mailbox] = []
+    bcc: list[Mailbox] = []
+    reply_to: Mailbox | None = None
+    subject: HeaderText
+    text: str | None = None
+    html: str | None = None
+    headers: dict[str, HeaderText] = {}
+    attachments: list[Attachment] = []
+
+    @model_validator(mode="after")
+    def _header_names(self) -> ComposedJob:
+        for name in self.headers:
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"headers: {name!r} is not a valid header name")
+            if name.lower() in _RESERVED_HEADERS:
+                raise ValueError(f"headers: {name!r} is set from the job's own fields")
+        return self
+
+
+class RawJob(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: JobId
+    mail_from: Address
+    rcpt_to: list[Address] = Field(min_length=1)
+    raw: str = Field(min_length=1)
+
+
+Job = ComposedJob | RawJob
+
+
+@dataclass(slots=True)
+class Line:
+    """One line of the jobs file: its 1-based number and bytes (None: too long)."""
+
+    number: int
+    content: bytes | None
+
+
+def read_lines(stream: IO[bytes], max_bytes: int = MAX_LINE_BYTES) -> Iterator[Line]:
+    """Stream lines, never holding more than ``max_bytes`` of one in memory. Blank
+    lines are skipped but counted, so numbers match an editor's."""
+    number = 0
+    while True:
+        chunk = stream.readline(max_bytes + 1)
+        if not chunk:
+            return
+        number += 1
+        if len(chunk) > max_bytes and not chunk.endswith(b"\n"):
+            while chunk and not chunk.endswith(b"\n"):  # discard the rest of the line
+                chunk = stream.readline(1024 * 1024)
+            yield Line(number, None)
+            continue
+        if chunk.strip():
+            yield Line(number, chunk)
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("ComposedJob", "RawJob")]
+    return ".".join("from" if p == "from_" else p for p in parts)
+
+
+def parse_job(line: Line) -> Job:
+    """Validate one line. Raises JobError naming the field."""
+    if line.content is None:
+        raise JobError("", f"line longer than {MAX_LINE_BYTES} bytes")
+    try:
+        document = json.loads(line.content)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise JobError("", f"not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise JobError("", "a job must be a JSON object")
+    if isinstance(document.get("id"), int) and not isinstance(document.get("id"), bool):
+        document["id"] = str(document["id"])
+    job_id = document["id"] if isinstance(document.get("id"), str) else None
+    model: type[BaseModel] = RawJob if "raw" in document or "mail_from" in document else ComposedJob
+    try:
+        return model.model_validate(document)  # type: ignore[return-value]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = _field(first["loc"])
+        message = "field required" if first["type"] == "missing" else first["msg"]
+        message = message.removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown field"
+        raise JobError(field, message, job_id) from None
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """What the pool is given for one job."""
+
+    message: EmailMessage | bytes
+    sender: str
+    recipients: list[str]
+
+
+def build(job: Job) -> Outgoing:
+    """The message and envelope of a job. Raises JobError (e.g. unreadable attachment)."""
+    if isinstance(job, RawJob):
+        return Outgoing(job.raw.encode("utf-8"), job.mail_from, list(job.rcpt_to))
+    msg = EmailMessage(policy=SMTP)
+    msg["From"] = job.from_
+    msg["To"] = ", ".join(job.to)
+    if job.cc:
+        msg["Cc"] = ", ".join(job.cc)
+    if job.reply_to:
+        msg["Reply-To"] = job.reply_to
+    msg["Subject"] = job.subject
+    for name, value in job.headers.items():
+        msg[name] = value
+    if "Message-ID" not in msg:
+        domain = parseaddr(job.from_)[1].rpartition("@")[2] or None
+        msg["Message-ID"] = make_msgid(domain=domain)
+    if "Date" not in msg:
+        msg["Date"] = formatdate(localtime=True)
+    if job.text is not None or job.html is None:
+        msg.set_content(job.text or "")
+        if job.html is not None:
+            msg.add_alternative(job.html, subtype="html")
+    else:
+        msg.set_content(job.html, subtype="html")
+    for i, attachment in enumerate(job.attachments):
+        payload = _attachment_bytes(attachment, f"attachments.{i}")
+        content_type = attachment.content_type or mimetypes.guess_type(attachment.filename)[0]
+        maintype, _, subtype = (content_type or "application/octet-stream").partition("/")
+        if not subtype:
+            raise JobError(f"attachments.{i}.content_type", f"{content_type!r} is not type/subtype")
+        msg.add_attachment(payload, maintype=maintype, subtype=subtype, filename=attachment.filename)
+    sender = parseaddr(job.from_)[1]
+    recipients = [parseaddr(a)[1] for a in (*job.to, *job.cc, *job.bcc)]
+    return Outgoing(msg, sender, list(dict.fromkeys(recipients)))
+
+
+def _attachment_bytes(attachment: Attachment, field: str) -> bytes:
+    if attachment.path is not None:
+        try:
+            return Path(attachment.path).read_bytes()
+        except OSError as exc:
+            raise JobError(f"{field}.path", f"cannot read {attachment.path!r}: {exc.strerror}") from None
+    try:
+        return base64.b64decode(attachment.content_base64 or "", validate=True)
+    except (binascii.Error, ValueError):
+        raise JobError(f"{field}.content_base64", "not valid base64") from None
