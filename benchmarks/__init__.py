@@ -1,0 +1,1 @@
+"""Benchmarks: ``./dev python -m benchmarks`` (see benchmarks/README.md)."""
