@@ -309,3 +309,15 @@ def test_journal_ignores_a_torn_last_line_and_resumes(tmp_path: Path) -> None:
     assert "a" in journal.done and "b" not in journal.done
     lines = path.read_bytes().splitlines()
     assert json.loads(lines[-1]) == {"id": "c", "status": "sent"}
+
+
+async def test_pool_from_config_uses_every_section(server: FaultyServer, tmp_path: Path) -> None:
+    from dispatcher.config import load_settings
+    from pool import SMTPPool
+
+    config = write_config(tmp_path / "c.yaml", server, size=3, max_messages_per_connection=2)
+    async with SMTPPool.from_config(load_settings(config)) as pool:
+        assert pool.size == 3 and pool.max_messages_per_connection == 2 and pool.backoff_base == 0.001
+        for i in range(4):
+            await pool.submit(json.dumps(job(i)).encode(), sender="a@example.org", recipients=[f"r{i}@example.net"])
+    assert [s.messages for s in server.sessions] == [2, 2]
