@@ -315,9 +315,9 @@ async def test_pool_from_config_uses_every_section(server: FaultyServer, tmp_pat
     from dispatcher.config import load_settings
     from pool import SMTPPool
 
-    config = write_config(tmp_path / "c.yaml", server, size=3, max_messages_per_connection=2)
+    config = write_config(tmp_path / "c.yaml", server, size=1, max_messages_per_connection=2)
     async with SMTPPool.from_config(load_settings(config)) as pool:
-        assert pool.size == 3 and pool.max_messages_per_connection == 2 and pool.backoff_base == 0.001
+        assert pool.size == 1 and pool.max_messages_per_connection == 2 and pool.backoff_base == 0.001
         for i in range(4):
             await pool.submit(json.dumps(job(i)).encode(), sender="a@example.org", recipients=[f"r{i}@example.net"])
     assert [s.messages for s in server.sessions] == [2, 2]
