@@ -1,1 +1,1 @@
-"""Benchmarks: ``./dev python -m benchmarks`` (see benchmarks/README.md)."""
+"""Benchmarks for smtp-dispatcher: ``python -m benchmarks`` (see benchmarks/README.md)."""

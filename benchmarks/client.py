@@ -87,13 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipients", type=int, default=1)
     parser.add_argument("--attachment", type=int, default=0, help="attachment bytes")
     args = parser.parse_args(argv)
+    import structlog
+
+    # The pool's log lines (one per connect) go to stderr; stdout is the result.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     if args.loop == "uvloop":
         import uvloop
 
         outcome = uvloop.run(_run(args))
     else:
         outcome = asyncio.run(_run(args))
-    print(json.dumps(outcome), flush=True)
+    print("RESULT " + json.dumps(outcome), flush=True)
     return 0
 
 
