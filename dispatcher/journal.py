@@ -48,15 +48,8 @@ class IdSet:
     def __contains__(self, job_id: object) -> bool:
         if not isinstance(job_id, str):
             return False
-        key, table, mask = self._key(job_id), self._table, self._mask
-        slot = key & mask
-        while True:
-            found = table[slot]
-            if found == key:
-                return True
-            if found == 0:
-                return False
-            slot = (slot + 1) & mask
+        key = self._key(job_id)
+        return self._table[self._slot(key)] == key
 
     def add(self, job_id: str) -> bool:
         """Add ``job_id``; return False if it was already there."""
@@ -64,18 +57,21 @@ class IdSet:
             self._grow()
         return self._insert(self._key(job_id))
 
-    def _insert(self, key: int) -> bool:
+    def _slot(self, key: int) -> int:
+        """Where ``key`` is, or the empty slot where it would go (linear probing)."""
         table, mask = self._table, self._mask
         slot = key & mask
-        while True:
-            found = table[slot]
-            if found == key:
-                return False
-            if found == 0:
-                table[slot] = key
-                self._count += 1
-                return True
+        while table[slot] != key and table[slot] != 0:
             slot = (slot + 1) & mask
+        return slot
+
+    def _insert(self, key: int) -> bool:
+        slot = self._slot(key)
+        if self._table[slot] == key:
+            return False
+        self._table[slot] = key
+        self._count += 1
+        return True
 
     def _grow(self) -> None:
         old = self._table

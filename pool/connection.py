@@ -184,10 +184,6 @@ class Connection:
                 self._pipe = PipelineProtocol(transport, o.timeout)
                 transport.set_protocol(self._pipe)
 
-    async def transaction(self, envelope: Envelope, recipients: tuple[str, ...]) -> TransactionReply:
-        """One whole transaction: ``start`` then ``finish``."""
-        return await (await self.start(envelope, recipients)).finish()
-
     async def start(self, envelope: Envelope, recipients: tuple[str, ...]) -> Transaction:
         """Begin a transaction for ``recipients``; see the module docstring.
 

@@ -1,6 +1,6 @@
 """SMTPPool: a bounded queue feeding ``size`` workers, each owning one SMTP session.
 
-    submit() -> queue -> worker -> Connection.transaction() -> SendResult | DeliveryError
+    submit() -> queue -> worker -> Connection.start() ... Transaction.finish() -> SendResult | DeliveryError
 
 A message is a ``_Job``. Its state (recipients still pending, accepted, refused,
 attempts) changes only in the worker that holds it, or in ``_finish``. Transient
