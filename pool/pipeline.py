@@ -133,18 +133,24 @@ class PipelineProtocol(asyncio.Protocol):
             future.set_exception(self._lost or ConnectionFailed("not connected"))
             future.exception()
             return future
+        if not self._groups:
+            # Nothing was outstanding: the silence that may time out starts now, not
+            # at the last reply of an earlier exchange.
+            self._progress = self._loop.time()
         self._groups.append(_Group(replies, future))
         self._outgoing.append(data)
         return future
 
     async def flush(self) -> None:
         """Write what ``send`` queued; wait while the transport's buffer is full."""
+        if self._lost is not None:
+            self._outgoing = []
+            return
         if self._outgoing and self.transport is not None:
             outgoing = self._outgoing
             self._outgoing = []
             self.transport.write(outgoing[0] if len(outgoing) == 1 else b"".join(outgoing))
             if self._timer is None:
-                self._progress = self._loop.time()
                 self._timer = self._loop.call_at(self._progress + self.timeout, self._check_timeout)
         if self._paused and self.transport is not None:
             self._drain_waiter = self._loop.create_future()

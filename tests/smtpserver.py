@@ -11,6 +11,7 @@ and every message it accepted, and injects faults by script:
     server.faults.rcpt["bad@x.org"] = "550 5.1.1 No such user"
     server.faults.rcpt_defer["slow@x.org"] = 1  # 450 the first time, then accept
     server.faults.delay = 0.05                # every end-of-DATA reply is this late
+    server.faults.mail_delay = 0.05           # every MAIL reply is this late
     server.faults.hang = 1                    # the next end-of-DATA is never answered
     server.faults.chaos = 0.05                # each step faults with this probability
     server.gate = asyncio.Event()             # every end-of-DATA waits for gate.set()
@@ -51,6 +52,7 @@ class Faults:
     rcpt: dict[str, str] = field(default_factory=dict)
     rcpt_defer: dict[str, int] = field(default_factory=dict)
     delay: float = 0.0
+    mail_delay: float = 0.0
     hang: int = 0
     chaos: float = 0.0
     seed: int = 1
@@ -103,6 +105,8 @@ class _Handler:
         srv, faults = self.server, self.server.faults
         record = srv._record(smtp)
         record.commands.append("MAIL")
+        if faults.mail_delay:
+            await asyncio.sleep(faults.mail_delay)
         if faults.close_after_messages is not None and record.messages >= faults.close_after_messages:
             return await srv._hang_up(smtp, "421 4.7.0 Too many messages, closing")
         if srv._roll():

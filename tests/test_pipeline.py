@@ -234,3 +234,15 @@ async def test_large_content_is_sent_whole(server: FaultyServer) -> None:
         results = await asyncio.gather(*(pool.submit(make_message(i, body=body)) for i in range(3)))
     assert all(r.attempts == 1 for r in results)
     assert all(len(m.content) > 2_000_000 for m in server.messages)
+
+
+async def test_timeout_counts_from_the_command_not_from_an_earlier_reply(server: FaultyServer) -> None:
+    """A message sent late in the timer's window gets the full timeout for its replies."""
+    timeout = 0.4
+    async with pool_for(server.port, timeout=timeout) as pool:
+        await pool.submit(make_message(1))
+        await asyncio.sleep(timeout * 0.75)  # the session idles most of one timeout window
+        server.faults.mail_delay = timeout * 0.5  # the next reply is slow, but well within timeout
+        result = await pool.submit(make_message(2))
+    assert result.attempts == 1
+    assert server.connections_made == 1
