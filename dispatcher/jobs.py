@@ -118,6 +118,7 @@ class Line:
 
     number: int
     content: bytes | None
+    size: int = 0  # bytes the line took in the file
 
 
 def read_lines(stream: IO[bytes], max_bytes: int = MAX_LINE_BYTES) -> Iterator[Line]:
@@ -130,12 +131,14 @@ def read_lines(stream: IO[bytes], max_bytes: int = MAX_LINE_BYTES) -> Iterator[L
             return
         number += 1
         if len(chunk) > max_bytes and not chunk.endswith(b"\n"):
+            size = len(chunk)
             while chunk and not chunk.endswith(b"\n"):  # discard the rest of the line
                 chunk = stream.readline(1024 * 1024)
-            yield Line(number, None)
+                size += len(chunk)
+            yield Line(number, None, size)
             continue
         if chunk.strip():
-            yield Line(number, chunk)
+            yield Line(number, chunk, len(chunk))
 
 
 def _field(loc: tuple[Any, ...]) -> str:

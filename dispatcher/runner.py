@@ -43,11 +43,21 @@ class RunOptions:
     maildir: Path = DEFAULT_MAILDIR
 
 
+@dataclass(slots=True)
+class _Item:
+    """A valid job on its way to the pool."""
+
+    line: int
+    job_id: str
+    size: int  # bytes of its line, for the progress bar
+    outgoing: Outgoing
+
+
 @dataclass
 class Tally:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
     started: float = field(default_factory=time.monotonic)
-    bytes_read: int = 0
+    bytes_done: int = 0  # of lines whose job has ended: what the bar shows
     bytes_total: int | None = None
 
     def rate(self) -> float:
@@ -73,17 +83,18 @@ class Run:
 
     # -- results --
 
-    def _record(self, line: int, job_id: str | None, status: str, **fields: Any) -> None:
+    def _record(self, line: int, job_id: str | None, status: str, size: int, **fields: Any) -> None:
         self.journal.record({
             "id": job_id, "line": line, "status": status,
             "attempts": fields.get("attempts", 0), "code": fields.get("code"),
             "response": fields.get("response"), "refused": fields.get("refused", {}),
             "error": fields.get("error"), "elapsed_ms": fields.get("elapsed_ms", 0),
         })
-        self._count(status)
+        self._count(status, size)
 
-    def _count(self, status: str) -> None:
+    def _count(self, status: str, size: int) -> None:
         self.tally.counts[status] += 1
+        self.tally.bytes_done += size
         self.jobs_total[status].inc()
 
     # -- the run --
@@ -130,8 +141,10 @@ class Run:
         return EXIT_SOME_FAILED if counts["failed"] or counts["invalid"] else EXIT_OK
 
     async def _pump(self, pool: SMTPPool) -> None:
-        senders = pool.size + pool._queue.maxsize
-        queue: asyncio.Queue[tuple[int, str, Outgoing] | None] = asyncio.Queue(maxsize=senders)
+        # One sender per message the pool can hold (its sessions and its queue): the
+        # pool's queue is the backpressure; this hand-off queue only decouples reading.
+        senders = pool.size + pool.queue_size
+        queue: asyncio.Queue[_Item | None] = asyncio.Queue(maxsize=pool.size)
         progress = asyncio.create_task(self._progress())
         try:
             async with asyncio.TaskGroup() as group:
@@ -146,10 +159,9 @@ class Run:
         finally:
             progress.cancel()
             await asyncio.gather(progress, return_exceptions=True)
-            if not pool._closed:
-                await pool.close(drain=False)
+            await pool.close(drain=False)  # no-op after a clean close; otherwise fail the waiting
 
-    async def _read(self, queue: asyncio.Queue[tuple[int, str, Outgoing] | None]) -> None:
+    async def _read(self, queue: asyncio.Queue[_Item | None]) -> None:
         with _open_jobs(self.options.jobs) as stream:
             if stream is not sys.stdin.buffer:
                 try:
@@ -159,61 +171,61 @@ class Run:
             for n, line in enumerate(read_lines(stream)):
                 if self.stopping.is_set():
                     return
-                self.tally.bytes_read += len(line.content or b"")
                 item = self._admit(line)
                 if item is not None:
                     await queue.put(item)
-                elif n % 512 == 0:
-                    await asyncio.sleep(0)  # let results, signals and progress through
+                if n % 64 == 63:
+                    await asyncio.sleep(0)  # let senders, results, signals and progress through
 
-    def _admit(self, line: Line) -> tuple[int, str, Outgoing] | None:
+    def _admit(self, line: Line) -> _Item | None:
         """Validate a line; record it as invalid or skipped, or return it to send."""
+        size = line.size
         try:
             job = parse_job(line)
         except JobError as exc:
             if exc.job_id is not None and exc.job_id in self.journal.done:
-                self._count("skipped")  # recorded as invalid by an earlier run
+                self._count("skipped", size)  # recorded as invalid by an earlier run
             else:
-                self._invalid(line.number, exc.job_id, exc)
+                self._invalid(line.number, exc.job_id, exc, size)
             return None
         if not self.seen.add(job.id):
             if job.id in self.journal.done:
-                self._count("skipped")
+                self._count("skipped", size)
                 return None
-            self._invalid(line.number, job.id, JobError("id", f"duplicate of an earlier line's id {job.id!r}"))
+            self._invalid(line.number, job.id, JobError("id", f"duplicate of an earlier line's id {job.id!r}"), size)
             return None
         if job.id in self.journal.done:
-            self._count("skipped")
+            self._count("skipped", size)
             return None
         try:
-            return line.number, job.id, build(job)
+            return _Item(line.number, job.id, size, build(job))
         except JobError as exc:
-            self._invalid(line.number, job.id, exc)
+            self._invalid(line.number, job.id, exc, size)
             return None
 
-    def _invalid(self, number: int, job_id: str | None, exc: JobError) -> None:
+    def _invalid(self, number: int, job_id: str | None, exc: JobError, size: int) -> None:
         message = f"line {number}: {exc}"
         log.warning("job.invalid", line=number, id=job_id, field=exc.field, error=str(exc))
-        self._record(number, job_id, "invalid", error=message)
+        self._record(number, job_id, "invalid", size, error=message)
 
-    async def _sender(self, pool: SMTPPool, queue: asyncio.Queue[tuple[int, str, Outgoing] | None]) -> None:
+    async def _sender(self, pool: SMTPPool, queue: asyncio.Queue[_Item | None]) -> None:
         while (item := await queue.get()) is not None:
             if self.stopping.is_set():
                 continue  # not submitted: the next run sends it
-            number, job_id, outgoing = item
+            number, job_id, size, outgoing = item.line, item.job_id, item.size, item.outgoing
             started = time.monotonic()
             try:
                 result = await pool.submit(outgoing.message, sender=outgoing.sender, recipients=outgoing.recipients)
             except DeliveryError as exc:
-                self._record(number, job_id, "failed", attempts=exc.attempts, code=exc.code,
+                self._record(number, job_id, "failed", size, attempts=exc.attempts, code=exc.code,
                              response=exc.response, refused=_refusals(exc.refused), error=str(exc),
                              elapsed_ms=_ms(started))
             except PoolClosedError:
                 continue  # never sent: not recorded, so a re-run sends it
             except ValueError as exc:
-                self._invalid(number, job_id, JobError("", str(exc)))
+                self._invalid(number, job_id, JobError("", str(exc)), size)
             else:
-                self._record(number, job_id, "sent", attempts=result.attempts, code=result.code,
+                self._record(number, job_id, "sent", size, attempts=result.attempts, code=result.code,
                              response=result.response, refused=_refusals(result.refused),
                              elapsed_ms=round(result.elapsed * 1000, 1))
 
@@ -229,7 +241,7 @@ class Run:
                     sys.stderr.flush()
                 else:
                     log.info("run.progress", **self.tally.counts, rate=round(self.tally.rate(), 1),
-                             queue_depth=self.pool._queue.qsize() if self.pool else 0)
+                             queue_depth=self.pool.queue_depth() if self.pool else 0)
         finally:
             if tty:
                 sys.stderr.write("\r" + self._bar() + "\n")
@@ -238,7 +250,7 @@ class Run:
     def _bar(self) -> str:
         c, t = self.tally.counts, self.tally
         if t.bytes_total:
-            share = min(1.0, t.bytes_read / t.bytes_total)
+            share = min(1.0, t.bytes_done / t.bytes_total)
             filled = int(share * 30)
             head = f"[{'#' * filled}{'.' * (30 - filled)}] {share:6.1%} "
         else:

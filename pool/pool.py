@@ -112,7 +112,7 @@ class SMTPPool:
         self._connections = [Connection(self._options) for _ in range(size)]
         self.max_open = 0  # most sessions ever open at once: for tests and stats
         self.metrics = PoolMetrics(
-            registry, queue_depth=self._queue.qsize, connections_open=self.connections_open
+            registry, queue_depth=self.queue_depth, connections_open=self.connections_open
         )
         self._rng = random.Random()
         self._workers: list[asyncio.Task[None]] = []
@@ -141,6 +141,14 @@ class SMTPPool:
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         # A cancelled owner must not wait for the whole queue to drain.
         await self.close(drain=exc_type is not asyncio.CancelledError)
+
+    @property
+    def queue_size(self) -> int:
+        return self._queue.maxsize
+
+    def queue_depth(self) -> int:
+        """Messages waiting for a session now."""
+        return self._queue.qsize()
 
     def connections_open(self) -> int:
         """SMTP sessions open now (never more than ``size``)."""
