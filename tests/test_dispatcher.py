@@ -321,3 +321,29 @@ async def test_pool_from_config_uses_every_section(server: FaultyServer, tmp_pat
         for i in range(4):
             await pool.submit(json.dumps(job(i)).encode(), sender="a@example.org", recipients=[f"r{i}@example.net"])
     assert [s.messages for s in server.sessions] == [2, 2]
+
+
+def test_composed_job_round_trips_through_a_mail_parser() -> None:
+    import email
+    import email.policy
+
+    from dispatcher.jobs import Line, build, parse_job
+
+    document = {"id": "ü1", "from": "Zoë <zoe@example.org>", "to": ["a@example.net"], "cc": ["c@example.net"],
+                "bcc": ["hidden@example.net"], "subject": "Grüße", "text": "Hallo " * 400, "html": "<p>Hallo</p>",
+                "headers": {"X-Campaign": "née"},
+                "attachments": [{"filename": "résumé.txt", "content_base64": "aGk="}]}
+    raw = json.dumps(document).encode()
+    out = build(parse_job(Line(1, raw, len(raw))))
+    assert isinstance(out.message, bytes) and out.message.isascii()
+    assert max(len(line) for line in out.message.split(b"\n")) <= 998
+    assert out.sender == "zoe@example.org"
+    assert out.recipients == ["a@example.net", "c@example.net", "hidden@example.net"]
+    parsed = email.message_from_bytes(out.message, policy=email.policy.default)
+    assert (parsed["From"], parsed["Subject"], parsed["X-Campaign"]) == ("Zoë <zoe@example.org>", "Grüße", "née")
+    assert "Bcc" not in parsed and b"hidden" not in out.message
+    assert parsed.get_body(("plain",)).get_content().startswith("Hallo Hallo")
+    assert parsed.get_body(("html",)).get_content().strip() == "<p>Hallo</p>"
+    (attachment,) = parsed.iter_attachments()
+    assert (attachment.get_filename(), attachment.get_content()) == ("résumé.txt", b"hi")
+    assert parsed["Message-ID"] and parsed["Date"]
