@@ -345,5 +345,6 @@ def test_composed_job_round_trips_through_a_mail_parser() -> None:
     assert parsed.get_body(("plain",)).get_content().startswith("Hallo Hallo")
     assert parsed.get_body(("html",)).get_content().strip() == "<p>Hallo</p>"
     (attachment,) = parsed.iter_attachments()
-    assert (attachment.get_filename(), attachment.get_content()) == ("résumé.txt", b"hi")
+    assert (attachment.get_filename(), attachment.get_content_type(), attachment.get_content()) == (
+        "résumé.txt", "text/plain", "hi")
     assert parsed["Message-ID"] and parsed["Date"]
