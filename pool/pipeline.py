@@ -11,6 +11,7 @@ after an earlier one in the group failed, typically with 503).
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
 
 from pool.results import ConnectionFailed
@@ -20,6 +21,7 @@ Reply = tuple[int, str]
 # RFC 5321 section 4.5.3.1.5: a reply line is at most 512 octets; be lenient.
 MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 100
+TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 0)  # Linux only
 
 
 class _Group:
@@ -41,6 +43,12 @@ class PipelineProtocol(asyncio.Protocol):
         self._outgoing: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
         self._progress = 0.0
+        # A server that writes each pipelined reply separately without TCP_NODELAY
+        # (Postfix's smtp-sink does) holds the later replies under Nagle until our
+        # ACK of the first; ACKing at once instead of delaying measured 3,200 -> 15,000+
+        # msg/s on 4 sessions against smtp-sink on loopback.
+        sock = transport.get_extra_info("socket")
+        self._quickack = sock if TCP_QUICKACK and sock is not None else None
         self._groups: deque[_Group] = deque()
         self._buffer = bytearray()
         self._lines: list[str] = []
@@ -51,6 +59,12 @@ class PipelineProtocol(asyncio.Protocol):
     # -- asyncio.Protocol --
 
     def data_received(self, data: bytes) -> None:
+        if self._quickack is not None:
+            # Linux clears TCP_QUICKACK after each ACK, so it is set again per read.
+            try:
+                self._quickack.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+            except OSError:
+                self._quickack = None
         buffer = self._buffer
         buffer += data
         start = 0
