@@ -248,9 +248,12 @@ class Connection:
     async def _await_replies(
         self, pipe: PipelineProtocol, future: asyncio.Future[list[Reply]], *, ambiguous: bool = False
     ) -> list[Reply]:
-        """Flush what is queued and wait for ``future``'s replies; the protocol's own
-        timer ends the session after ``timeout`` seconds of silence."""
+        """Wait for ``future``'s replies, flushing what is queued if they are not in yet
+        (already-arrived replies leave the next content queued, to share a write with
+        the next envelope). The protocol's own timer ends a silent session."""
         try:
+            if future.done():
+                return future.result()
             await pipe.flush()
             return await future
         except ConnectionFailed as exc:
