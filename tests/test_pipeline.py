@@ -195,7 +195,7 @@ async def test_drop_with_two_messages_in_flight(server: FaultyServer) -> None:
     ]
 
 
-async def test_421_on_end_of_data_with_next_envelope_in_flight(server: FaultyServer) -> None:
+async def test_421_to_the_pipelined_next_envelope_keeps_the_previous_delivery(server: FaultyServer) -> None:
     server.faults.close_after_messages = 1  # the second MAIL is answered 421, then hang-up
     async with pool_for(server.port) as pool:
         results = await asyncio.gather(*(pool.submit(make_message(i)) for i in range(3)))
