@@ -65,22 +65,25 @@ class PipelineProtocol(asyncio.Protocol):
                 self._quickack.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
             except OSError:
                 self._quickack = None
-        buffer = self._buffer
-        buffer += data
-        start = 0
-        while True:
-            end = buffer.find(b"\n", start)
-            if end < 0:
-                break
-            line = bytes(buffer[start:end]).rstrip(b"\r")
-            start = end + 1
-            if not self._reply_line(line):
-                del buffer[:]
+        if self._buffer:
+            self._buffer += data
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        complete = data.rfind(b"\n") + 1
+        if complete < len(data):
+            self._buffer += data[complete:]  # a reply line split across reads
+            if len(self._buffer) > MAX_REPLY_LINE:
+                self._fail(ConnectionFailed("reply line too long"))
                 return
-        if start:
-            del buffer[:start]
-        if len(buffer) > MAX_REPLY_LINE:
-            self._fail(ConnectionFailed("reply line too long"))
+        if not complete:
+            return
+        self._progress = self._loop.time()
+        # One C-level split per read, then a few operations per line: a pipelined
+        # group's replies usually arrive together in one read.
+        for line in data[: complete - 1].split(b"\n"):
+            if not self._reply_line(line.rstrip(b"\r")):
+                self._buffer.clear()
+                return
 
     def _reply_line(self, line: bytes) -> bool:
         try:
@@ -89,26 +92,29 @@ class PipelineProtocol(asyncio.Protocol):
             self._fail(ConnectionFailed(f"malformed reply line: {line[:80]!r}"))
             return False
         text = line[4:].decode("utf-8", "surrogateescape").strip()
-        self._lines.append(text)
         if line[3:4] == b"-":
+            self._lines.append(text)
             if len(self._lines) > MAX_REPLY_LINES:
                 self._fail(ConnectionFailed("reply too long"))
                 return False
             return True
-        reply = (code, "\n".join(self._lines))
-        self._lines = []
-        self._progress = self._loop.time()
-        if not self._groups:
+        if self._lines:  # the last line of a multi-line reply (RFC 5321 section 4.2.1)
+            self._lines.append(text)
+            text = "\n".join(self._lines)
+            self._lines = []
+        groups = self._groups
+        if not groups:
             # Unsolicited (typically 421 before the server hangs up): no command may
             # be paired with it, so the session ends here.
-            self._fail(ConnectionFailed(f"unsolicited reply: {code} {reply[1]}", code=code))
+            self._fail(ConnectionFailed(f"unsolicited reply: {code} {text}", code=code))
             return False
-        group = self._groups[0]
-        group.replies.append(reply)
-        if len(group.replies) == group.count:
-            self._groups.popleft()
+        group = groups[0]
+        replies = group.replies
+        replies.append((code, text))
+        if len(replies) == group.count:
+            groups.popleft()
             if not group.future.done():
-                group.future.set_result(group.replies)
+                group.future.set_result(replies)
         return True
 
     def eof_received(self) -> bool:
