@@ -47,6 +47,17 @@ def _no_newlines(value: str) -> str:
     return value
 
 
+_UNFOLDABLE = re.compile(r"\S{900}")
+
+
+def _header_text(value: str) -> str:
+    _no_newlines(value)
+    if value.isascii() and _UNFOLDABLE.search(value):
+        # Headers fold only at white space; SMTP lines end at 998 octets (RFC 5322 2.1.1).
+        raise ValueError("has a word of 900 or more characters, too long for one SMTP line")
+    return value
+
+
 def _mailbox(value: str) -> str:
     """``addr@example.org`` or ``Name <addr@example.org>``; returns it as given."""
     if _ADDRESS.match(value):  # a bare address: the common case, no parsing needed
@@ -67,7 +78,7 @@ def _bare_address(value: str) -> str:
 
 Mailbox = Annotated[str, AfterValidator(_mailbox)]
 Address = Annotated[str, AfterValidator(_bare_address)]
-HeaderText = Annotated[str, AfterValidator(_no_newlines)]
+HeaderText = Annotated[str, AfterValidator(_header_text)]
 JobId = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_no_newlines)]
 
 

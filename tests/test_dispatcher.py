@@ -348,3 +348,17 @@ def test_composed_job_round_trips_through_a_mail_parser() -> None:
     assert (attachment.get_filename(), attachment.get_content_type(), attachment.get_content()) == (
         "résumé.txt", "text/plain", "hi")
     assert parsed["Message-ID"] and parsed["Date"]
+
+
+def test_long_recipient_lists_and_lines_stay_within_smtp_line_limits() -> None:
+    from dispatcher.jobs import JobError, Line, build, parse_job
+
+    to = [f"recipient-number-{i}@example.net" for i in range(80)]
+    raw = json.dumps({"id": "x", "from": "a@example.org", "to": to, "subject": "word " * 300,
+                      "text": "word " * 1000 + "\n.leading dot\n"}).encode()
+    out = build(parse_job(Line(1, raw, len(raw))))
+    assert max(len(line) for line in out.message.split(b"\r\n")) <= 998
+    assert out.recipients == to
+    unfoldable = json.dumps({"id": "y", "from": "a@example.org", "to": to, "subject": "s" * 1200}).encode()
+    with pytest.raises(JobError, match="subject: has a word of 900"):
+        parse_job(Line(2, unfoldable, len(unfoldable)))
