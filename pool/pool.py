@@ -351,7 +351,7 @@ class SMTPPool:
     def _lost(self, job: _Job, conn: Connection, exc: ConnectionFailed, bound: Any) -> None:
         conn.close()
         if exc.ambiguous:
-            self.metrics.ambiguous.inc()
+            self.metrics.ambiguous += 1
             bound.warning(
                 "smtp.ambiguous", message_id=job.envelope.message_id, attempt=job.attempts, reason=exc.reason
             )
@@ -363,10 +363,10 @@ class SMTPPool:
         try:
             await conn.connect()
         except BaseException as exc:
-            self.metrics.connect_errors.inc()
+            self.metrics.connect_errors += 1
             bound.warning("smtp.connect_error", error=str(exc), host=self._options.hostname, port=self._options.port)
             raise
-        self.metrics.connects.inc()
+        self.metrics.connects += 1
         bound.info(
             "smtp.connect", host=self._options.hostname, port=self._options.port, pipelining=conn.pipelined
         )
@@ -419,7 +419,7 @@ class SMTPPool:
             self._finish(job, closed=self._abandon and not job.accepted)
             return
         delay = backoff_delay(job.attempts, self.backoff_base, self.backoff_max, self._rng)
-        self.metrics.retries.inc()
+        self.metrics.retries += 1
         bound.info(
             "smtp.retry", message_id=job.envelope.message_id, attempt=job.attempts,
             delay=round(delay, 3), code=job.last_code, response=job.last_response,
@@ -456,7 +456,7 @@ class SMTPPool:
                         elapsed=elapsed,
                     )
                 )
-                self.metrics.sent.inc()
+                self.metrics.sent += 1
             elif closed and job.attempts == 0:
                 job.future.set_exception(PoolClosedError("the pool closed before this message was sent"))
             else:
@@ -476,8 +476,8 @@ class SMTPPool:
                             message_id=job.envelope.message_id,
                         )
                     )
-                self.metrics.failed.inc()
-            self.metrics.send_seconds.observe(elapsed)
+                self.metrics.failed += 1
+            self.metrics.observe_send(elapsed)
         self._job_done()
 
     def _job_done(self) -> None:
