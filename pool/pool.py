@@ -25,7 +25,7 @@ from pool.connection import Connection, ConnectionFailed, SessionOptions, Transa
 from pool.envelope import Envelope, build_envelope
 from pool.metrics import PoolMetrics
 from pool.ratelimit import RateLimiter
-from pool.results import DeliveryError, PoolClosedError, Refusals, SendResult
+from pool.results import DeliveryError, PoolClosedError, PoolError, Refusals, SendResult
 from pool.retry import backoff_delay, is_permanent, is_positive
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ class _Job:
     attempts: int = 0
     last_code: int | None = None
     last_response: str = ""
+    delivered: tuple[int, str] | None = None  # the end-of-DATA reply that accepted it
     taken: bool = False
 
 
@@ -394,6 +395,7 @@ class SMTPPool:
                 job.last_code, job.last_response = reply.data
                 if is_positive(reply.data[0]):
                     job.accepted.extend(candidates)
+                    job.delivered = reply.data
                 else:
                     target = job.refused if is_permanent(reply.data[0]) else deferred
                     for rcpt in candidates:
@@ -445,37 +447,38 @@ class SMTPPool:
         if not job.future.done():
             elapsed = time.monotonic() - job.submitted
             if job.accepted:
+                code, response = job.delivered or (250, "")
                 job.future.set_result(
                     SendResult(
                         message_id=job.envelope.message_id,
                         accepted=list(job.accepted),
                         refused=dict(job.refused),
-                        code=job.last_code or 250,
-                        response=job.last_response,
+                        code=code,
+                        response=response,
                         attempts=job.attempts,
                         elapsed=elapsed,
                     )
                 )
                 self.metrics.sent += 1
-            elif closed and job.attempts == 0:
-                job.future.set_exception(PoolClosedError("the pool closed before this message was sent"))
             else:
                 permanent = bool(job.refused) and all(is_permanent(c) for c, _ in job.refused.values())
-                error_cls = PoolClosedError if closed and not permanent else None
-                if error_cls is not None:
-                    job.future.set_exception(PoolClosedError("the pool closed before this message could be retried"))
-                else:
-                    job.future.set_exception(
-                        DeliveryError(
-                            f"not delivered: {job.last_code} {job.last_response}",
-                            code=job.last_code,
-                            response=job.last_response,
-                            permanent=permanent,
-                            attempts=job.attempts,
-                            refused=job.refused,
-                            message_id=job.envelope.message_id,
-                        )
+                error: PoolError
+                if closed and not permanent:
+                    error = PoolClosedError(
+                        "the pool closed before this message was sent" if job.attempts == 0
+                        else "the pool closed before this message could be retried"
                     )
+                else:
+                    error = DeliveryError(
+                        f"not delivered: {job.last_code} {job.last_response}",
+                        code=job.last_code,
+                        response=job.last_response,
+                        permanent=permanent,
+                        attempts=job.attempts,
+                        refused=job.refused,
+                        message_id=job.envelope.message_id,
+                    )
+                job.future.set_exception(error)
                 self.metrics.failed += 1
             self.metrics.observe_send(elapsed)
         self._job_done()

@@ -533,3 +533,12 @@ async def test_non_ascii_address_without_smtputf8_fails_only_that_message(
     assert failed.value.attempts == 1
     assert "jürgen@example.net" in failed.value.refused
     assert after.accepted == ["rcpt2@example.net"]
+
+
+async def test_result_code_is_the_reply_that_accepted_the_message(server: FaultyServer, make_pool: Any) -> None:
+    server.faults.rcpt_defer["late@example.net"] = 100
+    async with make_pool(size=1, max_attempts=2) as pool:
+        result = await pool.submit(make_message(1, ["ok@example.net", "late@example.net"]))
+    assert result.accepted == ["ok@example.net"]
+    assert result.refused == {"late@example.net": (450, "4.2.1 Mailbox busy, try later")}
+    assert (result.code, result.response, result.attempts) == (250, "2.0.0 OK queued", 2)
