@@ -160,6 +160,8 @@ class Run:
             progress.cancel()
             await asyncio.gather(progress, return_exceptions=True)
             await pool.close(drain=False)  # no-op after a clean close; otherwise fail the waiting
+            if self._hurry is not None:
+                await self._hurry  # a second signal's close(drain=False): owned and awaited here
 
     async def _read(self, queue: asyncio.Queue[_Item | None]) -> None:
         with _open_jobs(self.options.jobs) as stream:
