@@ -146,7 +146,10 @@ async def test_kill_9_mid_run_then_rerun_delivers_every_id(server: FaultyServer,
     assert {r["id"] for r in records if r["status"] == "sent"} == set(ids)
 
 
-async def test_sigint_stops_reading_finishes_in_flight_and_exits_130(server: FaultyServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_signal_stops_reading_finishes_in_flight_and_exits_130(
+    server: FaultyServer, tmp_path: Path, signum: signal.Signals
+) -> None:
     count = 1500
     jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(count)])
     config = write_config(tmp_path / "c.yaml", server, size=4, queue_size=10)
@@ -157,7 +160,7 @@ async def test_sigint_stops_reading_finishes_in_flight_and_exits_130(server: Fau
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     await server.wait_for(lambda: len(server.messages) >= 200, timeout=30)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     async with asyncio.timeout(30):
         _, err = await proc.communicate()
     assert proc.returncode == 130, err
