@@ -709,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     info: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
         "sink": sink.description, "message_bytes": len(raw), "notes": notes,
-        "command": "./dev python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["./dev python -m benchmarks", *(argv if argv is not None else sys.argv[1:])]),
         "pipelining_default": "on" if pipelining else "default"}
     cases = build_cases(cfg, pipelining)
     memory: list[dict[str, Any]] = []
