@@ -8,41 +8,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import Field, ValidationError
+
+from pool.config import PoolSettings, RetrySettings, Section, SMTPSettings
+from pool.config import pool_kwargs as _pool_kwargs
 
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the key path."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SMTPSettings(_Section):
-    hostname: str
-    port: int = Field(25, ge=1, le=65535)
-    use_tls: bool = False
-    start_tls: bool | None = None
-    validate_certs: bool = True
-    username: str | None = None
-    password: SecretStr | None = None
-    timeout: float = Field(30.0, gt=0)
-
-
-class PoolSettings(_Section):
-    size: int = Field(4, ge=1, le=1000)
-    max_messages_per_connection: int | None = Field(None, ge=1)
-    idle_timeout: float | None = Field(60.0, gt=0)
-    rate_limit: float | None = Field(None, gt=0)
-    queue_size: int = Field(1000, ge=1)
-    pipelining: bool | None = None
-
-
-class RetrySettings(_Section):
-    max_attempts: int = Field(5, ge=1)
-    backoff_base: float = Field(0.5, ge=0)
-    backoff_max: float = Field(60.0, ge=0)
+class _Section(Section):
+    pass
 
 
 class MetricsSettings(_Section):
@@ -123,23 +100,4 @@ def pool_kwargs(settings: Settings) -> dict[str, Any]:
     """SMTPPool keyword arguments for ``settings`` (its ``smtp`` section must be set)."""
     if settings.smtp is None:
         raise ConfigError("smtp: no relay configured")
-    smtp, pool, retry = settings.smtp, settings.pool, settings.retry
-    return {
-        "hostname": smtp.hostname,
-        "port": smtp.port,
-        "use_tls": smtp.use_tls,
-        "start_tls": smtp.start_tls,
-        "validate_certs": smtp.validate_certs,
-        "username": smtp.username,
-        "password": smtp.password.get_secret_value() if smtp.password is not None else None,
-        "timeout": smtp.timeout,
-        "size": pool.size,
-        "max_messages_per_connection": pool.max_messages_per_connection,
-        "idle_timeout": pool.idle_timeout,
-        "rate_limit": pool.rate_limit,
-        "queue_size": pool.queue_size,
-        "pipelining": pool.pipelining,
-        "max_attempts": retry.max_attempts,
-        "backoff_base": retry.backoff_base,
-        "backoff_max": retry.backoff_max,
-    }
+    return _pool_kwargs(settings.smtp, settings.pool, settings.retry)

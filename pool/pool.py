@@ -128,10 +128,13 @@ class SMTPPool:
 
     @classmethod
     def from_config(cls, settings: Any, **overrides: Any) -> SMTPPool:
-        """Build a pool from ``dispatcher.config.Settings`` (SPEC section 3)."""
-        from dispatcher.config import pool_kwargs
+        """Build a pool from a settings object with ``smtp``, ``pool`` and ``retry``
+        sections (``dispatcher.config.Settings``; SPEC section 3)."""
+        from pool.config import pool_kwargs
 
-        return cls(**{**pool_kwargs(settings), **overrides})
+        if settings.smtp is None:
+            raise ValueError("smtp: no relay configured")
+        return cls(**{**pool_kwargs(settings.smtp, settings.pool, settings.retry), **overrides})
 
     # -- lifecycle --
 

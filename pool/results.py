@@ -1,11 +1,13 @@
-"""What a submit ends with: a SendResult, or a DeliveryError from the PoolError tree."""
+"""What a submit ends with: a SendResult, or an error of the PoolError tree."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: recipient -> (SMTP code, server text)
-Refusals = dict[str, tuple[int, str]]
+from pool.errors import ConnectionFailed, DeliveryError, PoolClosedError, PoolError, Refusals, RelayError
+
+__all__ = ["ConnectionFailed", "DeliveryError", "PoolClosedError", "PoolError", "Refusals", "RelayError",
+           "SendResult"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,58 +21,4 @@ class SendResult:
     response: str
     attempts: int
     elapsed: float
-
-
-class PoolError(Exception):
-    """Base of every error the pool raises about a message or itself."""
-
-
-class PoolClosedError(PoolError):
-    """The pool is closed (or closing without drain) and will not send this message."""
-
-
-class DeliveryError(PoolError):
-    """The message was delivered to no recipient.
-
-    ``permanent`` is True when the server's answer was a 5xx (or every recipient was
-    refused permanently); False when transient failures outlasted ``max_attempts``.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: int | None,
-        response: str,
-        permanent: bool,
-        attempts: int,
-        refused: Refusals | None = None,
-        message_id: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.response = response
-        self.permanent = permanent
-        self.attempts = attempts
-        self.refused: Refusals = dict(refused or {})
-        self.message_id = message_id
-
-    def __repr__(self) -> str:
-        return (
-            f"DeliveryError(code={self.code!r}, response={self.response!r}, "
-            f"permanent={self.permanent}, attempts={self.attempts}, refused={self.refused!r})"
-        )
-
-
-class ConnectionFailed(Exception):
-    """Internal: the session is unusable (disconnect, timeout, 421, failed connect).
-
-    ``ambiguous`` is True when the end of DATA was sent and its reply never came:
-    the server may have accepted the message. Never reaches the pool's callers.
-    """
-
-    def __init__(self, reason: str, *, code: int | None = None, ambiguous: bool = False) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-        self.ambiguous = ambiguous
+    relay: str | None = None  # the relay's name under SMTPRouter

@@ -1,0 +1,71 @@
+"""The pool's own configuration sections (SPEC section 3): ``smtp``, ``pool``, ``retry``.
+
+They live here, not in ``dispatcher``, so that ``SMTPPool.from_config`` needs nothing
+but the library; ``dispatcher.config.Settings`` composes them with its own sections.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+
+class Section(BaseModel):
+    """A configuration section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SMTPSettings(Section):
+    hostname: str
+    port: int = Field(25, ge=1, le=65535)
+    use_tls: bool = False
+    start_tls: bool | None = None
+    validate_certs: bool = True
+    ca_file: Path | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    timeout: float = Field(30.0, gt=0)
+    relay_down_timeout: float = Field(300.0, gt=0)
+
+
+class PoolSettings(Section):
+    size: int = Field(4, ge=1, le=1000)
+    max_messages_per_connection: int | None = Field(None, ge=1)
+    idle_timeout: float | None = Field(60.0, gt=0)
+    rate_limit: float | None = Field(None, gt=0)
+    queue_size: int = Field(1000, ge=1)
+    pipelining: bool | None = None
+
+
+class RetrySettings(Section):
+    max_attempts: int = Field(5, ge=1)
+    backoff_base: float = Field(0.5, ge=0)
+    backoff_max: float = Field(60.0, ge=0)
+
+
+def pool_kwargs(smtp: SMTPSettings, pool: PoolSettings, retry: RetrySettings) -> dict[str, Any]:
+    """``SMTPPool`` keyword arguments for the three sections."""
+    return {
+        "hostname": smtp.hostname,
+        "port": smtp.port,
+        "use_tls": smtp.use_tls,
+        "start_tls": smtp.start_tls,
+        "validate_certs": smtp.validate_certs,
+        "ca_file": str(smtp.ca_file) if smtp.ca_file is not None else None,
+        "username": smtp.username,
+        "password": smtp.password.get_secret_value() if smtp.password is not None else None,
+        "timeout": smtp.timeout,
+        "relay_down_timeout": smtp.relay_down_timeout,
+        "size": pool.size,
+        "max_messages_per_connection": pool.max_messages_per_connection,
+        "idle_timeout": pool.idle_timeout,
+        "rate_limit": pool.rate_limit,
+        "queue_size": pool.queue_size,
+        "pipelining": pool.pipelining,
+        "max_attempts": retry.max_attempts,
+        "backoff_base": retry.backoff_base,
+        "backoff_max": retry.backoff_max,
+    }

@@ -1,0 +1,81 @@
+"""The errors the pool raises: one base, ``PoolError``, and what each failure carries."""
+
+from __future__ import annotations
+
+#: recipient -> (SMTP code, server text)
+Refusals = dict[str, tuple[int, str]]
+
+
+class PoolError(Exception):
+    """Base of every error the pool raises about a message or itself."""
+
+
+class PoolClosedError(PoolError):
+    """The pool is closed (or closing without drain) and will not send this message."""
+
+
+class DeliveryError(PoolError):
+    """The message was delivered to no recipient.
+
+    ``permanent`` is True when the server's answer was a 5xx (or every recipient was
+    refused permanently); False when transient failures outlasted ``max_attempts``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None,
+        response: str,
+        permanent: bool,
+        attempts: int,
+        refused: Refusals | None = None,
+        message_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.response = response
+        self.permanent = permanent
+        self.attempts = attempts
+        self.refused: Refusals = dict(refused or {})
+        self.message_id = message_id
+
+    def __repr__(self) -> str:
+        return (
+            f"DeliveryError(code={self.code!r}, response={self.response!r}, "
+            f"permanent={self.permanent}, attempts={self.attempts}, refused={self.refused!r})"
+        )
+
+
+class RelayError(PoolError):
+    """The relay, not the message, is the problem (SPEC behaviour 10).
+
+    ``transient=True``: no session could be opened for ``relay_down_timeout`` seconds;
+    the message was not sent and may be submitted again later. ``transient=False``: a
+    permanent session failure (AUTH refused, certificate not trusted, STARTTLS missing
+    while a password is set); nothing will be sent until the configuration changes.
+    ``relay`` names the relay (``host:port``), ``code`` the SMTP reply when there was one.
+    """
+
+    def __init__(self, message: str, *, transient: bool, relay: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.relay = relay
+        self.code = code
+
+    def __repr__(self) -> str:
+        return f"RelayError({str(self)!r}, transient={self.transient}, relay={self.relay!r}, code={self.code!r})"
+
+
+class ConnectionFailed(Exception):
+    """Internal: the session is unusable (disconnect, timeout, 421, failed connect).
+
+    ``ambiguous`` is True when the end of DATA was sent and its reply never came:
+    the server may have accepted the message. Never reaches the pool's callers.
+    """
+
+    def __init__(self, reason: str, *, code: int | None = None, ambiguous: bool = False) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.ambiguous = ambiguous
