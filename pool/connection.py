@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 import time
 from dataclasses import dataclass, field
 
@@ -63,6 +64,8 @@ class SessionOptions:
     timeout: float
     local_hostname: str
     pipelining: bool | None
+    ca_file: str | None = None
+    tls_context: ssl.SSLContext | None = None
 
 
 class Transaction:
@@ -154,6 +157,8 @@ class Connection:
             password=o.password,
             timeout=o.timeout,
             local_hostname=o.local_hostname,
+            cert_bundle=o.ca_file,
+            tls_context=o.tls_context,
         )
         try:
             await client.connect()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from email.message import Message
@@ -81,6 +82,10 @@ class SMTPPool:
         queue_size: int = 1000,
         registry: CollectorRegistry | None = None,
         local_hostname: str | None = None,
+        ca_file: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        relay_down_timeout: float = 300.0,
+        dkim: Any = None,
     ) -> None:
         if size < 1:
             raise ValueError("size must be at least 1")
@@ -107,7 +112,11 @@ class SMTPPool:
             timeout=timeout,
             local_hostname=local_hostname or socket.gethostname() or "localhost",
             pipelining=pipelining,
+            ca_file=ca_file,
+            tls_context=tls_context,
         )
+        self.relay_down_timeout = relay_down_timeout
+        self.dkim = dkim
         self._rate = RateLimiter(rate_limit) if rate_limit else None
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
         self._connections = [Connection(self._options) for _ in range(size)]
