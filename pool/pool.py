@@ -192,6 +192,16 @@ class SMTPPool:
             self._closed = True
             self._abandon_waiting()
 
+    def terminate(self) -> None:
+        """Drop every session at once, without QUIT (a second Ctrl-C). Messages queued or
+        on the wire fail with PoolClosedError: the server may or may not have them."""
+        self._closing = True
+        self._abandon_waiting()
+        for conn in self._connections:
+            conn.close()
+        for worker in self._workers:
+            worker.cancel()
+
     def _abandon_waiting(self) -> None:
         """Fail every job not on the wire: queued ones and those backing off."""
         self._abandon = True

@@ -14,6 +14,8 @@ and every message it accepted, and injects faults by script:
     server.faults.mail_delay = 0.05           # every MAIL reply is this late
     server.faults.hang = 1                    # the next end-of-DATA is never answered
     server.faults.chaos = 0.05                # each step faults with this probability
+    server.faults.data_reply_raw = b"250 Ok: re\\xe7u"  # raw bytes (not UTF-8) end DATA
+    server.faults.data_command_reply = "250 OK"   # DATA answered without a 354
     server.gate = asyncio.Event()             # every end-of-DATA waits for gate.set()
 
     async with server:                        # listening on server.port
@@ -56,6 +58,8 @@ class Faults:
     hang: int = 0
     chaos: float = 0.0
     seed: int = 1
+    data_reply_raw: bytes | None = None  # every end-of-DATA is answered with these bytes (no CRLF)
+    data_command_reply: str | None = None  # the DATA command itself is answered with this, no 354
 
 
 @dataclass
@@ -65,6 +69,7 @@ class ReceivedMessage:
     rcpt_tos: list[str]
     content: bytes
     reply_dropped: bool = False  # the client never saw our reply: an ambiguous delivery
+    mail_options: list[str] = field(default_factory=list)  # MAIL FROM parameters (SMTPUTF8, BODY=...)
 
     @property
     def message_id(self) -> str | None:
@@ -168,7 +173,8 @@ class _Handler:
             return "451 never seen"
         dropped = faults.drop_after_data > 0 or fault == "drop"
         srv.messages.append(
-            ReceivedMessage(record.session_id, envelope.mail_from, list(envelope.rcpt_tos), content, dropped)
+            ReceivedMessage(record.session_id, envelope.mail_from, list(envelope.rcpt_tos), content, dropped,
+                            list(envelope.mail_options))
         )
         record.messages += 1
         srv._changed()
@@ -177,6 +183,8 @@ class _Handler:
             srv.replies_dropped += 1
             srv._abort(smtp)
             return "250 never seen"
+        if faults.data_reply_raw is not None:
+            return faults.data_reply_raw  # type: ignore[return-value]  # aiosmtpd pushes bytes as they are
         return "250 2.0.0 OK queued"
 
     async def handle_QUIT(self, smtp: SMTP, session: Session, envelope: Envelope) -> str:
@@ -197,6 +205,7 @@ class _SMTP(SMTP):
             ident="faulty",
             data_size_limit=None,
             tls_context=server.starttls_context,
+            enable_SMTPUTF8=server.smtputf8,
             **auth,
         )
         self._test_server = server
@@ -222,6 +231,14 @@ class _SMTP(SMTP):
             faults.greeting_421 -= 1
             transport.write(b"421 4.3.2 Not now\r\n")
             transport.close()
+
+    async def smtp_DATA(self, arg: str) -> None:
+        reply = self._test_server.faults.data_command_reply
+        if reply is not None and self.envelope is not None and self.envelope.rcpt_tos:
+            self._test_server._record(self).commands.append("DATA")
+            await self.push(reply)  # a broken server: no 354, and no content is read
+            return
+        await super().smtp_DATA(arg)
 
     def data_received(self, data: bytes) -> None:
         record = self._test_server._by_protocol.get(id(self))
@@ -253,12 +270,14 @@ class FaultyServer:
         starttls_context: ssl.SSLContext | None = None,
         tls_context: ssl.SSLContext | None = None,
         credentials: tuple[str, str] | None = None,
+        smtputf8: bool = False,
     ) -> None:
         """``starttls_context`` offers STARTTLS; ``tls_context`` makes the port implicit
         TLS; ``credentials`` (user, password) makes AUTH required."""
         self.starttls_context = starttls_context
         self.tls_context = tls_context
         self.credentials = credentials
+        self.smtputf8 = smtputf8  # advertise SMTPUTF8 (RFC 6531)
         self.auth_attempts: list[tuple[str, bool]] = []
         self.host = "127.0.0.1"
         self.port = port
