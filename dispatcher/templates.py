@@ -1,0 +1,441 @@
+"""Templated jobs and unsubscribe headers (SPEC section 6).
+
+``Templates(dir).render(name, context)`` renders ``NAME.subject``, ``NAME.text`` and
+``NAME.html`` with Jinja2 in a sandbox (``ImmutableSandboxedEnvironment``): undefined
+variables are errors (StrictUndefined), only ``.html`` is autoescaped, every file is
+loaded and compiled once per ``Templates`` and cached (a missing file or a syntax
+error too). Failures raise ``TemplateError`` whose ``field`` is ``template`` or
+``data.KEY``, with the template's file and line in the message.
+
+``Templates.compose(job)`` turns a ``TemplatedJob`` into a composed-job document (a
+dict for ``dispatcher.jobs.ComposedJob``); ``Unsubscribe`` renders the
+``List-Unsubscribe`` headers per job. This module does not import ``dispatcher.jobs``,
+so ``jobs`` may import it.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import traceback
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote
+
+import jinja2
+from jinja2.runtime import missing
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pool.config import Section
+
+Part = Literal["subject", "text", "html"]
+PARTS: tuple[Part, ...] = ("subject", "text", "html")
+
+_TEMPLATE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$"
+_MAX_SEQUENCE = 1_000_000  # longest string or list ``*`` may build in a template
+_MAX_EXPONENT = 1_000
+
+
+class TemplateError(ValueError):
+    """A template cannot be rendered for a job. ``field`` is ``template`` (missing
+    file, syntax error, forbidden operation) or ``data.KEY`` (undefined variable)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """A template's parts for one job; None where the file does not exist or the
+    part was not asked for."""
+
+    subject: str | None
+    text: str | None
+    html: str | None
+
+
+# -- configuration ----------------------------------------------------------------
+
+
+class TemplatesSettings(Section):
+    """The ``templates`` section. ``dir`` is relative to the current directory."""
+
+    dir: Path = Path("templates")
+
+
+class UnsubscribeSettings(Section):
+    """The ``unsubscribe`` section: ``url`` is an http(s) URL template
+    (``https://example.org/u/{{ id }}``), ``mailto`` an address or ``mailto:`` URI,
+    which may also use template variables."""
+
+    url: str | None = None
+    mailto: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.match(r"(?i)^(https?://|\{\{)", value):
+            raise ValueError("must be an https:// URL (a template: https://example.org/u/{{ id }})")
+        _check_syntax(value)
+        return value
+
+    @field_validator("mailto")
+    @classmethod
+    def _mailto(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if "@" not in value and "{{" not in value:
+            raise ValueError("must be an email address or a mailto: URI")
+        _check_syntax(value)
+        return value
+
+
+def _check_syntax(source: str) -> None:
+    try:
+        _environment().parse(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"not a valid template: {exc.message}") from None
+
+
+# -- jobs -------------------------------------------------------------------------
+
+
+class TemplatedJob(BaseModel):
+    """``{"id", "template", "to", "data"?}`` plus any field of a composed job, which
+    wins over the template's part of the same name (subject, text, html).
+
+    Only shapes are checked here; ``Templates.compose`` returns a composed-job
+    document that ``ComposedJob`` validates in full (addresses, header injection,
+    attachments), with the same field names.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    id: str
+    template: str = Field(pattern=_TEMPLATE_NAME, max_length=255)
+    to: list[str] = Field(min_length=1)
+    data: dict[str, Any] = {}
+    from_: str | None = Field(None, alias="from")
+    cc: list[str] | None = None
+    bcc: list[str] | None = None
+    reply_to: str | None = None
+    subject: str | None = None
+    text: str | None = None
+    html: str | None = None
+    headers: dict[str, str] | None = None
+    attachments: list[dict[str, Any]] | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The composed-job fields the line gave (``from`` by its JSON name)."""
+        return self.model_dump(by_alias=True, exclude_none=True, exclude={"template", "data"})
+
+
+def job_context(fields: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Template variables for a job: ``data``'s keys, ``data`` itself, then the job's
+    own fields (``id``, ``to``, ``from``, ``cc``, ``subject``...), which win."""
+    context: dict[str, Any] = dict(data) if data else {}
+    context["data"] = data or {}
+    for key, value in fields.items():
+        if key not in ("text", "html", "attachments"):
+            context[key] = value
+    return context
+
+
+# -- the environment --------------------------------------------------------------
+
+
+class _UndefinedVariable(jinja2.UndefinedError):
+    """An undefined variable, with what it was looked up on, to name ``data.KEY``."""
+
+    def __init__(self, message: str | None = None, *, obj: Any = missing, name: Any = None) -> None:
+        super().__init__(message)
+        self.obj = obj
+        self.name = name
+
+
+class _Undefined(jinja2.StrictUndefined):
+    """StrictUndefined whose error carries the variable's name and owner. Undefined
+    values the sandbox makes for unsafe attributes keep their SecurityError."""
+
+    __slots__ = ()
+
+    def __init__(self, hint: str | None = None, obj: Any = missing, name: str | None = None,
+                 exc: type[jinja2.exceptions.TemplateRuntimeError] = jinja2.UndefinedError) -> None:
+        if exc is jinja2.UndefinedError and hint is None:
+            exc = functools.partial(_UndefinedVariable, obj=obj, name=name)  # type: ignore[assignment]
+        super().__init__(hint, obj, name, exc)
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, also refusing ``*`` and ``**`` that would build a huge value
+    (``{{ 'x' * 10**9 }}``): a template must not be able to exhaust memory or CPU."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int) and abs(right) > _MAX_EXPONENT:
+            raise jinja2.sandbox.SecurityError(f"exponent {right} is too large")
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int) \
+                        and len(seq) * times > _MAX_SEQUENCE:
+                    raise jinja2.sandbox.SecurityError(f"repetition would make more than {_MAX_SEQUENCE} items")
+        return super().call_binop(context, operator, left, right)
+
+
+def _finalize(value: Any) -> Any:
+    return "" if value is None else value  # JSON null prints as nothing, not "None"
+
+
+def _environment(loader: jinja2.BaseLoader | None = None) -> _Sandbox:
+    return _Sandbox(
+        loader=loader,
+        undefined=_Undefined,
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html", "htm"), default_for_string=False,
+                                            default=False),
+        trim_blocks=True,  # a line holding only a {% tag %} leaves no blank line in text mail
+        lstrip_blocks=True,
+        auto_reload=False,  # never stat the files again: compiled once per run
+        cache_size=-1,  # includes too stay compiled for the whole run
+        finalize=_finalize,
+    )
+
+
+def _error(exc: Exception, context: Mapping[str, Any], where: str, source_prefix: str | None) -> TemplateError:
+    """Translate a Jinja2 failure while rendering into a TemplateError."""
+    # Jinja2 rewrites the traceback so that a template's frames carry its file and line.
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if source_prefix is not None and f.filename.startswith(source_prefix)]
+    if frames:
+        where = f"{frames[-1].filename} line {frames[-1].lineno}"
+    if isinstance(exc, _UndefinedVariable):
+        key = _key_path(context, exc.obj, exc.name)
+        return TemplateError(f"data.{key}", f"undefined in {where}")
+    if isinstance(exc, jinja2.TemplateSyntaxError):
+        return TemplateError("template", f"{exc.filename or where} line {exc.lineno}: {exc.message}")
+    if isinstance(exc, jinja2.TemplateNotFound):
+        return TemplateError("template", f"{where}: template {exc.name!r} not found")
+    if isinstance(exc, jinja2.UndefinedError | jinja2.sandbox.SecurityError):
+        return TemplateError("template", f"{where}: {exc.message}")
+    return TemplateError("template", f"{where}: {type(exc).__name__}: {exc}")
+
+
+def _key_path(context: Mapping[str, Any], obj: Any, name: Any) -> str:
+    """``name`` when a top-level variable is missing, else the path of the value it was
+    looked up on (``user.first`` for ``{{ user.first }}``), found by identity."""
+    if obj is missing:
+        return str(name)
+    path = _find(context, obj, 0)
+    if path is None:
+        return str(name)
+    if path and path[0] == "data":
+        path = path[1:]
+    return ".".join([*path, str(name)])
+
+
+def _find(node: Any, target: Any, depth: int) -> list[str] | None:
+    if node is target:
+        return []
+    if depth > 20:
+        return None
+    items: Iterable[tuple[Any, Any]]
+    if isinstance(node, Mapping):
+        items = node.items()
+    elif isinstance(node, list | tuple):
+        items = enumerate(node)
+    else:
+        return None
+    for key, value in items:
+        if isinstance(value, Mapping | list | tuple):
+            found = _find(value, target, depth + 1)
+            if found is not None:
+                return [str(key), *found]
+    return None
+
+
+# -- templates --------------------------------------------------------------------
+
+
+class Templates:
+    """The templates of one directory, each file compiled at most once.
+
+    Rendering is thread-safe; build one ``Templates`` per process (it is not
+    picklable: hand a worker process the settings, not the object).
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._env = _environment(jinja2.FileSystemLoader(self.directory, followlinks=False))
+        # "NAME.part" -> compiled template, None (no such file), or the error it raised
+        self._compiled: dict[str, jinja2.Template | TemplateError | None] = {}
+        self._prefix = str(self.directory)
+
+    @classmethod
+    def from_settings(cls, settings: TemplatesSettings) -> Templates:
+        return cls(settings.dir)
+
+    def _template(self, filename: str) -> jinja2.Template | None:
+        try:
+            found = self._compiled[filename]
+        except KeyError:
+            found = self._load(filename)
+            self._compiled[filename] = found
+        if isinstance(found, TemplateError):
+            raise found
+        return found
+
+    def _load(self, filename: str) -> jinja2.Template | TemplateError | None:
+        try:
+            return self._env.get_template(filename)
+        except jinja2.TemplateNotFound as exc:
+            if exc.name != filename:  # an {% extends %} of a file that is missing
+                return TemplateError("template", f"{self.directory / filename}: template {exc.name!r} not found")
+            return None
+        except jinja2.TemplateSyntaxError as exc:
+            return TemplateError("template", f"{exc.filename or filename} line {exc.lineno}: {exc.message}")
+        except OSError as exc:
+            return TemplateError("template", f"{self.directory / filename}: cannot read: {exc.strerror}")
+        except UnicodeDecodeError:
+            return TemplateError("template", f"{self.directory / filename}: not UTF-8")
+
+    def render(self, name: str, context: Mapping[str, Any], parts: Iterable[Part] = PARTS) -> Rendered:
+        """Render the ``parts`` of template ``name`` that exist. Raises TemplateError
+        when none of ``NAME.subject``, ``NAME.text``, ``NAME.html`` exists, or one fails."""
+        if not re.match(_TEMPLATE_NAME, name):
+            raise TemplateError("template", f"{name!r} is not a template name")
+        if all(self._template(f"{name}.{part}") is None for part in PARTS):
+            raise TemplateError("template", f"no template {name!r} in {self.directory} "
+                                            f"({name}.subject, {name}.text or {name}.html)")
+        out: dict[str, str | None] = dict.fromkeys(PARTS)
+        for part in parts:
+            template = self._template(f"{name}.{part}")
+            if template is None:
+                continue
+            try:
+                value = template.render(context)
+            except Exception as exc:  # noqa: BLE001 - a template expression can raise anything (1 / 0, int("x"))
+                raise _error(exc, context, f"{self.directory / name}.{part}", self._prefix) from None
+            out[part] = value.strip() if part == "subject" else value
+        return Rendered(out["subject"], out["text"], out["html"])
+
+    def compose(self, job: TemplatedJob, *, default_from: str | None = None,
+                unsubscribe: Unsubscribe | None = None) -> dict[str, Any]:
+        """The composed-job document of ``job``: its own fields, ``from`` defaulting to
+        ``default_from``, the template's parts the job does not give, and the
+        unsubscribe headers unless the job sets List-Unsubscribe. Raises TemplateError.
+        """
+        fields = job.fields()
+        if "from" not in fields and default_from is not None:
+            fields["from"] = default_from
+        context = job_context(fields, job.data)
+        wanted = [part for part in PARTS if part not in fields]
+        rendered = self.render(job.template, context, wanted)
+        for part in wanted:
+            value = getattr(rendered, part)
+            if value is not None:
+                fields[part] = value
+        if "subject" not in fields:
+            raise TemplateError("template", f"{self.directory / job.template}.subject does not exist "
+                                            "and the job gives no subject")
+        if unsubscribe is not None:
+            fields["headers"] = merge_unsubscribe(fields.get("headers") or {}, unsubscribe.headers(context))
+        return fields
+
+
+# -- unsubscribe ------------------------------------------------------------------
+
+# RFC 3986 reserved and unreserved characters, and '%': everything else a rendered
+# URL holds (space, <, >, ", CR, LF, non-ASCII) is percent-encoded, so a value from a
+# job can never end the <...> or the header field.
+_URL_SAFE = "!#$%&'()*+,/:;=?@[]~-._"
+
+
+class Unsubscribe:
+    """``List-Unsubscribe`` (and ``List-Unsubscribe-Post``) for each job, from a URL
+    template and/or a mailto address; both compiled once."""
+
+    def __init__(self, *, url: str | None = None, mailto: str | None = None) -> None:
+        """Raises ValueError (naming ``unsubscribe.url`` or ``.mailto``) on a syntax error."""
+        if url is None and mailto is None:
+            raise ValueError("unsubscribe: give url, mailto or both")
+        env = _environment()
+        self._url = self._compile(env, url, "url")
+        if mailto is not None and not mailto.lower().startswith("mailto:"):
+            mailto = "mailto:" + mailto
+        self._mailto = self._compile(env, mailto, "mailto")
+
+    @staticmethod
+    def _compile(env: _Sandbox, source: str | None, key: str) -> jinja2.Template | None:
+        if source is None:
+            return None
+        try:
+            return env.from_string(source)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ValueError(f"unsubscribe.{key}: not a valid template: {exc.message}") from None
+
+    @classmethod
+    def from_settings(cls, settings: UnsubscribeSettings) -> Unsubscribe | None:
+        """None when the section sets neither url nor mailto."""
+        if settings.url is None and settings.mailto is None:
+            return None
+        return cls(url=settings.url, mailto=settings.mailto)
+
+    def headers(self, context: Mapping[str, Any]) -> dict[str, str]:
+        """The headers for one job (``job_context``). ``List-Unsubscribe-Post:
+        List-Unsubscribe=One-Click`` only with an https URL (RFC 8058 section 3).
+        Raises TemplateError (``data.KEY``, or ``unsubscribe.url`` when the URL
+        rendered is not http(s))."""
+        uris = []
+        one_click = False
+        if self._url is not None:
+            url = quote(self._render(self._url, context, "unsubscribe.url").strip(), safe=_URL_SAFE)
+            scheme = url[:8].lower()
+            if not scheme.startswith(("https://", "http://")):
+                raise TemplateError("unsubscribe.url", f"rendered {url[:60]!r}, not an http(s) URL")
+            uris.append(f"<{url}>")
+            one_click = scheme == "https://"
+        if self._mailto is not None:
+            uris.append(f"<{quote(self._render(self._mailto, context, 'unsubscribe.mailto').strip(), safe=_URL_SAFE)}>")
+        headers = {"List-Unsubscribe": ", ".join(uris)}
+        if one_click:
+            headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        return headers
+
+    @staticmethod
+    def _render(template: jinja2.Template, context: Mapping[str, Any], where: str) -> str:
+        try:
+            return template.render(context)
+        except Exception as exc:  # noqa: BLE001 - a template expression can raise anything (1 / 0, int("x"))
+            raise _error(exc, context, where, None) from None
+
+
+@functools.lru_cache(maxsize=16)
+def _unsubscribe(url: str | None, mailto: str | None) -> Unsubscribe:
+    return Unsubscribe(url=url, mailto=mailto)
+
+
+def unsubscribe_headers(url_template: str | None, mailto: str | None, context: Mapping[str, Any]) -> dict[str, str]:
+    """``Unsubscribe(url=url_template, mailto=mailto).headers(context)``, compiled once
+    per distinct pair. A job that sets its own List-Unsubscribe keeps it: the caller
+    merges with ``merge_unsubscribe``."""
+    return _unsubscribe(url_template, mailto).headers(context)
+
+
+def merge_unsubscribe(job_headers: Mapping[str, str], generated: Mapping[str, str]) -> dict[str, str]:
+    """The job's headers plus ``generated``, unless the job sets List-Unsubscribe
+    itself (any case): then the job's header wins and no List-Unsubscribe-Post is
+    added for a URL the job did not ask for."""
+    names = {name.lower() for name in job_headers}
+    if "list-unsubscribe" in names:
+        return dict(job_headers)
+    merged = dict(job_headers)
+    for name, value in generated.items():
+        if name.lower() not in names:
+            merged[name] = value
+    return merged
