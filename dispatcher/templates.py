@@ -199,6 +199,7 @@ def _environment(loader: jinja2.BaseLoader | None = None) -> _Sandbox:
         undefined=_Undefined,
         autoescape=jinja2.select_autoescape(enabled_extensions=("html", "htm"), default_for_string=False,
                                             default=False),
+        keep_trailing_newline=True,  # a text body keeps its last line break
         trim_blocks=True,  # a line holding only a {% tag %} leaves no blank line in text mail
         lstrip_blocks=True,
         auto_reload=False,  # never stat the files again: compiled once per run
