@@ -157,7 +157,7 @@ def _load_key(data: bytes, algorithm: Algorithm) -> tuple[bytes, str]:
         raise ValueError("dkim.private_key: not a PEM private key")
     if algorithm == "rsa-sha256":
         if not isinstance(key, rsa.RSAPrivateKey):
-            raise ValueError(f"dkim.private_key: a {_kind(key)} key, but dkim.algorithm is rsa-sha256")
+            raise ValueError(f"dkim.private_key: {_kind(key)} key, but dkim.algorithm is rsa-sha256")
         if key.key_size < _MIN_RSA_BITS:
             raise ValueError(f"dkim.private_key: an RSA key of {key.key_size} bits; use 2048 (at least 1024)")
         # dkimpy's own parser reads PKCS#1 "RSA PRIVATE KEY" with LF line endings.
@@ -171,7 +171,7 @@ def _load_key(data: bytes, algorithm: Algorithm) -> tuple[bytes, str]:
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
     else:
         if not isinstance(key, ed25519.Ed25519PrivateKey):
-            raise ValueError(f"dkim.private_key: a {_kind(key)} key, but dkim.algorithm is ed25519-sha256")
+            raise ValueError(f"dkim.private_key: {_kind(key)} key, but dkim.algorithm is ed25519-sha256")
         # dkimpy takes the 32-byte seed in base64; DNS gets the raw public key (RFC 8463 section 4).
         private = base64.b64encode(key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                                      serialization.NoEncryption()))
@@ -181,7 +181,7 @@ def _load_key(data: bytes, algorithm: Algorithm) -> tuple[bytes, str]:
 
 def _kind(key: object) -> str:
     if isinstance(key, rsa.RSAPrivateKey):
-        return "RSA"
+        return "an RSA"
     if isinstance(key, ed25519.Ed25519PrivateKey):
-        return "Ed25519"
-    return type(key).__name__.removeprefix("_").removesuffix("PrivateKey") or "different"
+        return "an Ed25519"
+    return "another kind of"

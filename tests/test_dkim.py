@@ -1,0 +1,283 @@
+"""``pool.dkim.DKIMSigner``: every signed message verifies with dkimpy against the
+test key's TXT record; altered messages do not; ``h=`` is what SPEC section 6 lists;
+and a signed message sent through a real SMTP server still verifies on arrival."""
+
+from __future__ import annotations
+
+import base64
+import pickle
+import re
+from collections.abc import Callable
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+
+import aiosmtplib
+import dkim  # type: ignore[import-untyped]
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from pydantic import ValidationError
+from smtpserver import FaultyServer
+
+from pool.dkim import SIGNED_HEADERS, DKIMSettings, DKIMSigner
+
+pytestmark = pytest.mark.timeout(60)
+
+DOMAIN = "example.org"
+SELECTOR = "s2026"
+ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
+_NONE = serialization.NoEncryption()
+
+
+def pem(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey,
+        fmt: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, fmt, _NONE)
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def keys(rsa_key: rsa.RSAPrivateKey) -> dict[str, bytes]:
+    return {"rsa-sha256": pem(rsa_key), "ed25519-sha256": pem(ed25519.Ed25519PrivateKey.generate())}
+
+
+@pytest.fixture(params=ALGORITHMS)
+def signer(request: pytest.FixtureRequest, keys: dict[str, bytes]) -> DKIMSigner:
+    return DKIMSigner(domain=DOMAIN, selector=SELECTOR, private_key=keys[request.param], algorithm=request.param)
+
+
+def dns_for(signer: DKIMSigner) -> Callable[..., bytes | None]:
+    """A dkimpy ``dnsfunc`` that knows only the signer's TXT record."""
+    record = signer.dns_record().encode()
+    wanted = f"{SELECTOR}._domainkey.{DOMAIN}.".encode()
+
+    def lookup(name: bytes, timeout: int = 5) -> bytes | None:
+        return record if name == wanted else None
+
+    return lookup
+
+
+def verifies(message: bytes, signer: DKIMSigner) -> bool:
+    return bool(dkim.verify(message, dnsfunc=dns_for(signer)))
+
+
+def tags(message: bytes) -> dict[str, str]:
+    """The DKIM-Signature's tags, unfolded."""
+    head = message.split(b"\r\n\r\n", 1)[0].decode()
+    found = re.search(r"^DKIM-Signature:(.*?)\r\n(?![ \t])", head + "\r\n", re.DOTALL | re.MULTILINE | re.IGNORECASE)
+    assert found, "no DKIM-Signature"
+    value = re.sub(r"\s+", "", found.group(1))
+    return dict(item.split("=", 1) for item in value.split(";") if item)
+
+
+def text_message(**extra: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = f"News <news@{DOMAIN}>"
+    msg["To"] = "ada@example.net"
+    msg["Subject"] = "Welcome"
+    msg["Date"] = formatdate()
+    msg["Message-ID"] = make_msgid(domain=DOMAIN)
+    for name, value in extra.items():
+        msg[name.replace("_", "-")] = value
+    msg.set_content("Hello Ada,\n\nthanks for signing up.\n")
+    return msg
+
+
+def wire(msg: EmailMessage) -> bytes:
+    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+
+
+def multipart_with_attachment() -> EmailMessage:
+    msg = text_message(Cc="boss@example.net")
+    msg.add_alternative("<p>Hello Ada,</p><p>thanks for signing up.</p>", subtype="html")
+    msg.add_attachment(bytes(range(256)) * 40, maintype="application", subtype="octet-stream",
+                       filename="data.bin")
+    return msg
+
+
+def non_ascii_headers() -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = f"Zoë Müller <news@{DOMAIN}>"
+    msg["To"] = "Inès Dupré <ines@example.net>"
+    msg["Subject"] = "Grüße aus Köln — " + "ünïcödé " * 12  # long: folded encoded words
+    msg["Date"] = formatdate()
+    msg["Message-ID"] = make_msgid(domain=DOMAIN)
+    msg.set_content("Schöne Grüße,\nZoë\n")
+    return msg
+
+
+RAW_LF = (b"From: news@example.org\nTo: ada@example.net\nSubject: raw\nMessage-ID: <raw1@example.org>\n"
+          b"Date: Wed, 25 Nov 2026 11:00:00 +0000\n\nA raw message with LF line endings.\n.leading dot\n")
+
+MESSAGES: dict[str, Callable[[], bytes]] = {
+    "plain text": lambda: wire(text_message()),
+    "with unsubscribe headers": lambda: wire(text_message(
+        List_Unsubscribe=f"<https://{DOMAIN}/u/1>, <mailto:u@{DOMAIN}>",
+        List_Unsubscribe_Post="List-Unsubscribe=One-Click")),
+    "multipart with attachment": lambda: wire(multipart_with_attachment()),
+    "non-ASCII headers encoded": lambda: wire(non_ascii_headers()),
+    "raw bytes, LF line endings": lambda: RAW_LF,
+}
+
+
+@pytest.mark.parametrize("kind", MESSAGES)
+def test_every_signed_message_verifies(signer: DKIMSigner, kind: str) -> None:
+    signed = signer.sign(MESSAGES[kind]())
+    assert signed.startswith(b"DKIM-Signature: ")
+    assert verifies(signed, signer)
+    found = tags(signed)
+    assert found["a"] == signer.algorithm
+    assert found["c"] == "relaxed/relaxed"
+    assert (found["d"], found["s"]) == (DOMAIN, SELECTOR)
+
+
+@pytest.mark.parametrize("kind", MESSAGES)
+def test_signed_messages_are_crlf_with_short_lines(signer: DKIMSigner, kind: str) -> None:
+    signed = signer.sign(MESSAGES[kind]())
+    assert signed.count(b"\n") == signed.count(b"\r\n") == signed.count(b"\r")
+    assert max(len(line) for line in signed.split(b"\r\n")) <= 998
+    signature = signed.split(b"\r\n\r\n", 1)[0].split(b"\r\nFrom:", 1)[0]
+    assert max(len(line) for line in signature.split(b"\r\n")) <= 78
+
+
+def test_h_lists_exactly_the_spec_headers_present_in_spec_order(signer: DKIMSigner) -> None:
+    msg = text_message(Cc="boss@example.net", Reply_To="help@example.org", X_Campaign="c1",
+                       List_Unsubscribe=f"<https://{DOMAIN}/u/1>",
+                       List_Unsubscribe_Post="List-Unsubscribe=One-Click", List_Id="news.example.org")
+    assert tags(signer.sign(wire(msg)))["h"] == (
+        "from:to:cc:subject:date:message-id:mime-version:content-type:list-unsubscribe:list-unsubscribe-post")
+    assert tags(signer.sign(RAW_LF))["h"] == "from:to:subject:date:message-id"
+    assert [name.decode() for name in SIGNED_HEADERS] == [
+        "from", "to", "cc", "subject", "date", "message-id", "mime-version", "content-type",
+        "list-unsubscribe", "list-unsubscribe-post"]
+
+
+@pytest.mark.parametrize(("what", "change"), [
+    ("body", lambda m: m.replace(b"thanks for signing up", b"thanks for signing in")),
+    ("subject", lambda m: m.replace(b"Subject: Welcome", b"Subject: Welcome!")),
+    ("unsubscribe URL", lambda m: m.replace(b"/u/1>", b"/u/2>")),
+    ("one-click removed", lambda m: m.replace(b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n", b"")),
+    ("From added", lambda m: m.replace(b"\r\n\r\n", b"\r\nFrom: evil@example.net\r\n\r\n", 1)),
+    ("line appended", lambda m: m + b"P.S. click here\r\n"),
+])
+def test_a_message_altered_after_signing_does_not_verify(signer: DKIMSigner, what: str,
+                                                         change: Callable[[bytes], bytes]) -> None:
+    signed = signer.sign(MESSAGES["with unsubscribe headers"]())
+    assert verifies(signed, signer)
+    altered = change(signed)
+    assert altered != signed, what
+    assert not verifies(altered, signer)
+
+
+def test_relaxed_canonicalisation_survives_refolding_and_trailing_spaces(signer: DKIMSigner) -> None:
+    signed = signer.sign(wire(text_message()))
+    refolded = signed.replace(b"Subject: Welcome", b"Subject:   Welcome").replace(
+        b"thanks for signing up.\r\n", b"thanks for signing up.   \r\n")
+    assert refolded != signed and verifies(refolded, signer)
+
+
+def test_the_wrong_key_does_not_verify(keys: dict[str, bytes]) -> None:
+    signer = DKIMSigner(domain=DOMAIN, selector=SELECTOR, private_key=keys["rsa-sha256"])
+    other = DKIMSigner(domain=DOMAIN, selector=SELECTOR,
+                       private_key=pem(rsa.generate_private_key(public_exponent=65537, key_size=1024)))
+    signed = signer.sign(wire(text_message()))
+    assert not verifies(signed, other)
+
+
+# -- keys -------------------------------------------------------------------------
+
+
+def test_key_formats(rsa_key: rsa.RSAPrivateKey) -> None:
+    message = wire(text_message())
+    ed = ed25519.Ed25519PrivateKey.generate()
+    seed = ed.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, _NONE)
+    variants = {
+        "RSA PKCS#1": ("rsa-sha256", pem(rsa_key, serialization.PrivateFormat.TraditionalOpenSSL)),
+        "RSA PKCS#8 with CRLF": ("rsa-sha256", pem(rsa_key).replace(b"\n", b"\r\n")),
+        "Ed25519 PKCS#8": ("ed25519-sha256", pem(ed)),
+        "Ed25519 dknewkey seed": ("ed25519-sha256", base64.b64encode(seed) + b"\n"),
+    }
+    for label, (algorithm, data) in variants.items():
+        signer = DKIMSigner(domain=DOMAIN, selector=SELECTOR, private_key=data, algorithm=algorithm)  # type: ignore[arg-type]
+        assert verifies(signer.sign(message), signer), label
+    assert DKIMSigner(domain=DOMAIN, selector=SELECTOR, private_key=pem(ed),
+                      algorithm="ed25519-sha256").dns_record() == (
+        "v=DKIM1; k=ed25519; p=" + base64.b64encode(
+            ed.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode())
+
+
+def test_bad_keys_are_clear_errors_without_key_material(rsa_key: rsa.RSAPrivateKey) -> None:
+    rsa_pem = pem(rsa_key)
+    ed_pem = pem(ed25519.Ed25519PrivateKey.generate())
+    encrypted = rsa_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.BestAvailableEncryption(b"secret"))
+    cases = [
+        (rsa_pem, "ed25519-sha256", "an RSA key, but dkim.algorithm is ed25519-sha256"),
+        (ed_pem, "rsa-sha256", "an Ed25519 key, but dkim.algorithm is rsa-sha256"),
+        (pem(ec.generate_private_key(ec.SECP256R1())), "rsa-sha256", "but dkim.algorithm is rsa-sha256"),
+        (encrypted, "rsa-sha256", "encrypted"),
+        (rsa_pem[:200] + rsa_pem[-40:], "rsa-sha256", "not a PEM private key"),
+        (b"hello", "rsa-sha256", "not a PEM private key"),
+        (b"hello", "ed25519-sha256", "neither a PEM key nor a base64 Ed25519 seed"),
+    ]
+    body = rsa_pem.split(b"\n")[1].decode()
+    for data, algorithm, expected in cases:
+        with pytest.raises(ValueError, match=re.escape(expected)) as caught:
+            DKIMSigner(domain=DOMAIN, selector=SELECTOR, private_key=data, algorithm=algorithm)  # type: ignore[arg-type]
+        assert str(caught.value).startswith("dkim.private_key: ")
+        assert body[:20] not in str(caught.value)
+    with pytest.raises(ValueError, match="dkim.domain"):
+        DKIMSigner(domain="example.org; x=y", selector=SELECTOR, private_key=rsa_pem)
+    with pytest.raises(ValueError, match="dkim.algorithm"):
+        DKIMSigner(domain=DOMAIN, selector=SELECTOR, private_key=rsa_pem, algorithm="rsa-sha1")  # type: ignore[arg-type]
+
+
+def test_settings_and_from_settings(tmp_path: Path, keys: dict[str, bytes]) -> None:
+    key_file = tmp_path / "s2026.pem"
+    key_file.write_bytes(keys["ed25519-sha256"])
+    settings = DKIMSettings.model_validate(
+        {"domain": DOMAIN, "selector": SELECTOR, "private_key": str(key_file), "algorithm": "ed25519-sha256"})
+    signer = DKIMSigner.from_settings(settings)
+    assert signer.dns_name == f"{SELECTOR}._domainkey.{DOMAIN}"
+    assert verifies(signer.sign(RAW_LF), signer)
+    assert DKIMSettings.model_validate({"domain": DOMAIN, "selector": "s", "private_key": "k"}).algorithm == "rsa-sha256"
+    for bad, where in (({"domain": DOMAIN, "selector": "s", "private_key": "k", "algo": "x"}, "extra"),
+                       ({"domain": DOMAIN, "selector": "s", "private_key": "k", "algorithm": "rsa-sha1"}, "algorithm"),
+                       ({"domain": "a b", "selector": "s", "private_key": "k"}, "domain"),
+                       ({"domain": DOMAIN, "private_key": "k"}, "selector")):
+        with pytest.raises(ValidationError, match=where):
+            DKIMSettings.model_validate(bad)
+    missing = DKIMSettings(domain=DOMAIN, selector=SELECTOR, private_key=tmp_path / "nope.pem")
+    with pytest.raises(ValueError, match=r"^dkim.private_key: cannot read .*nope.pem"):
+        DKIMSigner.from_settings(missing)
+
+
+def test_signer_pickles_and_hides_its_key(signer: DKIMSigner) -> None:
+    copy = pickle.loads(pickle.dumps(signer))  # for a build stage in another process
+    assert verifies(copy.sign(RAW_LF), signer)
+    assert repr(signer) == f"DKIMSigner(domain={DOMAIN!r}, selector={SELECTOR!r}, algorithm={signer.algorithm!r})"
+
+
+def test_a_message_without_from_is_refused(signer: DKIMSigner) -> None:
+    with pytest.raises(ValueError, match="no From header"):
+        signer.sign(b"To: a@example.net\r\nSubject: x\r\n\r\nbody\r\n")
+    with pytest.raises(ValueError, match="cannot be signed"):
+        signer.sign(b"From: a@example.org\r\nthis is not a header\r\n\r\nbody\r\n")
+
+
+# -- over the wire ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_signed_messages_verify_as_the_server_received_them(signer: DKIMSigner, pipelining: bool) -> None:
+    async with FaultyServer(pipelining=pipelining) as server:
+        for kind, make in MESSAGES.items():
+            await aiosmtplib.send(signer.sign(make()), sender=f"news@{DOMAIN}", recipients=["ada@example.net"],
+                                  hostname=server.host, port=server.port, timeout=10)
+        assert len(server.messages) == len(MESSAGES)
+        for kind, received in zip(MESSAGES, server.messages, strict=True):
+            assert verifies(received.content, signer), kind
