@@ -18,14 +18,14 @@ from __future__ import annotations
 import functools
 import re
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
 import jinja2
-from jinja2.runtime import missing
+from jinja2.runtime import missing, new_context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -208,6 +208,23 @@ def _environment(loader: jinja2.BaseLoader | None = None) -> _Sandbox:
     )
 
 
+def _render(template: jinja2.Template, variables: dict[str, Any], context: Mapping[str, Any],
+            where: Callable[[], str], source_prefix: str | None) -> str:
+    """``template.render(context)`` without its two walks of a ChainMap of globals (8
+    of its 10 µs for a one-line template): ``variables`` is the environment's globals
+    and the context merged once per job and shared by its parts, which is safe since
+    a template's ``{% set %}`` writes to its own Context, never to the parent."""
+    env = template.environment
+    try:
+        try:
+            ctx = new_context(env, template.name, template.blocks, variables, True, env.globals, None)
+            return env.concat(template.root_render_func(ctx))  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - a template expression can raise anything (1 / 0, int("x"))
+            env.handle_exception()  # re-raises it with the template's file and line in the traceback
+    except Exception as exc:  # noqa: BLE001 - as above
+        raise _error(exc, context, where(), source_prefix) from None
+
+
 def _error(exc: Exception, context: Mapping[str, Any], where: str, source_prefix: str | None) -> TemplateError:
     """Translate a Jinja2 failure while rendering into a TemplateError."""
     # Jinja2 rewrites the traceback so that a template's frames carry its file and line.
@@ -305,6 +322,9 @@ class Templates:
         except UnicodeDecodeError:
             return TemplateError("template", f"{self.directory / filename}: not UTF-8")
 
+    def _where(self, name: str, part: str) -> Callable[[], str]:
+        return lambda: f"{self.directory / name}.{part}"
+
     def render(self, name: str, context: Mapping[str, Any], parts: Iterable[Part] = PARTS) -> Rendered:
         """Render the ``parts`` of template ``name`` that exist. Raises TemplateError
         when none of ``NAME.subject``, ``NAME.text``, ``NAME.html`` exists, or one fails."""
@@ -314,14 +334,12 @@ class Templates:
             raise TemplateError("template", f"no template {name!r} in {self.directory} "
                                             f"({name}.subject, {name}.text or {name}.html)")
         out: dict[str, str | None] = dict.fromkeys(PARTS)
+        variables = {**self._env.globals, **context}
         for part in parts:
             template = self._template(f"{name}.{part}")
             if template is None:
                 continue
-            try:
-                value = template.render(context)
-            except Exception as exc:  # noqa: BLE001 - a template expression can raise anything (1 / 0, int("x"))
-                raise _error(exc, context, f"{self.directory / name}.{part}", self._prefix) from None
+            value = _render(template, variables, context, self._where(name, part), self._prefix)
             out[part] = value.strip() if part == "subject" else value
         return Rendered(out["subject"], out["text"], out["html"])
 
@@ -366,6 +384,7 @@ class Unsubscribe:
         if url is None and mailto is None:
             raise ValueError("unsubscribe: give url, mailto or both")
         env = _environment()
+        self._globals = env.globals
         self._url = self._compile(env, url, "url")
         if mailto is not None and not mailto.lower().startswith("mailto:"):
             mailto = "mailto:" + mailto
@@ -394,26 +413,22 @@ class Unsubscribe:
         rendered is not http(s))."""
         uris = []
         one_click = False
+        variables = {**self._globals, **context}
         if self._url is not None:
-            url = quote(self._render(self._url, context, "unsubscribe.url").strip(), safe=_URL_SAFE)
+            url = quote(_render(self._url, variables, context, lambda: "unsubscribe.url", None).strip(), safe=_URL_SAFE)
             scheme = url[:8].lower()
             if not scheme.startswith(("https://", "http://")):
                 raise TemplateError("unsubscribe.url", f"rendered {url[:60]!r}, not an http(s) URL")
             uris.append(f"<{url}>")
             one_click = scheme == "https://"
         if self._mailto is not None:
-            uris.append(f"<{quote(self._render(self._mailto, context, 'unsubscribe.mailto').strip(), safe=_URL_SAFE)}>")
+            mailto = _render(self._mailto, variables, context, lambda: "unsubscribe.mailto", None)
+            uris.append(f"<{quote(mailto.strip(), safe=_URL_SAFE)}>")
         headers = {"List-Unsubscribe": ", ".join(uris)}
         if one_click:
             headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         return headers
 
-    @staticmethod
-    def _render(template: jinja2.Template, context: Mapping[str, Any], where: str) -> str:
-        try:
-            return template.render(context)
-        except Exception as exc:  # noqa: BLE001 - a template expression can raise anything (1 / 0, int("x"))
-            raise _error(exc, context, where, None) from None
 
 
 @functools.lru_cache(maxsize=16)
