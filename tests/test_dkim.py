@@ -281,3 +281,21 @@ async def test_signed_messages_verify_as_the_server_received_them(signer: DKIMSi
         assert len(server.messages) == len(MESSAGES)
         for kind, received in zip(MESSAGES, server.messages, strict=True):
             assert verifies(received.content, signer), kind
+
+
+def test_messages_from_the_job_builder_verify(signer: DKIMSigner, tmp_path: Path) -> None:
+    from dispatcher.jobs import ComposedJob, build
+    from dispatcher.templates import TemplatedJob, Templates, Unsubscribe
+
+    (tmp_path / "w.subject").write_text("Grüße, {{ name }}")
+    (tmp_path / "w.text").write_text("Hallo {{ name }},\n" + "eine lange Zeile " * 80 + "\n")
+    (tmp_path / "w.html").write_text("<p>Hallo {{ name }}</p>")
+    job = TemplatedJob.model_validate({
+        "id": "t1", "template": "w", "to": ["Zoë <zoe@example.net>"], "cc": ["x@example.net"],
+        "data": {"name": "Zoë"}, "attachments": [{"filename": "résumé.pdf", "content_base64": "JVBERi0xLjQK" * 50}]})
+    document = Templates(tmp_path).compose(job, default_from=f"Nëws <news@{DOMAIN}>",
+                                           unsubscribe=Unsubscribe(url=f"https://{DOMAIN}/u/{{{{ id }}}}"))
+    signed = signer.sign(build(ComposedJob.model_validate(document)).message)
+    assert verifies(signed, signer)
+    assert tags(signed)["h"] == ("from:to:cc:subject:date:message-id:mime-version:content-type:"
+                                 "list-unsubscribe:list-unsubscribe-post")
