@@ -118,7 +118,7 @@ class TemplatedJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     id: str
-    template: str = Field(pattern=_TEMPLATE_NAME, max_length=255)
+    template: str
     to: list[str] = Field(min_length=1)
     data: dict[str, Any] = {}
     from_: str | None = Field(None, alias="from")
@@ -130,6 +130,14 @@ class TemplatedJob(BaseModel):
     html: str | None = None
     headers: dict[str, str] | None = None
     attachments: list[dict[str, Any]] | None = None
+
+    @field_validator("template")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if len(value) > 255 or not re.match(_TEMPLATE_NAME, value):
+            raise ValueError(f"{value[:60]!r} is not a template name (letters, digits, '_', '-', '.', "
+                             "'/' between names)")
+        return value
 
     def fields(self) -> dict[str, Any]:
         """The composed-job fields the line gave (``from`` by its JSON name)."""
@@ -331,6 +339,9 @@ class Templates:
         if not re.match(_TEMPLATE_NAME, name):
             raise TemplateError("template", f"{name!r} is not a template name")
         if all(self._template(f"{name}.{part}") is None for part in PARTS):
+            if not self.directory.is_dir():
+                raise TemplateError("template", f"the templates directory {str(self.directory)!r} does not exist "
+                                                "(templates.dir)")
             raise TemplateError("template", f"no template {name!r} in {self.directory} "
                                             f"({name}.subject, {name}.text or {name}.html)")
         out: dict[str, str | None] = dict.fromkeys(PARTS)

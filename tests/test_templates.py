@@ -351,3 +351,12 @@ def test_the_example_campaign_composes_into_valid_jobs() -> None:
         assert composed.subject and composed.text and composed.html
         assert "List-Unsubscribe" in composed.headers
         build(composed)
+
+
+def test_a_bad_template_name_or_directory_is_one_clear_line(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError) as caught:
+        templated(template="a/../b")
+    assert caught.value.errors()[0]["loc"] == ("template",)
+    assert "'a/../b' is not a template name" in caught.value.errors()[0]["msg"]
+    with pytest.raises(TemplateError, match=r"^template: the templates directory .*nowhere' does not exist"):
+        Templates(tmp_path / "nowhere").render("welcome", {})
