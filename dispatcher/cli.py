@@ -12,10 +12,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from dispatcher import redis_cli
 from dispatcher.config import ConfigError, Settings, describe_errors, load_settings
 from dispatcher.journal import default_results_path
-from dispatcher.logs import configure_logging
-from dispatcher.runner import EXIT_OK, EXIT_SIGNAL, EXIT_USAGE, RunOptions
+from dispatcher.logs import configure_logging, protect_stderr
+from dispatcher.runner import EXIT_OK, EXIT_SIGNAL, EXIT_USAGE, RunError, RunOptions
 
 # argparse exits with 2 on a usage error, as SPEC section 2 wants.
 
@@ -36,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="progress bar (default: when stderr is a terminal; log lines otherwise)")
     run.add_argument("--maildir", type=Path, default=Path("outbox"),
                      help="Maildir of the built-in capture server when no relay is configured")
+    run.add_argument("--attachments-root", type=Path, metavar="DIR",
+                     help="attachment paths must stay inside DIR (default: jobs.attachments_root, "
+                          "else the jobs file's directory)")
 
     sink = commands.add_parser("sink", help="run the local capture server (aiosmtpd -> Maildir)")
     sink.add_argument("--host", default="127.0.0.1")
@@ -44,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file", type=Path)
+
+    # SPEC section 5: jobs on a Redis Stream (dispatcher/redis_cli.py).
+    for name, text in (("enqueue", "validate a jobs file and append its jobs to a Redis stream"),
+                       ("worker", "send the jobs of a Redis stream, in its consumer group"),
+                       ("status", "what a Redis stream holds: enqueued, done, pending, dead, rate"),
+                       ("results", "write the results of a Redis stream to stdout (results file format)")):
+        redis_cli.add_arguments(name, commands.add_parser(name, help=text))
     return parser
 
 
@@ -82,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.jobs == "-" and args.results is None:
         print("dispatcher: --results is required when JOBS is - (standard input)", file=sys.stderr)
         return EXIT_USAGE
-    if args.jobs != "-" and not Path(args.jobs).is_file():
+    if args.jobs != "-" and not Path(args.jobs).exists():
         print(f"dispatcher: {args.jobs}: no such jobs file", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(settings.logging.level, settings.logging.format)
@@ -91,9 +102,13 @@ def _run(args: argparse.Namespace) -> int:
         results=args.results or default_results_path(args.jobs),
         progress=args.progress,
         maildir=args.maildir,
+        attachments_root=args.attachments_root,
     )
     try:
         return _event_loop_runner()(Run(options, settings).execute())
+    except RunError as exc:
+        print(f"dispatcher: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:
         print(f"dispatcher: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -140,8 +155,9 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    protect_stderr()  # a closed or full stderr drops log lines; it never stops a command
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    handlers = {"run": _run, "sink": _sink, "check-config": _check_config}
+    handlers = {"run": _run, "sink": _sink, "check-config": _check_config, **redis_cli.HANDLERS}
     return handlers[args.command](args)
 
 

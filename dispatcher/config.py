@@ -23,8 +23,13 @@ class _Section(Section):
 
 
 class MetricsSettings(_Section):
-    port: int | None = Field(None, ge=0, le=65535)
+    port: int | None = Field(default=None, ge=0, le=65535)
     textfile: Path | None = None
+
+
+class JobsSettings(_Section):
+    attachments_root: Path | None = None  # attachment paths must resolve inside it [the jobs file's directory]
+    default_from: str | None = None  # the From of a job that gives none (templates, SPEC section 6)
 
 
 class LoggingSettings(_Section):
@@ -32,12 +37,25 @@ class LoggingSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class RedisSettings(_Section):
+    """``dispatcher enqueue/worker/status/results`` (SPEC section 5). ``url`` may hold a
+    password: use ``${VAR}``; it is never printed."""
+
+    url: str | None = None  # redis://[:password@]host:6379/0; --redis overrides
+    stream: str = Field(default="dispatcher:jobs", min_length=1)
+    group: str = Field(default="dispatcher", min_length=1)
+    claim_after: float | None = Field(default=None, gt=0)  # seconds; None: smtp.timeout x max_attempts + backoff_max + 30
+    max_deliveries: int = Field(default=5, ge=1)
+
+
 class Settings(_Section):
     smtp: SMTPSettings | None = None
     pool: PoolSettings = PoolSettings()
     retry: RetrySettings = RetrySettings()
+    jobs: JobsSettings = JobsSettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
+    redis: RedisSettings = RedisSettings()
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -86,14 +104,33 @@ def parse_settings(document: Any, source: str = "config") -> Settings:
 def load_settings(path: str | Path) -> Settings:
     """Read and validate a YAML file. Raises ConfigError naming the file and key path."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_bytes().decode("utf-8")
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (line {line}, byte {exc.start + 1} of the file)") from None
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     return parse_settings(document, str(path))
+
+
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+
+
+_TOKEN = re.compile(r"'<[a-z ]+>'")
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and what, never the file's text: PyYAML's message quotes the offending
+    line, and its problem may quote a token (``password: *secret`` is an alias)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or "syntax error"
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    # Token names ('<scalar>', '<block end>') are kept; any other quoted text is not.
+    return where + _QUOTED.sub(lambda m: m[0] if _TOKEN.fullmatch(m[0]) else "(text omitted)", str(problem))
 
 
 def pool_kwargs(settings: Settings) -> dict[str, Any]:

@@ -6,7 +6,9 @@ import base64
 import binascii
 import json
 import mimetypes
+import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.charset import QP, Charset
@@ -21,7 +23,15 @@ from email.utils import formataddr, formatdate, make_msgid, parseaddr
 from pathlib import Path
 from typing import IO, Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 #: Longer lines are rejected without being held in memory.
 MAX_LINE_BYTES = 16 * 1024 * 1024
@@ -88,6 +98,7 @@ class Attachment(BaseModel):
     content_type: HeaderText | None = None
     path: str | None = None
     content_base64: str | None = None
+    _data: bytes | None = PrivateAttr(default=None)  # the file's bytes, read off the event loop
 
     @model_validator(mode="after")
     def _one_source(self) -> Attachment:
@@ -140,24 +151,74 @@ class Line:
     size: int = 0  # bytes the line took in the file
 
 
-def read_lines(stream: IO[bytes], max_bytes: int = MAX_LINE_BYTES) -> Iterator[Line]:
-    """Stream lines, never holding more than ``max_bytes`` of one in memory. Blank
-    lines are skipped but counted, so numbers match an editor's."""
-    number = 0
-    while True:
-        chunk = stream.readline(max_bytes + 1)
-        if not chunk:
-            return
-        number += 1
-        if len(chunk) > max_bytes and not chunk.endswith(b"\n"):
-            size = len(chunk)
-            while chunk and not chunk.endswith(b"\n"):  # discard the rest of the line
-                chunk = stream.readline(1024 * 1024)
-                size += len(chunk)
-            yield Line(number, None, size)
-            continue
-        if chunk.strip():
-            yield Line(number, chunk, len(chunk))
+_BOM = b"\xef\xbb\xbf"
+
+
+class LineSplitter:
+    """Cuts a byte stream, fed in chunks of any size, into ``Line``s.
+
+    Never holds more than ``max_bytes`` of one line: a longer line is discarded as it
+    arrives and comes out with ``content=None``. Blank lines are skipped but counted,
+    so numbers match an editor's. A UTF-8 byte order mark at the very start is dropped.
+    """
+
+    def __init__(self, max_bytes: int = MAX_LINE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._number = 0
+        self._parts: list[bytes] = []  # the line being read, when a chunk ended inside it
+        self._held = 0
+        self._overlong = False
+
+    def feed(self, chunk: bytes) -> list[Line]:
+        lines: list[Line] = []
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            line = self._line(chunk[start:end + 1])
+            if line is not None:
+                lines.append(line)
+            start = end + 1
+        if start < len(chunk):
+            self._hold(chunk[start:])
+        return lines
+
+    def end(self) -> list[Line]:
+        """The last line when the stream does not end with a newline."""
+        if not self._parts and not self._overlong:
+            return []
+        line = self._line(b"")
+        return [line] if line is not None else []
+
+    def _hold(self, part: bytes) -> None:
+        self._held += len(part)
+        if not self._overlong:
+            self._parts.append(part)
+            if self._held > self.max_bytes:
+                self._overlong, self._parts = True, []
+
+    def _line(self, tail: bytes) -> Line | None:
+        self._number += 1
+        size = self._held + len(tail)
+        if self._overlong or size - tail.endswith(b"\n") > self.max_bytes:
+            content = None
+        elif self._parts:
+            content = b"".join((*self._parts, tail))
+        else:
+            content = tail
+        self._parts, self._held, self._overlong = [], 0, False
+        if content is not None:
+            if self._number == 1 and content.startswith(_BOM):
+                content = content[len(_BOM):]
+            if not content.strip():
+                return None
+        return Line(self._number, content, size)
+
+
+def read_lines(stream: IO[bytes], max_bytes: int = MAX_LINE_BYTES, chunk_size: int = 1 << 20) -> Iterator[Line]:
+    """Stream the lines of a binary file (blocking reads; see ``LineSplitter``)."""
+    splitter = LineSplitter(max_bytes)
+    while chunk := stream.read(chunk_size):
+        yield from splitter.feed(chunk)
+    yield from splitter.end()
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -165,22 +226,38 @@ def _field(loc: tuple[Any, ...]) -> str:
     return ".".join("from" if p == "from_" else p for p in parts)
 
 
+def _readable_id(value: Any) -> str | None:
+    """The id when it is one a result can be keyed by, else None."""
+    if isinstance(value, str) and 0 < len(value) <= 1000 and "\r" not in value and "\n" not in value:
+        return value
+    return None
+
+
 def parse_job(line: Line) -> Job:
-    """Validate one line. Raises JobError naming the field."""
+    """Validate one line. Raises JobError naming the field (and the id when it is
+    readable). Never raises anything else, whatever the bytes."""
     if line.content is None:
         raise JobError("", f"line longer than {MAX_LINE_BYTES} bytes")
     try:
-        document = json.loads(line.content)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        text = line.content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JobError("", f"not valid UTF-8 (byte {exc.start + 1} of the line)") from None
+    try:
+        document = json.loads(text)
+    except RecursionError:
+        raise JobError("", "not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
         raise JobError("", f"not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise JobError("", "a job must be a JSON object")
     if isinstance(document.get("id"), int) and not isinstance(document.get("id"), bool):
         document["id"] = str(document["id"])
-    job_id = document["id"] if isinstance(document.get("id"), str) else None
+    job_id = _readable_id(document.get("id"))
     model: type[BaseModel] = RawJob if "raw" in document or "mail_from" in document else ComposedJob
     try:
         return model.model_validate(document)  # type: ignore[return-value]
+    except RecursionError:
+        raise JobError("", "nested too deeply", job_id) from None
     except ValidationError as exc:
         first = exc.errors()[0]
         field = _field(first["loc"])
@@ -189,6 +266,44 @@ def parse_job(line: Line) -> Job:
         if first["type"] == "extra_forbidden":
             message = "unknown field"
         raise JobError(field, message, job_id) from None
+
+
+def needs_files(job: Job) -> bool:
+    """The job has attachments to read from files (see ``load_attachments``)."""
+    return any(a.path is not None for a in getattr(job, "attachments", ()))
+
+
+def load_attachments(job: Job, base: Path, root: Path) -> None:
+    """Read every attachment ``path`` of ``job`` (blocking: call it in a thread).
+
+    A path is taken relative to ``base`` (the jobs file's directory); once symlinks are
+    resolved it must be inside ``root``, and name a regular file (a FIFO or device is
+    never opened for a blocking read). Raises JobError naming ``attachments.N.path``.
+    """
+    for i, attachment in enumerate(getattr(job, "attachments", ())):
+        if attachment.path is not None:
+            attachment._data = read_attachment(attachment.path, f"attachments.{i}.path", base, root)
+
+
+def read_attachment(path: str, field: str, base: Path, root: Path) -> bytes:
+    """The bytes of the regular file ``path`` (see ``load_attachments``)."""
+    target = os.path.realpath(os.path.join(base, path))
+    inside = os.path.realpath(root)
+    if os.path.commonpath([target, inside]) != inside:
+        raise JobError(field, f"{path!r} is outside the attachments root {str(root)!r}")
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise JobError(field, f"cannot read {path!r}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise JobError(field, f"{path!r} is not a regular file")
+        with open(fd, "rb", closefd=False) as file:
+            return file.read()
+    except OSError as exc:
+        raise JobError(field, f"cannot read {path!r}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 @dataclass(slots=True)
@@ -294,10 +409,10 @@ def _attachment(attachment: Attachment, field: str) -> MIMEBase:
 
 def _attachment_bytes(attachment: Attachment, field: str) -> bytes:
     if attachment.path is not None:
-        try:
-            return Path(attachment.path).read_bytes()
-        except OSError as exc:
-            raise JobError(f"{field}.path", f"cannot read {attachment.path!r}: {exc.strerror}") from None
+        if attachment._data is None:  # not loaded by the runner: the same rules from here
+            cwd = Path.cwd()
+            attachment._data = read_attachment(attachment.path, f"{field}.path", cwd, cwd)
+        return attachment._data
     try:
         return base64.b64decode(attachment.content_base64 or "", validate=True)
     except (binascii.Error, ValueError):

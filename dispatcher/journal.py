@@ -3,17 +3,27 @@
 Each finished job is one line, written with a single ``write`` on an ``O_APPEND``
 descriptor, so a killed run leaves whole lines (at worst a torn last line, which the
 next run ignores and newline-terminates). The file is fsynced at most once a second
-and when the run ends. On start, every id already recorded is loaded into an
-``IdSet`` so that it is skipped.
+and when the run ends. Only one run at a time may use a results file: ``open`` takes
+an exclusive ``flock`` and fails at once when another run holds it.
+
+Which lines are done is decided by key: a row with an ``id`` marks that id done; a
+row with ``"id": null`` (a line whose id could not be read, or the duplicate of an
+earlier line's id) marks only its line number done, so a duplicate never hides the
+id's first line and an unreadable line is not recorded again on every re-run.
 """
 
 from __future__ import annotations
 
+import enum
+import fcntl
 import hashlib
 import json
 import os
+import struct
+import tempfile
 import time
 from array import array
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,66 +31,177 @@ DONE_STATUSES = frozenset({"sent", "failed", "invalid"})
 FSYNC_INTERVAL = 1.0
 
 
-class IdSet:
-    """A set of job ids in 8 bytes each: 64-bit BLAKE2b digests in an open-addressing
-    table. A million ids take 16 MB where a set of str would take ~80 MB.
+class JournalBusy(Exception):
+    """Another run holds the results file's lock."""
 
-    Two different ids share a digest with probability about n²/2⁶⁵ (3·10⁻⁸ for a
-    million ids); such an id would be taken for a duplicate.
+
+def _digest(key: bytes) -> int:
+    """64 bits of BLAKE2b. Tests replace it to force collisions."""
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+
+
+def id_key(job_id: str) -> bytes:
+    return b"i" + job_id.encode("utf-8", "surrogatepass")
+
+
+def line_key(number: int) -> bytes:
+    return b"l" + str(number).encode("ascii")
+
+
+class KeyIndex:
+    """A map of keys (bytes) to locations (ints < 2**36), 8 bytes a slot, keys not held.
+
+    A slot keeps the top 28 bits of the key's digest and where the key can be read
+    back: ``resolve(location)`` returns the key stored there. A lookup confirms every
+    digest match by reading the key back, so two keys that share a digest are never
+    taken for one another; it only costs a read. Linear probing, at most half full:
+    8 to 16 bytes per key. The home slot is taken from the stored bits, so the table
+    grows without reading keys back, up to 2**28 slots (134 million keys).
     """
 
-    __slots__ = ("_table", "_mask", "_count")
+    HASH_BITS = 28
+    LOCATION_BITS = 36
+    MAX_LOCATION = (1 << LOCATION_BITS) - 2
 
-    def __init__(self, capacity: int = 1 << 12) -> None:
-        size = 1 << max(4, (capacity * 2 - 1).bit_length())
-        self._table = array("Q", bytes(8 * size))
-        self._mask = size - 1
+    __slots__ = ("_bits", "_count", "_resolve", "_table")
+
+    def __init__(self, resolve: Callable[[int], bytes | None], capacity: int = 1 << 12) -> None:
+        self._bits = min(self.HASH_BITS, max(4, (capacity * 2 - 1).bit_length()))
+        self._table = array("Q", bytes(8 << self._bits))
         self._count = 0
+        self._resolve = resolve
 
     def __len__(self) -> int:
         return self._count
 
-    @staticmethod
-    def _key(job_id: str) -> int:
-        digest = hashlib.blake2b(job_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-        return int.from_bytes(digest, "little") | 1  # 0 marks an empty slot
+    def get(self, key: bytes) -> int | None:
+        """The location stored for ``key``, or None."""
+        return self._find(key, _digest(key) >> (64 - self.HASH_BITS))[1]
+
+    def put(self, key: bytes, location: int) -> None:
+        """Store ``location`` for ``key`` (replacing the one it had)."""
+        self._store(key, location, replace=True)
+
+    def add(self, key: bytes, location: int) -> bool:
+        """Store ``location`` for ``key`` unless it has one; return True if it was added."""
+        return self._store(key, location, replace=False)
+
+    def _store(self, key: bytes, location: int, *, replace: bool) -> bool:
+        if not 0 <= location <= self.MAX_LOCATION:
+            raise OverflowError(f"location {location} is beyond the index's {self.LOCATION_BITS} bits")
+        if (self._count + 1) * 2 > len(self._table):
+            self._grow()
+        high = _digest(key) >> (64 - self.HASH_BITS)
+        slot, found = self._find(key, high)
+        if found is not None and not replace:
+            return False
+        self._count += found is None
+        self._table[slot] = (high << self.LOCATION_BITS) | (location + 1)
+        return found is None
+
+    def _find(self, key: bytes, high: int) -> tuple[int, int | None]:
+        """(slot, location) of ``key``, or (the empty slot where it would go, None)."""
+        table, mask = self._table, len(self._table) - 1
+        slot = high >> (self.HASH_BITS - self._bits)
+        shift, low = self.LOCATION_BITS, (1 << self.LOCATION_BITS) - 1
+        while entry := table[slot]:
+            if entry >> shift == high and self._resolve((entry & low) - 1) == key:
+                return slot, (entry & low) - 1
+            slot = (slot + 1) & mask
+        return slot, None
+
+    def _grow(self) -> None:
+        if self._bits >= self.HASH_BITS:
+            raise OverflowError(f"more than {1 << (self.HASH_BITS - 1)} keys in one index")
+        old = self._table
+        self._bits += 1
+        self._table = table = array("Q", bytes(8 << self._bits))
+        mask, down = len(table) - 1, self.LOCATION_BITS + self.HASH_BITS - self._bits
+        for entry in old:
+            if entry:
+                slot = entry >> down
+                while table[slot]:
+                    slot = (slot + 1) & mask
+                table[slot] = entry
+
+
+class _Spill:
+    """Append-only records of (key, line) in an unlinked temporary file: the keys an
+    index points to that exist nowhere else (ids first seen in this run, read from a
+    stream). The last MiB is kept in memory; a record's location is its offset."""
+
+    FLUSH_AT = 1 << 20
+    _HEAD = struct.Struct("<IQ")
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+        self._flushed = 0  # bytes already in the file
+        self._fd = -1
+
+    def append(self, key: bytes, line: int) -> int:
+        offset = self._flushed + len(self._pending)
+        self._pending += self._HEAD.pack(len(key), line) + key
+        if len(self._pending) >= self.FLUSH_AT:
+            self._flush()
+        return offset
+
+    def read(self, offset: int) -> tuple[bytes, int]:
+        size = self._HEAD.size
+        if offset >= self._flushed:
+            start = offset - self._flushed
+            length, line = self._HEAD.unpack_from(self._pending, start)
+            return bytes(self._pending[start + size:start + size + length]), line
+        # A flush writes whole records: a record is all in the file or all in memory.
+        length, line = self._HEAD.unpack(os.pread(self._fd, size, offset))
+        return os.pread(self._fd, length, offset + size), line
+
+    def _flush(self) -> None:
+        if self._fd < 0:
+            fd, name = tempfile.mkstemp(prefix="dispatcher-ids-")
+            os.unlink(name)
+            self._fd = fd
+        _write_all(self._fd, self._pending)
+        self._flushed += len(self._pending)
+        self._pending = bytearray()
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0 and self._flushed > 0
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class IdSet:
+    """A set of job ids that keeps 8-16 bytes per id in memory (``KeyIndex``) and the
+    ids themselves in a temporary file, so a digest collision is detected, never
+    taken for a duplicate."""
+
+    def __init__(self, capacity: int = 1 << 12) -> None:
+        self._spill = _Spill()
+        self._index = KeyIndex(lambda location: self._spill.read(location)[0], capacity)
+
+    def __len__(self) -> int:
+        return len(self._index)
 
     def __contains__(self, job_id: object) -> bool:
-        if not isinstance(job_id, str):
-            return False
-        key = self._key(job_id)
-        return self._table[self._slot(key)] == key
+        return isinstance(job_id, str) and self._index.get(id_key(job_id)) is not None
 
     def add(self, job_id: str) -> bool:
         """Add ``job_id``; return False if it was already there."""
-        if (self._count + 1) * 2 > len(self._table):
-            self._grow()
-        return self._insert(self._key(job_id))
-
-    def _slot(self, key: int) -> int:
-        """Where ``key`` is, or the empty slot where it would go (linear probing)."""
-        table, mask = self._table, self._mask
-        slot = key & mask
-        while table[slot] != key and table[slot] != 0:
-            slot = (slot + 1) & mask
-        return slot
-
-    def _insert(self, key: int) -> bool:
-        slot = self._slot(key)
-        if self._table[slot] == key:
+        key = id_key(job_id)
+        if self._index.get(key) is not None:
             return False
-        self._table[slot] = key
-        self._count += 1
+        self._index.put(key, self._spill.append(key, 0))
         return True
 
-    def _grow(self) -> None:
-        old = self._table
-        self._table = array("Q", bytes(16 * len(old)))
-        self._mask = len(self._table) - 1
-        self._count = 0
-        for key in old:
-            if key:
-                self._insert(key)
+
+class Claim(enum.Enum):
+    NEW = "new"  # first seen: this line owns the id
+    DONE = "done"  # recorded by an earlier run: skip the line
+    DUPLICATE = "duplicate"  # an earlier line of this run owns the id
 
 
 def default_results_path(jobs: str) -> Path:
@@ -90,47 +211,136 @@ def default_results_path(jobs: str) -> Path:
     return path.with_name(path.name + ".results.jsonl")
 
 
+def encode_result(result: dict[str, Any]) -> bytes:
+    """One results line. Text the server or the jobs file gave may hold lone
+    surrogates (a reply decoded with ``surrogateescape``, an id written ``"\\ud800"``),
+    which UTF-8 cannot encode: such a line is written with ASCII escapes instead, which
+    ``json.loads`` reads back to the very same strings, so ids still match on resume."""
+    try:
+        return json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(result, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:  # one write in practice; a short write is completed
+        written = os.write(fd, view)
+        view = view[written:]
+
+
 class Journal:
-    """Appends results; knows which ids a previous run already finished."""
+    """Appends results; knows which ids and lines a previous run already finished, and
+    which ids this run has seen (``claim``).
+
+    Memory: one ``KeyIndex`` for both, 8-16 bytes per id (plus 8-16 per line recorded
+    without an id). The index confirms a digest match by re-reading the key: from the
+    results file (ids of earlier runs, by offset) or from a temporary file holding the
+    ids first seen in this run (about 13 bytes plus the id's length each).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.done = IdSet()
+        self.resumed = 0  # rows of earlier runs that mark an id or a line done
+        self._line_keys = 0
+        self._base = KeyIndex.MAX_LOCATION + 1  # below: offsets in the results file; from it: the spill
+        self._spill = _Spill()
+        self._index = KeyIndex(self._resolve)
         self._fd = -1
+        self._reader = -1
+        self._broken: OSError | None = None
         self._last_sync = 0.0
         self._dirty = False
 
+    @property
+    def done(self) -> _DoneIds:
+        """The ids an earlier run recorded (``job_id in journal.done``)."""
+        return _DoneIds(self)
+
     def open(self) -> None:
-        """Load the resume index, then open for appending. Raises OSError."""
-        torn = False
-        if self.path.exists():
-            with self.path.open("rb") as existing:
-                for raw in existing:
-                    torn = not raw.endswith(b"\n")
-                    try:
-                        record = json.loads(raw)
-                    except (json.JSONDecodeError, UnicodeDecodeError):
-                        continue  # a line torn by a crash: its job was not finished
-                    if isinstance(record, dict) and record.get("status") in DONE_STATUSES:
-                        job_id = record.get("id")
-                        if isinstance(job_id, str):
-                            self.done.add(job_id)
+        """Lock the file, load the resume index, then open for appending.
+
+        Raises JournalBusy when another run holds the lock, OSError when the file
+        cannot be read or created."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        if torn:
-            os.write(self._fd, b"\n")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise JournalBusy(f"{self.path}: another dispatcher run is using this results file") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        try:
+            self._reader = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            torn = self._load()
+            if torn:
+                os.write(self._fd, b"\n")
+        except BaseException:
+            self.close()
+            raise
         self._last_sync = time.monotonic()
 
+    def _load(self) -> bool:
+        """Index every done row; return True when the last line is torn."""
+        offset, torn = 0, False
+        with open(self._reader, "rb", closefd=False) as existing:
+            for raw in existing:
+                torn = not raw.endswith(b"\n")
+                key = _row_key(raw) if not torn else None
+                if key is not None and self._index.add(key, offset):
+                    self.resumed += 1
+                    self._line_keys += key.startswith(b"l")
+                offset += len(raw)
+        self._base = offset
+        return torn
+
+    def _resolve(self, location: int) -> bytes | None:
+        if location >= self._base:
+            return self._spill.read(location - self._base)[0] if not self._spill.closed else None
+        if self._reader < 0:  # closed: ``done`` may still be asked
+            with self.path.open("rb") as file:
+                file.seek(location)
+                return _row_key(file.readline().rstrip(b"\n"))
+        chunk = os.pread(self._reader, 4096, location)
+        while b"\n" not in chunk:
+            more = os.pread(self._reader, 65536, location + len(chunk))
+            if not more:
+                return None
+            chunk += more
+        return _row_key(chunk[: chunk.index(b"\n")])
+
+    def line_done(self, number: int) -> bool:
+        """An earlier run recorded line ``number`` without an id."""
+        return self._line_keys > 0 and self._index.get(line_key(number)) is not None
+
+    def claim(self, job_id: str, line: int) -> tuple[Claim, int]:
+        """Line ``line`` carries ``job_id``: NEW (it owns the id now), DONE (an earlier
+        run recorded the id; the line now owns it) or DUPLICATE (an earlier line of
+        this run owns it). Also returns the owning line (for DUPLICATE)."""
+        key = id_key(job_id)
+        location = self._index.get(key)
+        if location is not None and location >= self._base:
+            return Claim.DUPLICATE, self._spill.read(location - self._base)[1]
+        self._index.put(key, self._base + self._spill.append(key, line))
+        return (Claim.NEW if location is None else Claim.DONE), line
+
     def record(self, result: dict[str, Any]) -> None:
-        line = json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
-        view = memoryview(line)
-        while view:  # one write in practice; a short write is completed, never torn
-            written = os.write(self._fd, view)
-            view = view[written:]
-        self._dirty = True
-        now = time.monotonic()
-        if now - self._last_sync >= FSYNC_INTERVAL:
-            self.sync(now)
+        """Append one result. Raises OSError when the file cannot be written; after
+        that every later call raises it too (a torn line is never followed by more)."""
+        if self._broken is not None:
+            raise self._broken
+        try:
+            _write_all(self._fd, encode_result(result))
+            self._dirty = True
+            now = time.monotonic()
+            if now - self._last_sync >= FSYNC_INTERVAL:
+                self.sync(now)
+        except OSError as exc:
+            self._broken = exc
+            raise
 
     def sync(self, now: float | None = None) -> None:
         if self._fd >= 0 and self._dirty:
@@ -139,7 +349,47 @@ class Journal:
         self._last_sync = now if now is not None else time.monotonic()
 
     def close(self) -> None:
-        if self._fd >= 0:
-            self.sync()
-            os.close(self._fd)
-            self._fd = -1
+        """Fsync and close (which releases the lock). Raises OSError if the fsync fails."""
+        try:
+            if self._fd >= 0 and self._broken is None:
+                self.sync()
+        finally:
+            for fd in (self._fd, self._reader):
+                if fd >= 0:
+                    os.close(fd)
+            self._fd = self._reader = -1
+            self._spill.close()
+
+
+class _DoneIds:
+    __slots__ = ("_journal",)
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+
+    def __contains__(self, job_id: object) -> bool:
+        if not isinstance(job_id, str):
+            return False
+        location = self._journal._index.get(id_key(job_id))
+        return location is not None and location < self._journal._base
+
+    def __len__(self) -> int:
+        return self._journal.resumed
+
+
+def _row_key(raw: bytes) -> bytes | None:
+    """The key a results line marks done, or None (torn, not a result, not done)."""
+    try:
+        row = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(row, dict) or row.get("status") not in DONE_STATUSES:
+        return None
+    job_id, line = row.get("id"), row.get("line")
+    if isinstance(job_id, str):
+        return id_key(job_id)
+    if job_id is None and isinstance(line, int) and not isinstance(line, bool):
+        return line_key(line)
+    return None
+
+

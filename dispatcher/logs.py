@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -17,6 +17,52 @@ def _redact(logger: Any, method: str, event: MutableMapping[str, Any]) -> Mutabl
         if any(word in key.lower() for word in _SECRET_KEYS):
             event[key] = "***"
     return event
+
+
+class DroppingStream:
+    """A text stream that drops what it cannot write.
+
+    Standard error is for people: when it is closed or full (``dispatcher run ... 2>&1
+    | head -1``, a log on a full disk), a log line or a progress bar must neither crash
+    nor stop the run, whose results go to the results file. After the first failed
+    write everything is dropped."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self._stream.write(text)
+            except (OSError, ValueError):  # ValueError: the stream was closed
+                self.broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self.broken = True
+
+    def isatty(self) -> bool:
+        try:
+            return not self.broken and self._stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def protect_stderr() -> None:
+    """Make ``sys.stderr`` a ``DroppingStream`` (once)."""
+    if not isinstance(sys.stderr, DroppingStream) and sys.stderr is not None:
+        sys.stderr = DroppingStream(sys.stderr)  # type: ignore[assignment]
 
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:

@@ -1,38 +1,74 @@
 """``dispatcher run``: jobs file -> pool -> results file, with signals, progress, metrics.
 
-The reader streams lines into a small bounded queue; a fixed set of senders take
-from it and await ``pool.submit``. Memory depends on the pool's size and queue, not
-on the file's length.
+One reader task streams the jobs (read in a thread, never on the event loop), admits
+each line (validate, dedupe, skip what an earlier run finished) and starts one sender
+task per valid job, at most ``size + queue_size`` at a time: the pool's queue is the
+backpressure, and memory depends on it, not on the file's length. A sender awaits
+``pool.submit`` and records the outcome. Every task belongs to one TaskGroup; the run
+ends when the reader and every sender have ended.
+
+Whatever stops the run early (a signal, a results file that cannot be written, the
+relay refusing the session, a bug) stops it the same way: the reader is cancelled,
+``pool.close(drain=False)`` fails what is still queued (not sent, not recorded: the
+next run sends it) while the transactions on the wire finish and are recorded. A
+second signal ``terminate()``s the pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import queue
+import select
 import signal
+import stat
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, start_http_server, write_to_textfile
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    start_http_server,
+    write_to_textfile,
+)
 
 from dispatcher.config import Settings, pool_kwargs
-from dispatcher.jobs import JobError, Line, Outgoing, build, parse_job, read_lines
-from dispatcher.journal import IdSet, Journal
+from dispatcher.jobs import (
+    Job,
+    JobError,
+    Line,
+    LineSplitter,
+    Outgoing,
+    build,
+    load_attachments,
+    needs_files,
+    parse_job,
+)
+from dispatcher.journal import Claim, Journal, JournalBusy
 from dispatcher.sink import DEFAULT_MAILDIR, CaptureServer
-from pool import DeliveryError, PoolClosedError, SMTPPool
+from pool import DeliveryError, PoolClosedError, RelayError, SMTPPool
 
 log = structlog.get_logger("dispatcher")
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_SIGNAL = 0, 1, 2, 130
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_RELAY_DOWN, EXIT_SIGNAL = 0, 1, 2, 3, 130
+#: The run stopped on an error of its environment (results file unwritable, jobs
+#: unreadable) or a bug: like a usage error, fix the cause and run the same command.
+EXIT_ERROR = EXIT_USAGE
 STATUSES = ("sent", "failed", "invalid", "skipped")
 LOG_PROGRESS_EVERY = 10.0
 TTY_PROGRESS_EVERY = 0.25
+READ_CHUNK = 1 << 20
+
+
+class RunError(Exception):
+    """The run cannot start (jobs or results file, attachments root): one line for the user."""
 
 
 @dataclass
@@ -41,6 +77,7 @@ class RunOptions:
     results: Path
     progress: bool | None = None  # None: a bar when stderr is a terminal
     maildir: Path = DEFAULT_MAILDIR
+    attachments_root: Path | None = None  # None: config jobs.attachments_root, else the jobs file's directory
 
 
 @dataclass(slots=True)
@@ -50,7 +87,8 @@ class _Item:
     line: int
     job_id: str
     size: int  # bytes of its line, for the progress bar
-    outgoing: Outgoing
+    outgoing: Outgoing | None  # None: built by the sender, off the event loop (attachment files)
+    job: Job | None = None
 
 
 @dataclass
@@ -66,6 +104,10 @@ class Tally:
         return done / elapsed if elapsed > 0 else 0.0
 
 
+class _ResultsUnwritable(Exception):
+    pass
+
+
 class Run:
     def __init__(self, options: RunOptions, settings: Settings) -> None:
         self.options = options
@@ -75,21 +117,36 @@ class Run:
         self.jobs_total = {status: jobs_total.labels(status=status) for status in STATUSES}
         self.tally = Tally()
         self.journal = Journal(options.results)
-        self.seen = IdSet()
-        self.stopping = asyncio.Event()
-        self.signalled = False
         self.pool: SMTPPool | None = None
-        self._hurry: asyncio.Future[None] | None = None
+        self.signalled = False
+        self._stop = asyncio.Event()
+        self._stop_code: int | None = None  # why the run stopped early, as an exit status
+        self._idle = asyncio.Event()  # no sender task running
+        self._idle.set()
+        self._senders = 0
+        self._room = asyncio.Semaphore(1)  # replaced once the pool's size is known
+        self._source: _ChunkReader | None = None
+        self._said: set[str] = set()
+        if options.jobs == "-":
+            self.base = Path.cwd()
+        else:
+            self.base = Path(os.path.abspath(options.jobs)).parent
+        self.attachments_root = options.attachments_root or settings.jobs.attachments_root or self.base
 
     # -- results --
 
     def _record(self, line: int, job_id: str | None, status: str, size: int, **fields: Any) -> None:
-        self.journal.record({
-            "id": job_id, "line": line, "status": status,
-            "attempts": fields.get("attempts", 0), "code": fields.get("code"),
-            "response": fields.get("response"), "refused": fields.get("refused", {}),
-            "error": fields.get("error"), "elapsed_ms": fields.get("elapsed_ms", 0),
-        })
+        try:
+            self.journal.record({
+                "id": job_id, "line": line, "status": status,
+                "attempts": fields.get("attempts", 0), "code": fields.get("code"),
+                "response": _text(fields.get("response")), "refused": fields.get("refused", {}),
+                "error": _text(fields.get("error")), "elapsed_ms": fields.get("elapsed_ms", 0),
+            })
+        except OSError as exc:
+            raise _ResultsUnwritable(
+                f"cannot write the results file {self.options.results}: {exc.strerror or exc}; run stopped "
+                "(jobs without a result are sent again by the next run)") from exc
         self._count(status, size)
 
     def _count(self, status: str, size: int) -> None:
@@ -99,8 +156,42 @@ class Run:
 
     # -- the run --
 
+    def _open(self) -> None:
+        """Open the jobs and lock the results file. Raises RunError."""
+        root = self.attachments_root
+        if not root.is_dir():
+            raise RunError(f"attachments root {root}: not a directory")
+        if self.options.jobs == "-":
+            fd = os.dup(0)
+        else:
+            try:
+                fd = os.open(self.options.jobs, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError as exc:
+                raise RunError(f"{self.options.jobs}: cannot read the jobs file: {exc.strerror or exc}") from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise RunError(f"{self.options.jobs}: is a directory, not a jobs file")
+            if stat.S_ISREG(mode):
+                self.tally.bytes_total = os.fstat(fd).st_size
+            if self.options.jobs != "-":
+                os.set_blocking(fd, True)  # the open was non-blocking only so that a FIFO opens at once
+            self.journal.open()
+        except JournalBusy as exc:
+            os.close(fd)
+            raise RunError(str(exc)) from None
+        except OSError as exc:
+            os.close(fd)
+            raise RunError(f"{self.options.results}: cannot use the results file: {exc.strerror or exc}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._source = _ChunkReader(fd)
+
     async def execute(self) -> int:
-        self.journal.open()
+        """Run to the end; returns the exit status. Raises RunError before anything is sent."""
+        self._open()
+        assert self._source is not None
         sink: CaptureServer | None = None
         metrics_server = None
         try:
@@ -119,15 +210,23 @@ class Run:
             self.pool = SMTPPool(**kwargs, registry=self.registry)
             log.info("run.start", jobs=self.options.jobs, results=str(self.options.results),
                      host=kwargs["hostname"], port=kwargs["port"], size=kwargs["size"],
-                     resumed=len(self.journal.done))
+                     resumed=self.journal.resumed)
             with self._signals():
                 await self._pump(self.pool)
         finally:
-            self.journal.close()
+            self._source.close()
+            try:
+                self.journal.close()
+            except OSError as exc:
+                self._error(f"cannot write the results file {self.options.results}: {exc.strerror or exc}")
             if sink is not None:
                 await sink.stop()
             if self.settings.metrics.textfile is not None:
-                write_to_textfile(str(self.settings.metrics.textfile), self.registry)
+                try:
+                    write_to_textfile(str(self.settings.metrics.textfile), self.registry)
+                except OSError as exc:
+                    print(f"dispatcher: cannot write {self.settings.metrics.textfile}: {exc.strerror or exc}",
+                          file=sys.stderr)
             if metrics_server is not None:
                 server = metrics_server[0] if isinstance(metrics_server, tuple) else None
                 if server is not None:
@@ -136,69 +235,107 @@ class Run:
         elapsed = time.monotonic() - self.tally.started
         log.info("run.summary", **counts, elapsed_s=round(elapsed, 3), rate=round(self.tally.rate(), 1),
                  stopped_by_signal=self.signalled)
-        if self.signalled:
-            return EXIT_SIGNAL
+        if self._stop_code is not None:
+            return self._stop_code
         return EXIT_SOME_FAILED if counts["failed"] or counts["invalid"] else EXIT_OK
 
     async def _pump(self, pool: SMTPPool) -> None:
-        # One sender per message the pool can hold (its sessions and its queue): the
-        # pool's queue is the backpressure; this hand-off queue only decouples reading.
-        senders = pool.size + pool.queue_size
-        queue: asyncio.Queue[_Item | None] = asyncio.Queue(maxsize=pool.size)
+        # One sender per message the pool can hold (its sessions and its queue).
+        self._room = asyncio.Semaphore(pool.size + pool.queue_size)
         progress = asyncio.create_task(self._progress())
         try:
             async with asyncio.TaskGroup() as group:
-                for _ in range(senders):
-                    group.create_task(self._sender(pool, queue))
-                try:
-                    await self._read(queue)
-                finally:
-                    for _ in range(senders):
-                        await queue.put(None)
-            await pool.close()
+                reader = group.create_task(self._read(pool, group))
+                stopped = group.create_task(self._stop.wait())
+                await asyncio.wait({reader, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if not self._stop.is_set():  # every line read: wait for the last results
+                    idle = group.create_task(self._idle.wait())
+                    await asyncio.wait({idle, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                    idle.cancel()
+                stopped.cancel()
+                if self._stop.is_set():
+                    reader.cancel()
+                    # Queued messages fail with PoolClosedError (not recorded); those on
+                    # the wire finish and are recorded. A second signal terminates.
+                    await pool.close(drain=False)
+            await pool.close()  # every result is in: QUIT the sessions
         finally:
             progress.cancel()
             await asyncio.gather(progress, return_exceptions=True)
-            await pool.close(drain=False)  # no-op after a clean close; otherwise fail the waiting
-            if self._hurry is not None:
-                await self._hurry  # a second signal's close(drain=False): owned and awaited here
 
-    async def _read(self, queue: asyncio.Queue[_Item | None]) -> None:
-        with _open_jobs(self.options.jobs) as stream:
-            if stream is not sys.stdin.buffer:
-                try:
-                    self.tally.bytes_total = os.fstat(stream.fileno()).st_size
-                except OSError:
-                    pass
-            for n, line in enumerate(read_lines(stream)):
-                if self.stopping.is_set():
+    def _halt(self, code: int, message: str | None = None) -> None:
+        """Stop the run early (the first reason gives the exit status)."""
+        if message is not None:
+            self._error(message)
+        if not self._stop.is_set():
+            self._stop_code = code
+            self._stop.set()
+
+    def _error(self, message: str) -> None:
+        """One line on stderr, once (every sender may hit the same full disk)."""
+        if message not in self._said:
+            self._said.add(message)
+            print(f"dispatcher: {message}", file=sys.stderr, flush=True)
+
+    async def _read(self, pool: SMTPPool, group: asyncio.TaskGroup) -> None:
+        assert self._source is not None
+        splitter = LineSplitter()
+        admitted = 0
+        try:
+            while True:
+                chunk = await self._source.read(READ_CHUNK)
+                for line in splitter.feed(chunk) if chunk else splitter.end():
+                    item = self._admit(line)
+                    if item is not None:
+                        await self._room.acquire()
+                        self._senders += 1
+                        self._idle.clear()
+                        group.create_task(self._send(pool, item))
+                    admitted += 1
+                    if admitted % 64 == 0:
+                        await asyncio.sleep(0)  # let senders, results, signals and progress through
+                if not chunk:
                     return
-                item = self._admit(line)
-                if item is not None:
-                    await queue.put(item)
-                if n % 64 == 63:
-                    await asyncio.sleep(0)  # let senders, results, signals and progress through
+        except _ResultsUnwritable as exc:
+            self._halt(EXIT_ERROR, str(exc))
+        except OSError as exc:
+            self._halt(EXIT_ERROR, f"{self.options.jobs}: cannot read the jobs file: {exc.strerror or exc}")
+        except Exception as exc:  # a bug: stop the run, never hang
+            log.exception("run.reader_failed")
+            self._halt(EXIT_ERROR, f"internal error while reading jobs: {type(exc).__name__}: {exc}")
 
     def _admit(self, line: Line) -> _Item | None:
-        """Validate a line; record it as invalid or skipped, or return it to send."""
+        """Validate a line; record it as invalid or skipped, or return it to send.
+
+        The first line that carries an id owns it: a later line with the same id is an
+        invalid duplicate, recorded without an id (keyed by its line number), so that
+        its row can never mark the first line done."""
         size = line.size
+        if self.journal.line_done(line.number):
+            self._count("skipped", size)
+            return None
         try:
             job = parse_job(line)
         except JobError as exc:
-            if exc.job_id is not None and exc.job_id in self.journal.done:
-                self._count("skipped", size)  # recorded as invalid by an earlier run
-            else:
-                self._invalid(line.number, exc.job_id, exc, size)
+            job_id = exc.job_id
+            if job_id is not None:
+                claim, _ = self.journal.claim(job_id, line.number)
+                if claim is Claim.DONE:
+                    self._count("skipped", size)
+                    return None
+                if claim is Claim.DUPLICATE:
+                    job_id = None
+            self._invalid(line.number, job_id, exc, size)
             return None
-        if not self.seen.add(job.id):
-            if job.id in self.journal.done:
-                self._count("skipped", size)
-                return None
-            self._invalid(line.number, job.id, JobError("id", f"duplicate of an earlier line's id {job.id!r}"), size)
-            return None
-        if job.id in self.journal.done:
+        claim, first = self.journal.claim(job.id, line.number)
+        if claim is Claim.DONE:
             self._count("skipped", size)
             return None
+        if claim is Claim.DUPLICATE:
+            self._invalid(line.number, None, JobError("id", f"duplicate of line {first}'s id {job.id!r}"), size)
+            return None
+        if needs_files(job):
+            return _Item(line.number, job.id, size, None, job)
         try:
             return _Item(line.number, job.id, size, build(job))
         except JobError as exc:
@@ -210,26 +347,55 @@ class Run:
         log.warning("job.invalid", line=number, id=job_id, field=exc.field, error=str(exc))
         self._record(number, job_id, "invalid", size, error=message)
 
-    async def _sender(self, pool: SMTPPool, queue: asyncio.Queue[_Item | None]) -> None:
-        while (item := await queue.get()) is not None:
-            if self.stopping.is_set():
-                continue  # not submitted: the next run sends it
-            number, job_id, size, outgoing = item.line, item.job_id, item.size, item.outgoing
-            started = time.monotonic()
+    def _build_with_files(self, job: Job) -> Outgoing:
+        """Runs in a thread: attachment files are read here, never on the event loop."""
+        load_attachments(job, self.base, self.attachments_root)
+        return build(job)
+
+    async def _send(self, pool: SMTPPool, item: _Item) -> None:
+        try:
+            await self._deliver(pool, item)
+        except _ResultsUnwritable as exc:
+            self._halt(EXIT_ERROR, str(exc))
+        except Exception as exc:  # a bug: stop the run, never hang
+            log.exception("run.sender_failed", line=item.line, id=item.job_id)
+            self._halt(EXIT_ERROR, f"internal error on line {item.line}: {type(exc).__name__}: {exc}")
+        finally:
+            self._room.release()
+            self._senders -= 1
+            if self._senders == 0:
+                self._idle.set()
+
+    async def _deliver(self, pool: SMTPPool, item: _Item) -> None:
+        number, job_id, size = item.line, item.job_id, item.size
+        outgoing = item.outgoing
+        if outgoing is None:
+            assert item.job is not None
             try:
-                result = await pool.submit(outgoing.message, sender=outgoing.sender, recipients=outgoing.recipients)
-            except DeliveryError as exc:
-                self._record(number, job_id, "failed", size, attempts=exc.attempts, code=exc.code,
-                             response=exc.response, refused=_refusals(exc.refused), error=str(exc),
-                             elapsed_ms=_ms(started))
-            except PoolClosedError:
-                continue  # never sent: not recorded, so a re-run sends it
-            except ValueError as exc:
-                self._invalid(number, job_id, JobError("", str(exc)), size)
-            else:
-                self._record(number, job_id, "sent", size, attempts=result.attempts, code=result.code,
-                             response=result.response, refused=_refusals(result.refused),
-                             elapsed_ms=round(result.elapsed * 1000, 1))
+                outgoing = await asyncio.to_thread(self._build_with_files, item.job)
+            except JobError as exc:
+                self._invalid(number, job_id, exc, size)
+                return
+        if self._stop.is_set():
+            return  # not submitted: the next run sends it
+        started = time.monotonic()
+        try:
+            result = await pool.submit(outgoing.message, sender=outgoing.sender, recipients=outgoing.recipients)
+        except DeliveryError as exc:
+            self._record(number, job_id, "failed", size, attempts=exc.attempts, code=exc.code,
+                         response=exc.response, refused=_refusals(exc.refused), error=str(exc),
+                         elapsed_ms=_ms(started))
+        except RelayError as exc:
+            # Not the message's fault: not recorded, so the next run sends it.
+            self._halt(EXIT_RELAY_DOWN if exc.transient else EXIT_USAGE, str(exc))
+        except PoolClosedError:
+            pass  # never sent (or not known to be): not recorded, so a re-run sends it
+        except ValueError as exc:
+            self._invalid(number, job_id, JobError("", str(exc)), size)
+        else:
+            self._record(number, job_id, "sent", size, attempts=result.attempts, code=result.code,
+                         response=result.response, refused=_refusals(result.refused),
+                         elapsed_ms=round(result.elapsed * 1000, 1))
 
     async def _progress(self) -> None:
         tty = self.options.progress if self.options.progress is not None else sys.stderr.isatty()
@@ -265,14 +431,18 @@ class Run:
         loop = asyncio.get_running_loop()
 
         def stop(signum: int) -> None:
-            if self.stopping.is_set():
-                # A second signal: stop waiting for queued messages too.
+            name = signal.Signals(signum).name
+            if self._stop.is_set():
+                # A second signal (or a signal after an error stopped the run): drop
+                # every session now; what was on the wire is not recorded.
+                log.warning("run.terminating", signal=name)
                 if self.pool is not None:
-                    self._hurry = asyncio.ensure_future(self.pool.close(drain=False))
+                    self.pool.terminate()
                 return
             self.signalled = True
-            self.stopping.set()
-            log.warning("run.stopping", signal=signal.Signals(signum).name)
+            log.warning("run.stopping", signal=name)
+            self._halt(EXIT_SIGNAL, f"{name}: stopping; the messages on the wire finish, the rest are not sent "
+                                    "(the next run sends them). A second signal stops at once.")
 
         installed = []
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -288,24 +458,86 @@ class Run:
                 loop.remove_signal_handler(signum)
 
 
+class _ChunkReader:
+    """Reads a file descriptor in a thread of its own, one chunk per request.
+
+    The event loop never blocks on the jobs (a slow producer on a pipe, a terminal, a
+    network file system): each line is handled as soon as it arrives, and signals are
+    served while the input is idle. The thread is a daemon that owns the descriptor:
+    a read blocked on an idle pipe cannot delay the end of the run, and the descriptor
+    is closed by the thread once it is out of ``read`` (never under it)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._requests: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, asyncio.Future[bytes], int] | None] = (
+            queue.SimpleQueue())
+        self._thread = threading.Thread(target=self._serve, name="dispatcher-jobs-reader", daemon=True)
+        self._thread.start()
+
+    async def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes, as soon as any are there; b"" at the end. Raises OSError."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
+        self._requests.put((loop, future, size))
+        return await future
+
+    def close(self) -> None:
+        self._requests.put(None)
+
+    def _serve(self) -> None:
+        try:
+            while (request := self._requests.get()) is not None:
+                loop, future, size = request
+                try:
+                    outcome: bytes | OSError = _read_blocking(self._fd, size)
+                except OSError as exc:
+                    outcome = exc
+                try:
+                    loop.call_soon_threadsafe(_settle, future, outcome)
+                except RuntimeError:  # the loop is closed: nobody is waiting any more
+                    return
+        finally:
+            os.close(self._fd)
+
+
+def _read_blocking(fd: int, size: int) -> bytes:
+    while True:
+        try:
+            return os.read(fd, size)
+        except BlockingIOError:  # a descriptor left non-blocking by whoever gave it to us
+            select.select([fd], [], [])
+
+
+def _settle(future: asyncio.Future[bytes], outcome: bytes | OSError) -> None:
+    if future.done():  # the reader was cancelled
+        return
+    if isinstance(outcome, OSError):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
 def _local_kwargs(settings: Settings, port: int) -> dict[str, Any]:
     from dispatcher.config import SMTPSettings
 
     return pool_kwargs(settings.model_copy(update={"smtp": SMTPSettings(hostname="127.0.0.1", port=port)}))
 
 
+def _text(value: Any) -> Any:
+    """Text for the results file: a lone surrogate (a reply byte that was not UTF-8,
+    decoded with ``surrogateescape``) becomes U+FFFD, as SPEC 1.13 keeps replies."""
+    if not isinstance(value, str):
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return value
+
+
 def _refusals(refused: dict[str, tuple[int, str]]) -> dict[str, list[Any]]:
-    return {rcpt: [code, text] for rcpt, (code, text) in refused.items()}
+    return {rcpt: [code, _text(text)] for rcpt, (code, text) in refused.items()}
 
 
 def _ms(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 1)
-
-
-@contextmanager
-def _open_jobs(jobs: str) -> Iterator[IO[bytes]]:
-    if jobs == "-":
-        yield sys.stdin.buffer
-        return
-    with open(jobs, "rb") as stream:
-        yield stream

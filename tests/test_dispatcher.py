@@ -212,13 +212,15 @@ async def test_password_never_reaches_the_logs(tmp_path: Path) -> None:
     async with FaultyServer(credentials=("user", "right")) as server:
         config = tmp_path / "c.yaml"
         config.write_text(f"smtp:\n  hostname: 127.0.0.1\n  port: {server.port}\n  username: user\n"
-                          "  password: ${PW}\nlogging:\n  level: debug\n")
+                          "  password: ${PW}\n  start_tls: false\nlogging:\n  level: debug\n")
         jobs = write_jobs(tmp_path / "jobs.jsonl", [job(1)])
         code, out, err = await dispatcher("run", str(jobs), "--config", str(config), cwd=tmp_path,
                                           env={"PW": "wrong-s3cret-value"})
-    assert code == 1
-    assert "535" in (tmp_path / "jobs.results.jsonl").read_text()
-    assert "wrong-s3cret-value" not in out + err + (tmp_path / "jobs.results.jsonl").read_text()
+    # A refused login is a permanent session failure (SPEC section 2): exit 2, the reason
+    # on stderr, nothing recorded so the next run (with the right password) sends it.
+    assert code == 2, err
+    assert "535" in err and (tmp_path / "jobs.results.jsonl").read_text() == ""
+    assert "wrong-s3cret-value" not in out + err
 
 
 async def test_metrics_textfile_and_live_scrape(server: FaultyServer, tmp_path: Path) -> None:
