@@ -1,0 +1,170 @@
+"""The four Redis commands (SPEC section 5): options -> settings -> run -> exit status.
+
+``dispatcher.cli`` declares their arguments and calls these; Redis is imported only
+when one of them runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from dispatcher.config import ConfigError, Settings, load_settings
+from dispatcher.logs import configure_logging
+
+EXIT_OK, EXIT_SOME_INVALID, EXIT_USAGE, EXIT_SIGNAL = 0, 1, 2, 130
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    """The options of ``command`` (enqueue, worker, status, results)."""
+    if command == "enqueue":
+        parser.add_argument("jobs", metavar="JOBS", help="JSON Lines file of jobs, or - for standard input")
+    parser.add_argument("--redis", metavar="URL", help="redis://[:password@]host:port/db (default: redis.url)")
+    parser.add_argument("--stream", metavar="NAME", help="the jobs stream (default: redis.stream, dispatcher:jobs)")
+    parser.add_argument("--config", type=Path, help="YAML configuration (see config.example.yaml)")
+    if command == "worker":
+        parser.add_argument("--name", help="consumer name; give a stable one so that a restarted worker takes "
+                                           "back its own pending jobs at once (default: HOSTNAME-PID)")
+        parser.add_argument("--attachments-root", type=Path,
+                            help="attachment paths must resolve inside DIR (default: jobs.attachments_root, "
+                                 "else the current directory)")
+        parser.add_argument("--maildir", type=Path, default=Path("outbox"),
+                            help="Maildir of the built-in capture server when no relay is configured")
+        parser.add_argument("--until-empty", action="store_true",
+                            help="exit 0 once the stream holds no job, waiting or pending")
+    if command == "status":
+        parser.add_argument("--json", action="store_true", help="one JSON object instead of text")
+
+
+def _loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        return asyncio.run
+    return uvloop.run  # type: ignore[no-any-return]
+
+
+def _settings(args: argparse.Namespace, command: str) -> tuple[Settings, str, str] | int:
+    try:
+        settings = load_settings(args.config) if args.config else Settings()
+    except ConfigError as exc:
+        print(f"dispatcher {command}: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    url = args.redis or settings.redis.url
+    if not url:
+        print(f"dispatcher {command}: --redis URL is required (or redis.url in --config)", file=sys.stderr)
+        return EXIT_USAGE
+    return settings, url, args.stream or settings.redis.stream
+
+
+def _run(command: str, args: argparse.Namespace,
+         body: Callable[[Any, Any, Settings, str], Awaitable[int]]) -> int:
+    """Connect (exit 2 with one line naming the URL when Redis cannot be used), then run."""
+    from dispatcher.redis_store import Keys, RedisUnavailable, check, client
+
+    prepared = _settings(args, command)
+    if isinstance(prepared, int):
+        return prepared
+    settings, url, stream = prepared
+    configure_logging(settings.logging.level, settings.logging.format)
+
+    async def main() -> int:
+        redis = client(url)
+        try:
+            await check(redis, url)
+            return await body(redis, Keys(stream), settings, url)
+        finally:
+            await redis.aclose()
+
+    try:
+        return _loop_runner()(main())
+    except RedisUnavailable as exc:
+        print(f"dispatcher {command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_SIGNAL
+
+
+def enqueue(args: argparse.Namespace) -> int:
+    from dispatcher.redis_enqueue import Enqueuer, open_jobs
+
+    if args.jobs != "-" and not Path(args.jobs).is_file():
+        print(f"dispatcher enqueue: {args.jobs}: no such jobs file", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def body(redis: Any, keys: Any, settings: Settings, url: str) -> int:
+        try:
+            stream = open_jobs(args.jobs)
+        except OSError as exc:
+            print(f"dispatcher enqueue: {args.jobs}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_USAGE
+        with stream:
+            counts = await Enqueuer(redis, keys, settings.redis.group).enqueue(stream)
+        print(f"dispatcher enqueue: {counts.added} jobs added to {keys.stream}, {counts.rejected} invalid "
+              f"(in {keys.results}), {counts.already} already enqueued", file=sys.stderr)
+        return EXIT_SOME_INVALID if counts.rejected else EXIT_OK
+
+    return _run("enqueue", args, body)
+
+
+def worker(args: argparse.Namespace) -> int:
+    from dispatcher.redis_worker import (
+        Worker,
+        WorkerOptions,
+        default_claim_after,
+        default_consumer,
+    )
+
+    async def body(redis: Any, keys: Any, settings: Settings, url: str) -> int:
+        root = args.attachments_root or getattr(getattr(settings, "jobs", None), "attachments_root", None) or Path.cwd()
+        options = WorkerOptions(
+            url=url,
+            consumer=args.name or default_consumer(),
+            group=settings.redis.group,
+            claim_after=settings.redis.claim_after or default_claim_after(settings),
+            max_deliveries=settings.redis.max_deliveries,
+            attachments_root=Path(root),
+            maildir=args.maildir,
+            until_empty=args.until_empty,
+        )
+        return await Worker(redis, keys, settings, options).execute()
+
+    return _run("worker", args, body)
+
+
+def status(args: argparse.Namespace) -> int:
+    from dispatcher.redis_report import status as read_status
+
+    async def body(redis: Any, keys: Any, settings: Settings, url: str) -> int:
+        report = await read_status(redis, keys, settings.redis.group)
+        if args.json:
+            sys.stdout.write(json.dumps(report.as_dict()) + "\n")
+        else:
+            sys.stdout.write(report.render())
+        return EXIT_OK
+
+    return _run("status", args, body)
+
+
+def results(args: argparse.Namespace) -> int:
+    from dispatcher.redis_report import write_results
+
+    async def body(redis: Any, keys: Any, settings: Settings, url: str) -> int:
+        try:
+            await write_results(redis, keys, sys.stdout.buffer)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return EXIT_OK  # `dispatcher results | head`
+        return EXIT_OK
+
+    return _run("results", args, body)
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "enqueue": enqueue, "worker": worker, "status": status, "results": results,
+}

@@ -1,0 +1,109 @@
+"""``dispatcher enqueue``: validate a jobs file as ``run`` does and append its jobs to the stream.
+
+Valid jobs are appended as their own line (the worker parses it again). Invalid lines
+become ``invalid`` rows of the results stream at once. Enqueuing the same file again
+adds nothing twice: a job by its id, an invalid line by its id, or, when it has no id
+of its own (unreadable, or a duplicate of an earlier line's), by line number and digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from typing import IO
+
+import structlog
+from redis.asyncio import Redis
+
+from dispatcher.jobs import JobError, Line, build, parse_job, read_lines
+from dispatcher.journal import IdSet
+from dispatcher.redis_store import ENQUEUE, Keys, ensure_group, result_row, retrying
+
+log = structlog.get_logger("dispatcher.enqueue")
+
+BATCH = 500  # lines per script call: one round trip, and a short time inside Redis
+
+
+@dataclass
+class EnqueueCounts:
+    added: int = 0  # jobs appended to the stream
+    rejected: int = 0  # invalid lines recorded in the results stream
+    already: int = 0  # lines enqueued by an earlier call
+    invalid_lines: int = 0  # invalid lines in this file, recorded now or earlier
+
+
+Row = tuple[bytes, bytes, bytes, bytes, bytes]  # kind, key, id to mark done, line, payload
+
+
+class Enqueuer:
+    def __init__(self, redis: Redis, keys: Keys, group: str) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.group = group
+        self.counts = EnqueueCounts()
+        self._seen = IdSet()
+        self._script = redis.register_script(ENQUEUE)
+
+    async def enqueue(self, stream: IO[bytes]) -> EnqueueCounts:
+        await retrying(lambda: ensure_group(self.redis, self.keys, self.group), what="create group")
+        batch: list[Row] = []
+        for line in read_lines(stream):
+            batch.append(self.admit(line))
+            if len(batch) >= BATCH:
+                await self._flush(batch)
+                batch = []
+        if batch:
+            await self._flush(batch)
+        return self.counts
+
+    def admit(self, line: Line) -> Row:
+        """The row for one line: the same validation and duplicate rules as ``run``,
+        except that attachments given by path are read by the worker, not here."""
+        number = str(line.number).encode()
+        try:
+            job = parse_job(line)
+        except JobError as exc:
+            if exc.job_id is not None and self._seen.add(exc.job_id):
+                return self._invalid(b"I", exc.job_id.encode(), exc.job_id, line, exc)
+            return self._invalid(b"L", _line_key(line, exc.job_id), exc.job_id, line, exc, mark=False)
+        if not self._seen.add(job.id):
+            error = JobError("id", f"duplicate of an earlier line's id {job.id!r}")
+            return self._invalid(b"L", _line_key(line, job.id), job.id, line, error, mark=False)
+        if not any(attachment.path is not None for attachment in getattr(job, "attachments", ())):
+            try:
+                build(job)  # what the worker will do; paths excepted, they are the worker's to read
+            except JobError as exc:
+                return self._invalid(b"I", job.id.encode(), job.id, line, exc)
+        assert line.content is not None
+        return (b"J", job.id.encode(), job.id.encode(), number, line.content.rstrip(b"\r\n"))
+
+    def _invalid(self, kind: bytes, key: bytes, job_id: str | None, line: Line, exc: JobError,
+                 *, mark: bool = True) -> Row:
+        self.counts.invalid_lines += 1
+        message = f"line {line.number}: {exc}"
+        log.warning("job.invalid", line=line.number, id=job_id, field=exc.field, error=str(exc))
+        row = result_row(job_id, line.number, "invalid", error=message)
+        marked = job_id.encode() if mark and job_id is not None else b""
+        return (kind, key, marked, str(line.number).encode(), row)
+
+    async def _flush(self, batch: list[Row]) -> None:
+        args = [part for row in batch for part in row]
+        keys = [self.keys.stream, self.keys.results, self.keys.ids, self.keys.lines, self.keys.done,
+                self.keys.stats]
+        added, rejected, already = await retrying(lambda: self._script(keys=keys, args=args), what="enqueue")
+        self.counts.added += int(added)
+        self.counts.rejected += int(rejected)
+        self.counts.already += int(already)
+
+
+def _line_key(line: Line, job_id: str | None) -> bytes:
+    digest = hashlib.blake2b(line.content or b"", digest_size=12).hexdigest()
+    return f"{line.number}:{digest}:{job_id or ''}".encode("utf-8", "surrogatepass")
+
+
+def open_jobs(jobs: str) -> IO[bytes]:
+    """The jobs file, or standard input for ``-``. Raises OSError."""
+    if jobs == "-":
+        return sys.stdin.buffer
+    return open(jobs, "rb")

@@ -1,0 +1,381 @@
+"""What the Redis commands share (SPEC section 5): key names, the connection, the Lua
+scripts that make each step atomic, and retrying while Redis restarts.
+
+Keys, for the default stream ``dispatcher:jobs`` (every name derives from the stream):
+
+    dispatcher:jobs            the jobs: entries {id, line, job}; deleted once acknowledged
+    dispatcher:jobs:results    one entry {r: results-file row} per finished id
+    dispatcher:jobs:dead       entries {id, line, job, reason, deliveries}
+    dispatcher:jobs:ids        set: every id ever enqueued (enqueue adds nothing twice)
+    dispatcher:jobs:lines      set: invalid lines without an id of their own (by line + digest)
+    dispatcher:jobs:done       hash: id -> sent | failed | invalid
+    dispatcher:jobs:stats      hash: enqueued, rejected, sent, failed, invalid, dead
+    dispatcher:jobs:errors     hash: id -> why its last delivery did not finish it
+    dispatcher:jobs:finished:<unix second>   jobs finished in that second (expire in 2 min)
+    dispatcher:jobs:rate       the shared rate limiter's theoretical arrival time (GCRA)
+
+Every script is idempotent: a script whose reply was lost to a dropped connection can
+be run again without recording or sending anything twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import structlog
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+log = structlog.get_logger("dispatcher.redis")
+
+DEFAULT_STREAM = "dispatcher:jobs"
+DEFAULT_GROUP = "dispatcher"
+
+#: Errors that mean "Redis is not there right now": refused or dropped connections,
+#: timeouts, and a restarted server still loading its AOF (BusyLoadingError).
+UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError)
+
+T = TypeVar("T")
+
+
+class RedisUnavailable(Exception):
+    """Redis cannot be used at start; the message names the URL without its password."""
+
+
+class Stopped(Exception):
+    """Raised instead of waiting any longer for Redis once the caller is stopping."""
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    stream: str
+
+    @property
+    def results(self) -> str:
+        return f"{self.stream}:results"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.stream}:dead"
+
+    @property
+    def ids(self) -> str:
+        return f"{self.stream}:ids"
+
+    @property
+    def lines(self) -> str:
+        return f"{self.stream}:lines"
+
+    @property
+    def done(self) -> str:
+        return f"{self.stream}:done"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.stream}:stats"
+
+    @property
+    def errors(self) -> str:
+        return f"{self.stream}:errors"
+
+    @property
+    def finished(self) -> str:
+        return f"{self.stream}:finished"
+
+    @property
+    def rate(self) -> str:
+        return f"{self.stream}:rate"
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (userinfo and ``?password=``)."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            host = netloc.rpartition("@")[2]
+            netloc = f"{parts.username or ''}:***@{host}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode([(k, "***" if "password" in k.lower() else v) for k, v in pairs], safe="*")
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
+    except ValueError:
+        return "<the Redis URL>"
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text
+
+
+def client(url: str) -> Redis:
+    """A client for ``url``; retrying is ours (``retrying``), not redis-py's. Raises
+    RedisUnavailable for a URL redis-py cannot use."""
+    try:
+        return Redis.from_url(
+            url,
+            socket_connect_timeout=5,
+            socket_timeout=15,  # longer than any BLOCK we use
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=False,
+        )
+    except (ValueError, TypeError) as exc:
+        raise RedisUnavailable(f"bad Redis URL {redact(url)}: {one_line(exc)}") from None
+
+
+async def check(redis: Redis, url: str) -> None:
+    """PING once. Raises RedisUnavailable with one line naming the URL (no password)."""
+    try:
+        await redis.ping()
+    except (redis_errors.RedisError, OSError) as exc:
+        raise RedisUnavailable(f"cannot use Redis at {redact(url)}: {one_line(exc)}") from None
+
+
+async def ensure_group(redis: Redis, keys: Keys, group: str) -> None:
+    """Create the stream and its consumer group (from the first entry) unless they exist."""
+    try:
+        await redis.xgroup_create(keys.stream, group, id="0", mkstream=True)
+    except redis_errors.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def retrying(
+    op: Callable[[], Awaitable[T]], *, what: str, stop: asyncio.Event | None = None, max_delay: float = 2.0
+) -> T:
+    """Run ``op`` until Redis answers, backing off (full jitter, 50 ms doubling to
+    ``max_delay``) while it is unavailable. With ``stop`` set, raises Stopped instead of
+    waiting again. Other Redis errors propagate."""
+    delay = 0.05
+    down_since: float | None = None
+    while True:
+        try:
+            result = await op()
+        except UNAVAILABLE as exc:
+            if down_since is None:
+                down_since = time.monotonic()
+                log.warning("redis.unavailable", doing=what, error=one_line(exc))
+            if stop is not None and stop.is_set():
+                raise Stopped from None
+            pause = random.uniform(delay / 2, delay)
+            if stop is None:
+                await asyncio.sleep(pause)
+            else:
+                try:
+                    async with asyncio.timeout(pause):
+                        await stop.wait()
+                except TimeoutError:
+                    pass
+            delay = min(max_delay, delay * 2)
+            continue
+        if down_since is not None:
+            log.info("redis.back", doing=what, down_s=round(time.monotonic() - down_since, 3))
+        return result
+
+
+def result_row(
+    job_id: str | None,
+    line: int,
+    status: str,
+    *,
+    attempts: int = 0,
+    code: int | None = None,
+    response: str | None = None,
+    refused: dict[str, list[Any]] | None = None,
+    error: str | None = None,
+    elapsed_ms: float = 0,
+) -> bytes:
+    """One row of the results file (SPEC section 2), as bytes."""
+    row = {"id": job_id, "line": line, "status": status, "attempts": attempts, "code": code,
+           "response": response, "refused": refused or {}, "error": error, "elapsed_ms": elapsed_ms}
+    return json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+
+
+# -- scripts --------------------------------------------------------------------------
+#
+# Each runs atomically in Redis and, with AOF on, is persisted whole: a result is never
+# recorded without its id being marked done and its entry acknowledged, nor the reverse.
+
+#: ARGV: rows of (kind, key, mark_id, line, payload). kind J: a job (key: its id, in
+#: the ids set); I: an invalid line whose id is its own (key: the id; marked done);
+#: L: an invalid line keyed by line number and digest (lines set). A row whose key is
+#: already there adds nothing. Returns {added, rejected, already}.
+ENQUEUE = """
+local added, rejected, already = 0, 0, 0
+for i = 1, #ARGV, 5 do
+  local kind, key, id, line, payload = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
+  local set = KEYS[3]
+  if kind == 'L' then set = KEYS[4] end
+  if redis.call('SADD', set, key) == 1 then
+    if kind == 'J' then
+      redis.call('XADD', KEYS[1], '*', 'id', id, 'line', line, 'job', payload)
+      added = added + 1
+    else
+      redis.call('XADD', KEYS[2], '*', 'r', payload)
+      if id ~= '' then redis.call('HSETNX', KEYS[5], id, 'invalid') end
+      rejected = rejected + 1
+    end
+  else
+    already = already + 1
+  end
+end
+if added > 0 then redis.call('HINCRBY', KEYS[6], 'enqueued', added) end
+if rejected > 0 then
+  redis.call('HINCRBY', KEYS[6], 'rejected', rejected)
+  redis.call('HINCRBY', KEYS[6], 'invalid', rejected)
+end
+return {added, rejected, already}
+"""
+
+#: ARGV: group, consumer, release_idle_ms, then rows of (kind, entry, id, status, payload).
+#: F: finished — record the result unless the id is already done, then XACK and XDEL
+#: (status '' acknowledges an id found done). D: deferred (a transient failure) — keep
+#: it pending and remember why. R: released (never sent) — still ours? then make it look
+#: idle so that the next claim takes it at once. Returns the number newly done.
+SETTLE = """
+local group, consumer = ARGV[1], ARGV[2]
+local finished = 0
+for i = 4, #ARGV, 5 do
+  local kind, entry, id, status, payload = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
+  if kind == 'F' then
+    if status ~= '' and redis.call('HSETNX', KEYS[3], id, status) == 1 then
+      redis.call('XADD', KEYS[2], '*', 'r', payload)
+      redis.call('HINCRBY', KEYS[4], status, 1)
+      finished = finished + 1
+    end
+    redis.call('HDEL', KEYS[5], id)
+    redis.call('XACK', KEYS[1], group, entry)
+    redis.call('XDEL', KEYS[1], entry)
+  elseif kind == 'D' then
+    redis.call('HSET', KEYS[5], id, payload)
+  elseif kind == 'R' then
+    local p = redis.call('XPENDING', KEYS[1], group, entry, entry, 1)
+    if p[1] and p[1][2] == consumer then
+      redis.call('XCLAIM', KEYS[1], group, consumer, 0, entry, 'IDLE', ARGV[3], 'JUSTID')
+    end
+  end
+end
+if finished > 0 then
+  local key = KEYS[6] .. ':' .. redis.call('TIME')[1]
+  redis.call('INCRBY', key, finished)
+  redis.call('EXPIRE', key, 120)
+end
+return finished
+"""
+
+#: ARGV: group, consumer, mode, min_idle_ms, count, max_deliveries, start.
+#: mode 'own': this consumer's pending entries after ``start`` (a restarted worker takes
+#: them back); 'idle': XAUTOCLAIM of anyone's entries idle longer than min_idle_ms.
+#: An entry now delivered more than max_deliveries times goes to the dead stream with
+#: its last error, and is acknowledged. Returns {next start ('' when done), {{entry id,
+#: fields, deliveries}, ...}}.
+TAKE = """
+local stream, group, consumer, mode = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local count, max = tonumber(ARGV[5]), tonumber(ARGV[6])
+local claimed, out, nextid = {}, {}, ''
+if mode == 'own' then
+  local pending = redis.call('XPENDING', stream, group, ARGV[7], '+', count, consumer)
+  for _, p in ipairs(pending) do
+    local got = redis.call('XCLAIM', stream, group, consumer, 0, p[1])
+    if got[1] then
+      claimed[#claimed + 1] = {got[1], p[4] + 1}
+    else
+      redis.call('XACK', stream, group, p[1])
+    end
+    nextid = '(' .. p[1]
+  end
+  if #pending < count then nextid = '' end
+else
+  local r = redis.call('XAUTOCLAIM', stream, group, consumer, ARGV[4], ARGV[7], 'COUNT', count)
+  nextid = r[1]
+  if nextid == '0-0' then nextid = '' end
+  for _, entry in ipairs(r[2]) do
+    local p = redis.call('XPENDING', stream, group, entry[1], entry[1], 1)
+    claimed[#claimed + 1] = {entry, p[1][4]}
+  end
+end
+for _, c in ipairs(claimed) do
+  local entry, n = c[1], c[2]
+  if n > max then
+    local f = {}
+    for j = 1, #entry[2], 2 do f[entry[2][j]] = entry[2][j + 1] end
+    local id = f['id'] or ''
+    local reason = redis.call('HGET', KEYS[3], id)
+    if not reason then
+      reason = 'delivered ' .. (n - 1) .. ' times without a result (its worker stopped or died while sending it)'
+    end
+    redis.call('XADD', KEYS[2], '*', 'id', id, 'line', f['line'] or '', 'job', f['job'] or '',
+               'reason', reason, 'deliveries', n - 1)
+    redis.call('XACK', stream, group, entry[1])
+    redis.call('XDEL', stream, entry[1])
+    redis.call('HDEL', KEYS[3], id)
+    redis.call('HINCRBY', KEYS[4], 'dead', 1)
+  else
+    out[#out + 1] = {entry[1], entry[2], n}
+  end
+end
+return {nextid, out}
+"""
+
+#: ARGV: group, consumer, entry ids. Resets the idle time of the entries this consumer
+#: still owns (XCLAIM JUSTID does not count a delivery), so that no other worker claims
+#: what a live worker is still sending. Returns the ids it no longer owns.
+TOUCH = """
+local lost = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+return lost
+"""
+
+#: ARGV: group, consumer (kept), idle_ms. Forgets consumers with nothing pending that
+#: have not read for idle_ms (workers that exited or died), so status stays readable.
+PRUNE = """
+local removed = 0
+local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+for _, c in ipairs(consumers) do
+  local f = {}
+  for j = 1, #c, 2 do f[c[j]] = c[j + 1] end
+  if f['name'] ~= ARGV[2] and f['pending'] == 0 and f['idle'] > tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
+#: ARGV: group, consumer. A worker leaving with nothing pending removes its consumer.
+FORGET = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+"""
+
+#: GCRA (virtual scheduling, burst of one): reserve the next slot ARGV[1] microseconds
+#: after the previous one, never before now; return how many microseconds to wait for
+#: it. Times come from Redis's clock, so workers' clocks do not matter.
+RATE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local start = math.max(tat, now)
+local nexttat = start + tonumber(ARGV[1])
+redis.call('SET', KEYS[1], string.format('%d', nexttat), 'PX', math.floor((nexttat - now) / 1000) + 1000)
+return start - now
+"""

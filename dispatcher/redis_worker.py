@@ -1,0 +1,587 @@
+"""``dispatcher worker``: send the jobs of a Redis Stream through a pool, in a consumer group.
+
+    XREADGROUP (batches) -> skip ids already done -> parse + build (a thread) -> pool.submit
+        -> SETTLE (one script: result row + id done + XACK)
+
+An entry is *held* from the moment this worker reads or claims it until its settle is
+committed; the worker holds at most ``slots`` entries and keeps their idle time fresh
+(TOUCH), so that no other worker claims what a live worker is still sending. Entries
+of a dead worker go idle and are claimed (XAUTOCLAIM) after ``redis.claim_after``.
+Outcomes:
+
+- sent, permanently failed, invalid: recorded and acknowledged (F);
+- a transient failure (4xx outlasting ``retry.max_attempts``): left pending with its
+  reason (D); it is claimed again after ``claim_after``, and after ``max_deliveries``
+  deliveries it goes to the dead stream with that reason;
+- never sent (stopping, pool closed, relay refused): released (R) — left pending but
+  made to look idle, so that the next claim by any worker takes it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from dispatcher.config import Settings
+from dispatcher.jobs import Job, JobError, Line, Outgoing, build, parse_job
+from dispatcher.redis_ratelimit import RedisRateLimiter
+from dispatcher.redis_store import (
+    FORGET,
+    PRUNE,
+    SETTLE,
+    TAKE,
+    TOUCH,
+    Keys,
+    Stopped,
+    ensure_group,
+    redact,
+    result_row,
+    retrying,
+)
+from dispatcher.sink import DEFAULT_MAILDIR, CaptureServer
+from pool import DeliveryError, PoolClosedError, RelayError, SMTPPool
+from pool.config import SMTPSettings
+
+log = structlog.get_logger("dispatcher.worker")
+
+EXIT_OK, EXIT_USAGE, EXIT_RELAY_DOWN, EXIT_SIGNAL = 0, 2, 3, 130
+MAX_BATCH = 256  # entries per read or claim, and settles per script call
+PRUNE_EVERY = 60.0
+#: The pool takes the shared limiter itself (SMTPPool(rate_limiter=...)) when it can.
+_POOL_TAKES_LIMITER = "rate_limiter" in inspect.signature(SMTPPool).parameters
+
+
+def default_claim_after(settings: Settings) -> float:
+    """Long enough that a live worker always finishes first (SPEC section 5): every
+    attempt timing out, plus the longest backoff, plus a margin."""
+    timeout = settings.smtp.timeout if settings.smtp is not None else 30.0
+    return timeout * settings.retry.max_attempts + settings.retry.backoff_max + 30.0
+
+
+def default_consumer() -> str:
+    return f"{socket.gethostname() or 'worker'}-{os.getpid()}"
+
+
+@dataclass
+class WorkerOptions:
+    url: str
+    consumer: str
+    group: str
+    claim_after: float  # seconds
+    max_deliveries: int
+    attachments_root: Path
+    maildir: Path = DEFAULT_MAILDIR
+    until_empty: bool = False  # exit 0 once the stream holds nothing, pending included
+    slots: int | None = None  # entries held at once; None: max(64, 4 x pool.size)
+
+
+@dataclass(slots=True)
+class Entry:
+    entry_id: bytes
+    job_id: str
+    line: int
+    job: bytes | None
+    deliveries: int
+
+
+@dataclass(slots=True)
+class _Settle:
+    kind: bytes  # F finished, D deferred, R released
+    entry: Entry
+    status: bytes = b""
+    payload: bytes = b""
+
+
+@dataclass
+class WorkerCounts:
+    sent: int = 0
+    failed: int = 0
+    invalid: int = 0
+    skipped: int = 0  # already done when read
+    deferred: int = 0
+    released: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Ticks:
+    next_claim: float = 0.0
+    claim_start: str = "0-0"
+    started: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    def __init__(self, redis: Redis, keys: Keys, settings: Settings, options: WorkerOptions) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.settings = settings
+        self.options = options
+        self.consumer = options.consumer
+        self.counts = WorkerCounts()
+        self.held: dict[bytes, Entry] = {}
+        self.slots = options.slots or max(64, 4 * settings.pool.size)
+        self.stopping = asyncio.Event()  # stop reading: a signal, a relay failure, or empty
+        self.signalled = False
+        self.fatal: RelayError | None = None
+        self.pool: SMTPPool | None = None
+        self.limiter: RedisRateLimiter | None = None
+        self._room = asyncio.Event()  # a slot was freed (or we are stopping)
+        self._finishing = asyncio.Event()  # every handler is done: heartbeat may end
+        self._settles: asyncio.Queue[_Settle | None] = asyncio.Queue()
+        self._aborted = False
+        self._work: asyncio.Task[None] | None = None
+        self._ticks = _Ticks()
+        claim_ms = max(1, round(options.claim_after * 1000))
+        self._claim_ms = claim_ms
+        self._claim_every = min(max(options.claim_after / 2, 0.05), 10.0)
+        self._touch_every = min(max(options.claim_after / 3, 0.05), 10.0)
+        self._take = redis.register_script(TAKE)
+        self._settle_script = redis.register_script(SETTLE)
+        self._touch = redis.register_script(TOUCH)
+        self._prune = redis.register_script(PRUNE)
+
+    # -- the run --
+
+    async def execute(self) -> int:
+        """Work until stopped (or, with ``until_empty``, until the stream is empty).
+        Returns the exit status. Redis must have answered a PING already."""
+        await retrying(lambda: ensure_group(self.redis, self.keys, self.options.group), what="create group")
+        sink: CaptureServer | None = None
+        settings = self.settings
+        try:
+            if settings.smtp is None:
+                sink = await CaptureServer(maildir=self.options.maildir).start()
+                print(f"dispatcher worker: no relay configured (no smtp: section); delivering to the built-in "
+                      f"capture server on 127.0.0.1:{sink.port}, Maildir {self.options.maildir}/", file=sys.stderr)
+                local = SMTPSettings.model_validate({"hostname": "127.0.0.1", "port": sink.port})
+                settings = settings.model_copy(update={"smtp": local})
+            # The rate limit is held in Redis, across workers, not by each pool.
+            extra: dict[str, Any] = {}
+            if settings.pool.rate_limit:
+                self.limiter = RedisRateLimiter(self.redis, self.keys.rate, settings.pool.rate_limit)
+                if _POOL_TAKES_LIMITER:
+                    extra["rate_limiter"] = self.limiter
+            self.pool = SMTPPool.from_config(settings, rate_limit=None, registry=CollectorRegistry(), **extra)
+            assert settings.smtp is not None
+            log.info("worker.start", consumer=self.consumer, stream=self.keys.stream, group=self.options.group,
+                     redis=redact(self.options.url), relay=f"{settings.smtp.hostname}:{settings.smtp.port}",
+                     slots=self.slots, claim_after=self.options.claim_after,
+                     max_deliveries=self.options.max_deliveries, rate_limit=settings.pool.rate_limit)
+            with self._signals():
+                self._work = asyncio.create_task(self._run())
+                try:
+                    await self._work
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if not self._aborted or (task is not None and task.cancelling()):
+                        raise
+                else:
+                    await self._forget()
+        finally:
+            if self.pool is not None:
+                if self._aborted:
+                    self.pool.terminate()
+                await self.pool.close(drain=False)
+            if sink is not None:
+                await sink.stop()
+        log.info("worker.summary", consumer=self.consumer, **self.counts.as_dict(),
+                 elapsed_s=round(time.monotonic() - self._ticks.started, 3), stopped_by_signal=self.signalled)
+        if self.signalled:
+            return EXIT_SIGNAL
+        if self.fatal is not None:
+            print(f"dispatcher worker: relay {self.fatal.relay}: {self.fatal}", file=sys.stderr)
+            return EXIT_RELAY_DOWN if self.fatal.transient else EXIT_USAGE
+        return EXIT_OK
+
+    async def _run(self) -> None:
+        assert self.pool is not None
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._finisher())
+            group.create_task(self._heartbeat())
+            group.create_task(self._close_when_stopping())
+            try:
+                async with asyncio.TaskGroup() as handlers:
+                    await self._read(handlers)
+            finally:
+                self._finishing.set()
+                self._settles.put_nowait(None)
+
+    async def _close_when_stopping(self) -> None:
+        """Once stopping (a signal, a relay failure, or empty), finish what is on the wire
+        at once: what is only queued in the pool fails with PoolClosedError and is released."""
+        assert self.pool is not None
+        await self.stopping.wait()
+        await self.pool.close(drain=False)
+
+    # -- reading --
+
+    async def _read(self, handlers: asyncio.TaskGroup) -> None:
+        try:
+            start = "-"
+            while start and not self.stopping.is_set():  # a restarted worker's own entries first
+                if not await self._wait_room():
+                    return
+                start, entries = await self._take_entries("own", start)
+                await self._dispatch(entries, handlers)
+            while not self.stopping.is_set():
+                if not await self._wait_room():
+                    return
+                now = time.monotonic()
+                if now >= self._ticks.next_claim:
+                    cursor, entries = await self._take_entries("idle", self._ticks.claim_start)
+                    self._ticks.claim_start = cursor or "0-0"
+                    if not cursor:
+                        self._ticks.next_claim = now + self._claim_every
+                    if entries:
+                        await self._dispatch(entries, handlers)
+                        continue
+                block = max(1, min(500, round((self._ticks.next_claim - time.monotonic()) * 1000)))
+                entries = await self._read_new(block)
+                if entries:
+                    await self._dispatch(entries, handlers)
+                elif self.options.until_empty and await self._empty():
+                    log.info("worker.empty", consumer=self.consumer)
+                    self.stopping.set()
+        except Stopped:
+            return
+
+    async def _wait_room(self) -> bool:
+        """Wait for a free slot; False when stopping instead."""
+        while len(self.held) >= self.slots and not self.stopping.is_set():
+            self._room.clear()
+            await self._room.wait()
+        return not self.stopping.is_set()
+
+    def _room_left(self) -> int:
+        return max(1, min(MAX_BATCH, self.slots - len(self.held)))
+
+    async def _take_entries(self, mode: str, start: str) -> tuple[str, list[Entry]]:
+        keys = [self.keys.stream, self.keys.dead, self.keys.errors, self.keys.stats]
+        args: list[Any] = [self.options.group, self.consumer, mode, self._claim_ms, self._room_left(),
+                self.options.max_deliveries, start]
+        cursor, raw = await self._redis(lambda: self._take(keys=keys, args=args), f"claim ({mode})")
+        entries = [_entry(entry_id, fields, int(n)) for entry_id, fields, n in raw]
+        if entries:
+            log.info("worker.claimed" if mode == "idle" else "worker.took_back", consumer=self.consumer,
+                     entries=len(entries))
+        return cursor.decode() if isinstance(cursor, bytes) else str(cursor), entries
+
+    async def _read_new(self, block_ms: int) -> list[Entry]:
+        try:
+            reply = await self._redis(
+                lambda: self.redis.xreadgroup(self.options.group, self.consumer, {self.keys.stream: ">"},
+                                              count=self._room_left(), block=block_ms),
+                "read")
+        except redis_errors.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The group is gone: Redis lost its data (no AOF?) or someone deleted the stream.
+            log.error("worker.group_missing", stream=self.keys.stream, group=self.options.group)
+            await self._redis(lambda: ensure_group(self.redis, self.keys, self.options.group), "create group")
+            return []
+        entries: list[Entry] = []
+        for _stream, items in reply or []:
+            for entry_id, fields in items:
+                entries.append(_entry(entry_id, _flat(fields), 1))
+        return entries
+
+    async def _empty(self) -> bool:
+        if self.held or not self._settles.empty():
+            return False
+        return int(await self._redis(lambda: self.redis.xlen(self.keys.stream), "length")) == 0
+
+    async def _redis(self, op: Any, what: str) -> Any:
+        return await retrying(op, what=what, stop=self.stopping)
+
+    async def _dispatch(self, entries: list[Entry], handlers: asyncio.TaskGroup) -> None:
+        """Hold the entries, acknowledge those already done, build the rest in a thread
+        and hand each to a handler task."""
+        fresh = [e for e in entries if e.entry_id not in self.held]  # a claim may return ours
+        if not fresh:
+            return
+        for entry in fresh:
+            self.held[entry.entry_id] = entry
+        if self.stopping.is_set():
+            for entry in fresh:
+                self._settle(b"R", entry)
+            return
+        try:
+            done = await self._redis(lambda: self.redis.hmget(self.keys.done, [e.job_id for e in fresh]), "check")
+        except Stopped:
+            for entry in fresh:
+                self._settle(b"R", entry)
+            raise
+        todo = []
+        for entry, status in zip(fresh, done, strict=True):
+            if status is not None:
+                self.counts.skipped += 1
+                self._settle(b"F", entry)  # status '': acknowledge only
+            else:
+                todo.append(entry)
+        if not todo:
+            return
+        prepared = await asyncio.to_thread(_prepare, todo, self.options.attachments_root)
+        for entry, ready in zip(todo, prepared, strict=True):
+            handlers.create_task(self._handle(entry, ready))
+
+    # -- sending --
+
+    async def _handle(self, entry: Entry, ready: Outgoing | JobError) -> None:
+        assert self.pool is not None
+        if isinstance(ready, JobError):
+            self._finished(entry, "invalid", error=f"line {entry.line}: {ready}")
+            return
+        if not await self._may_send():
+            self._settle(b"R", entry)
+            return
+        started = time.monotonic()
+        try:
+            result = await self.pool.submit(ready.message, sender=ready.sender, recipients=ready.recipients)
+        except DeliveryError as exc:
+            if exc.permanent:
+                self._finished(entry, "failed", attempts=exc.attempts, code=exc.code, response=exc.response,
+                               refused=_refusals(exc.refused), error=str(exc), elapsed_ms=_ms(started))
+            else:
+                self.counts.deferred += 1
+                log.info("job.deferred", id=entry.job_id, deliveries=entry.deliveries, error=str(exc))
+                self._settle(b"D", entry, payload=f"{exc}".encode("utf-8", "replace"))
+        except RelayError as exc:
+            self._settle(b"R", entry)
+            if self.fatal is None:
+                self.fatal = exc
+                log.error("worker.relay_error", relay=exc.relay, transient=exc.transient, error=str(exc))
+                self._stop()
+        except PoolClosedError:
+            self._settle(b"R", entry)  # never on the wire: the next claim sends it
+        except ValueError as exc:
+            self._finished(entry, "invalid", error=f"line {entry.line}: {exc}")
+        else:
+            self._finished(entry, "sent", attempts=result.attempts, code=result.code, response=result.response,
+                           refused=_refusals(result.refused), elapsed_ms=round(result.elapsed * 1000, 1))
+
+    async def _may_send(self) -> bool:
+        """Take a slot of the shared rate limit unless stopping first."""
+        if self.stopping.is_set():
+            return False
+        if self.limiter is None or _POOL_TAKES_LIMITER:
+            return True
+        # A pool without rate_limiter=: the slot is taken before submit instead of when
+        # the message goes on the wire. The rate holds the same over any second or more.
+        acquire = asyncio.ensure_future(self.limiter.acquire())
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (acquire, stop):
+                task.cancel()
+            await asyncio.gather(acquire, stop, return_exceptions=True)
+        if acquire.cancelled():
+            return False
+        acquire.result()  # an error of the limiter is ours
+        return not self.stopping.is_set()
+
+    def _finished(self, entry: Entry, status: str, **fields: Any) -> None:
+        setattr(self.counts, status, getattr(self.counts, status) + 1)
+        if status == "invalid":
+            log.warning("job.invalid", id=entry.job_id, line=entry.line, error=fields.get("error"))
+        self._settle(b"F", entry, status.encode(), result_row(entry.job_id, entry.line, status, **fields))
+
+    def _settle(self, kind: bytes, entry: Entry, status: bytes = b"", payload: bytes = b"") -> None:
+        if kind == b"R":
+            self.counts.released += 1
+        self._settles.put_nowait(_Settle(kind, entry, status, payload))
+
+    # -- recording --
+
+    async def _finisher(self) -> None:
+        """Commit settles in batches, one script call each, retrying while Redis is away
+        (the script is idempotent). A slot is free only once its settle is committed."""
+        keys = [self.keys.stream, self.keys.results, self.keys.done, self.keys.stats, self.keys.errors,
+                self.keys.finished]
+        release_idle = self._claim_ms * 2 + 1000
+        while True:
+            item = await self._settles.get()
+            if item is None:
+                return
+            batch = [item]
+            last = False
+            while len(batch) < MAX_BATCH and not self._settles.empty():
+                following = self._settles.get_nowait()
+                if following is None:
+                    last = True
+                    break
+                batch.append(following)
+            args: list[Any] = [self.options.group, self.consumer, release_idle]
+            for s in batch:
+                args += [s.kind, s.entry.entry_id, s.entry.job_id, s.status, s.payload]
+            await retrying(partial(self._settle_script, keys=keys, args=args), what="record results")
+            for s in batch:
+                self.held.pop(s.entry.entry_id, None)
+            self._room.set()
+            if last:
+                return
+
+    async def _heartbeat(self) -> None:
+        """Keep the held entries fresh; now and then forget consumers long gone."""
+        next_prune = time.monotonic()
+        prune_idle = max(self._claim_ms * 2, 300_000)
+        while not self._finishing.is_set():
+            try:
+                async with asyncio.timeout(self._touch_every):
+                    await self._finishing.wait()
+                return
+            except TimeoutError:
+                pass
+            ids = list(self.held)
+            try:
+                if ids:
+                    args: list[Any] = [self.options.group, self.consumer, *ids]
+                    lost = await retrying(partial(self._touch, keys=[self.keys.stream], args=args),
+                                          what="touch", stop=self._finishing)
+                    if lost:
+                        log.warning("worker.entries_claimed_by_others", consumer=self.consumer, entries=len(lost))
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + PRUNE_EVERY
+                    await retrying(lambda: self._prune(keys=[self.keys.stream],
+                                                       args=[self.options.group, self.consumer, prune_idle]),
+                                   what="prune", stop=self._finishing)
+            except Stopped:
+                return
+
+    async def _forget(self) -> None:
+        """Leave the group's consumer list when nothing of ours is pending (one try)."""
+        script = self.redis.register_script(FORGET)
+        gone = asyncio.Event()
+        gone.set()
+        try:
+            await retrying(partial(script, keys=[self.keys.stream], args=[self.options.group, self.consumer]),
+                           what="leave the group", stop=gone)
+        except Stopped:
+            pass
+
+    # -- signals --
+
+    def _stop(self) -> None:
+        self.stopping.set()
+        self._room.set()
+
+    @contextmanager
+    def _signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+
+        def stop(signum: int) -> None:
+            if self.signalled:
+                # A second signal: drop the sessions now; what was held stays pending.
+                self._aborted = True
+                if self._work is not None:
+                    self._work.cancel()
+                return
+            self.signalled = True
+            self._stop()
+            log.warning("worker.stopping", signal=signal.Signals(signum).name)
+            print("dispatcher worker: stopping: finishing the messages on the wire "
+                  "(a second signal stops at once)", file=sys.stderr, flush=True)
+
+        installed = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(signum, stop, signum)
+                installed.append(signum)
+            except (NotImplementedError, RuntimeError):
+                pass
+        try:
+            yield
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+
+
+# -- helpers --
+
+
+def _flat(fields: Any) -> list[Any]:
+    if isinstance(fields, dict):
+        return [part for pair in fields.items() for part in pair]
+    return list(fields or [])
+
+
+def _entry(entry_id: bytes, fields: list[Any], deliveries: int) -> Entry:
+    values = dict(zip(fields[::2], fields[1::2], strict=True))
+    raw_line = values.get(b"line", b"0")
+    try:
+        line = int(raw_line)
+    except ValueError:
+        line = 0
+    job_id = values.get(b"id", b"").decode("utf-8", "replace")
+    return Entry(entry_id, job_id, line, values.get(b"job"), deliveries)
+
+
+def _prepare(entries: list[Entry], root: Path) -> list[Outgoing | JobError]:
+    """Parse and build each entry's job (in a thread: it may read attachments)."""
+    out: list[Outgoing | JobError] = []
+    for entry in entries:
+        try:
+            if entry.job is None:
+                raise JobError("", "the stream entry has no job")
+            job = parse_job(Line(entry.line, entry.job, len(entry.job)))
+            out.append(build(confine_attachments(job, root)))
+        except JobError as exc:
+            out.append(exc)
+    return out
+
+
+def confine_attachments(job: Job, root: Path) -> Job:
+    """The job with every attachment path resolved under ``root`` (symlinks resolved).
+    Raises JobError naming ``attachments.N.path`` for a path outside it, missing, or
+    not a regular file. Jobs come from the network: a path must never read the worker's
+    files outside the root."""
+    # TODO: use dispatcher.jobs' own check once it lands (issue 13), with the same rules.
+    attachments = getattr(job, "attachments", None)
+    if not attachments or all(a.path is None for a in attachments):
+        return job
+    base = root.resolve()
+    confined = []
+    for i, attachment in enumerate(attachments):
+        if attachment.path is None:
+            confined.append(attachment)
+            continue
+        name = f"attachments.{i}.path"
+        candidate = Path(attachment.path)
+        try:
+            resolved = (candidate if candidate.is_absolute() else base / candidate).resolve(strict=True)
+        except (OSError, RuntimeError) as exc:
+            reason = getattr(exc, "strerror", None) or "cannot be resolved"
+            raise JobError(name, f"cannot read {attachment.path!r}: {reason}") from None
+        if not resolved.is_relative_to(base):
+            raise JobError(name, f"{attachment.path!r} is outside the attachments root")
+        if not resolved.is_file():
+            raise JobError(name, f"{attachment.path!r} is not a regular file")
+        confined.append(attachment.model_copy(update={"path": str(resolved)}))
+    return job.model_copy(update={"attachments": confined})
+
+
+def _refusals(refused: dict[str, tuple[int, str]]) -> dict[str, list[Any]]:
+    return {rcpt: [code, text] for rcpt, (code, text) in refused.items()}
+
+
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 1)
+

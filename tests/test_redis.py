@@ -1,0 +1,449 @@
+"""SPEC section 5 end to end: a real ``redis-server`` (AOF on), a real SMTP server
+(``FaultyServer``), and ``dispatcher enqueue|worker|status|results`` as subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redisserver import RedisServer, free_port, require_redis
+from smtpserver import FaultyServer
+
+pytestmark = pytest.mark.timeout(60)
+
+DISPATCHER = [sys.executable, "-m", "dispatcher.cli"]
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    require_redis()
+    async with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+async def workers() -> AsyncIterator[list[WorkerProcess]]:
+    started: list[WorkerProcess] = []
+    yield started
+    for worker in started:
+        await worker.kill()
+
+
+async def cli(*args: str, cwd: Path, timeout: float = 30) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *DISPATCHER, *args, cwd=cwd, env=ENV, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(timeout):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+class WorkerProcess:
+    """``dispatcher worker`` in a subprocess; its JSON log lines are read as they come."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.events: list[dict[str, Any]] = []
+        self.text: list[str] = []
+        self._changed = asyncio.Event()
+        assert proc.stderr is not None
+        self._reader = asyncio.create_task(self._read(proc.stderr))
+
+    @classmethod
+    async def start(cls, started: list[WorkerProcess], *args: str, cwd: Path) -> WorkerProcess:
+        proc = await asyncio.create_subprocess_exec(
+            *DISPATCHER, "worker", *args, cwd=cwd, env=ENV, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )
+        worker = cls(proc)
+        started.append(worker)
+        return worker
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            try:
+                self.events.append(json.loads(line))
+            except ValueError:
+                self.text.append(line.decode(errors="replace"))
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    async def wait_event(self, name: str, timeout: float = 20) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            while True:
+                for event in self.events:
+                    if event.get("event") == name:
+                        return event
+                if self._reader.done():
+                    raise AssertionError(f"worker exited before {name}: {self.events[-5:]} {self.text}")
+                await self._changed.wait()
+
+    async def wait(self, timeout: float = 30) -> int:
+        async with asyncio.timeout(timeout):
+            code = await self.proc.wait()
+            await self._reader
+        return code
+
+    def summary(self) -> dict[str, Any]:
+        return next(e for e in self.events if e.get("event") == "worker.summary")
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+        await self.proc.wait()
+        await self._reader
+
+
+def job(n: int | str, **extra: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {"id": f"job-{n}", "from": "sender@example.org", "to": [f"rcpt{n}@example.net"],
+                              "subject": f"message {n}", "text": "Hello.\n", "headers": {"X-Job-Id": f"job-{n}"}}
+    record.update(extra)
+    return record
+
+
+def write_jobs(path: Path, jobs: Sequence[dict[str, Any] | str]) -> Path:
+    with path.open("w") as f:
+        for item in jobs:
+            f.write((item if isinstance(item, str) else json.dumps(item)) + "\n")
+    return path
+
+
+def write_config(path: Path, server: FaultyServer, *, redis: dict[str, Any] | None = None,
+                 max_attempts: int = 3, **pool: Any) -> Path:
+    pool = {"size": 2, **pool}
+    lines = [f"smtp:\n  hostname: 127.0.0.1\n  port: {server.port}\n  timeout: 5\n",
+             "pool:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in pool.items()),
+             f"retry:\n  max_attempts: {max_attempts}\n  backoff_base: 0.001\n  backoff_max: 0.01\n",
+             "logging:\n  format: json\n"]
+    if redis:
+        lines.append("redis:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in redis.items()))
+    path.write_text("".join(lines))
+    return path
+
+
+def delivered(server: FaultyServer) -> Counter[str | None]:
+    return Counter(m.header("X-Job-Id") for m in server.messages)
+
+
+async def status(url: str, cwd: Path) -> dict[str, Any]:
+    code, out, err = await cli("status", "--redis", url, "--json", cwd=cwd)
+    assert code == 0, err
+    return dict(json.loads(out))
+
+
+async def results(url: str, cwd: Path) -> list[dict[str, Any]]:
+    code, out, err = await cli("results", "--redis", url, cwd=cwd)
+    assert code == 0, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def assert_one_row_per_id(rows: list[dict[str, Any]], ids: set[str]) -> None:
+    by_id = Counter(row["id"] for row in rows)
+    assert set(by_id) == ids
+    assert max(by_id.values()) == 1
+
+
+# -- enqueue ------------------------------------------------------------------------------
+
+
+async def test_enqueue_twice_adds_nothing_twice_and_invalid_lines_become_results(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [
+        *(job(n) for n in range(1, 21)),
+        "this is not JSON",                                  # line 21: no id at all
+        job(3, subject="same id again"),                     # line 22: duplicate id
+        job("bad", to=["not an address"]),                   # line 23: bad field
+        job("crlf", subject="Hi\r\nBcc: victim@example.net"),  # line 24: header injection
+    ])
+    url = redis_server.url
+    code, _, err = await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path)
+    assert code == 1, err  # some lines were invalid, as with `run`
+    assert "20 jobs added to dispatcher:jobs, 4 invalid" in err
+
+    code, _, err = await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path)
+    assert code == 0, err
+    assert "0 jobs added to dispatcher:jobs, 0 invalid (in dispatcher:jobs:results), 24 already enqueued" in err
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        assert await client.xlen("dispatcher:jobs") == 20
+        first = (await client.xrange("dispatcher:jobs", count=1))[0][1]
+        assert json.loads(first[b"job"])["id"] == "job-1" and first[b"line"] == b"1"
+    finally:
+        await client.aclose()
+
+    rows = await results(url, tmp_path)
+    assert [(r["line"], r["id"], r["status"]) for r in rows] == [
+        (21, None, "invalid"), (22, "job-3", "invalid"), (23, "job-bad", "invalid"), (24, "job-crlf", "invalid")]
+    errors = [r["error"] for r in rows]
+    assert errors[0].startswith("line 21: not valid JSON")
+    assert errors[1] == "line 22: id: duplicate of an earlier line's id 'job-3'"
+    assert errors[2].startswith("line 23: to.0: ")
+    assert errors[3].startswith("line 24: subject: ") and "CR or LF" in errors[3]
+
+    code, text, err = await cli("status", "--redis", url, cwd=tmp_path)
+    assert code == 0, err
+    assert text.splitlines() == [
+        "stream: dispatcher:jobs (group dispatcher)",
+        "enqueued: 20",
+        "invalid at enqueue: 4",
+        "done: 4 (sent 0, failed 0, invalid 4)",
+        "waiting: 20",
+        "pending: 0",
+        "dead: 0",
+        "rate: 0.0/s over the last minute (0 finished)",
+    ]
+
+
+async def test_redis_unavailable_at_start_is_one_line_naming_the_url_without_its_password(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(1)])
+    for url in (f"redis://:hunter2secret@127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/0?password=hunter2secret"):
+        for args in (("worker",), ("enqueue", str(jobs)), ("status",), ("results",)):
+            code, out, err = await cli(*args, "--redis", url, cwd=tmp_path)
+            assert code == 2, (args, err)
+            assert len(err.strip().splitlines()) == 1, err
+            assert f"127.0.0.1:{port}" in err and "hunter2secret" not in err and "Traceback" not in err
+    code, _, err = await cli("worker", cwd=tmp_path)
+    assert code == 2 and "--redis URL is required" in err
+
+
+# -- workers ------------------------------------------------------------------------------
+
+
+async def test_two_workers_share_the_stream_and_each_job_is_delivered_once(
+    redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    n = 300
+    async with FaultyServer() as server:
+        server.faults.delay = 0.005
+        config = write_config(tmp_path / "c.yaml", server)
+        url = redis_server.url
+        pair = [await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--name", name,
+                                          cwd=tmp_path) for name in ("w1", "w2")]
+        for worker in pair:
+            await worker.wait_event("worker.start")
+        jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(n)])
+        code, _, err = await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path)
+        assert code == 0, err
+        await server.wait_for(lambda: len(server.messages) >= n, timeout=40)
+        report = await status(url, tmp_path)
+        for worker in pair:
+            worker.proc.send_signal(signal.SIGTERM)
+        assert [await worker.wait() for worker in pair] == [130, 130]
+
+    counts = delivered(server)
+    assert set(counts) == {f"job-{i}" for i in range(n)}
+    assert max(counts.values()) == 1
+    sent = [worker.summary()["sent"] for worker in pair]
+    assert sum(sent) == n and min(sent) > 0, sent
+    report = await status(url, tmp_path)
+    assert report["done"] == {"sent": n, "failed": 0, "invalid": 0}
+    assert (report["waiting"], report["pending"], report["dead"]) == (0, 0, 0)
+    assert report["consumers"] == []  # both left the group: nothing of theirs was pending
+    assert 0 < report["finished_last_minute"] <= n
+    rows = await results(url, tmp_path)
+    assert_one_row_per_id(rows, set(counts))
+    assert {r["status"] for r in rows} == {"sent"} and all(r["code"] == 250 for r in rows)
+
+
+async def test_a_killed_workers_pending_jobs_are_claimed_and_only_its_wire_is_sent_twice(
+    redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    n = 30
+    async with FaultyServer() as server:
+        server.gate = asyncio.Event()  # every end of DATA waits: the first worker is stuck on the wire
+        config = write_config(tmp_path / "c.yaml", server, redis={"claim_after": 1.0})
+        url = redis_server.url
+        jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(n)])
+        assert (await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path))[0] == 0
+        doomed = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--name", "doomed",
+                                           cwd=tmp_path)
+        await server.wait_for(lambda: server.data_started >= 2, timeout=20)  # both its sessions mid-DATA
+        held = await status(url, tmp_path)
+        assert held["consumers"][0]["name"] == "doomed" and held["consumers"][0]["pending"] == n
+        await doomed.kill()  # SIGKILL
+        server.gate.set()
+        survivor = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--name", "heir",
+                                             "--until-empty", cwd=tmp_path)
+        assert await survivor.wait() == 0
+
+    counts = delivered(server)
+    assert set(counts) == {f"job-{i}" for i in range(n)}
+    twice = sum(c - 1 for c in counts.values())
+    assert twice <= 2, counts  # at most the two messages the killed worker had on the wire
+    assert survivor.summary()["sent"] == n
+    report = await status(url, tmp_path)
+    assert report["done"]["sent"] == n and report["pending"] == 0 and report["waiting"] == 0
+    assert [c["pending"] for c in report["consumers"]] == [0]  # "doomed", its entries taken
+    assert_one_row_per_id(await results(url, tmp_path), set(counts))
+
+
+async def test_three_workers_one_killed_mid_run_every_job_delivered(
+    redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    n = 900
+    async with FaultyServer() as server:
+        server.faults.delay = 0.02  # ~100 messages/s per worker: the kill lands mid-run
+        config = write_config(tmp_path / "c.yaml", server, redis={"claim_after": 1.0})
+        url = redis_server.url
+        jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(n)])
+        assert (await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path))[0] == 0
+        trio = [await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--name", f"w{i}",
+                                          "--until-empty", cwd=tmp_path) for i in range(3)]
+        await server.wait_for(lambda: len(server.messages) >= n // 4, timeout=30)
+        await trio[0].kill()
+        codes = [await worker.wait(timeout=40) for worker in trio[1:]]
+        assert codes == [0, 0]
+
+    counts = delivered(server)
+    assert set(counts) == {f"job-{i}" for i in range(n)}
+    twice = sum(c - 1 for c in counts.values())
+    assert twice <= 4, twice  # the killed worker's wire: 2 sessions, pipelined
+    report = await status(url, tmp_path)
+    assert report["done"]["sent"] == n and (report["pending"], report["waiting"], report["dead"]) == (0, 0, 0)
+    assert_one_row_per_id(await results(url, tmp_path), set(counts))
+
+
+async def test_sigterm_finishes_the_wire_and_releases_the_rest_at_once(
+    redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    n = 20
+    async with FaultyServer() as server:
+        server.gate = asyncio.Event()
+        # claim_after is long: only a release lets the next worker take the entries now.
+        config = write_config(tmp_path / "c.yaml", server, redis={"claim_after": 120})
+        url = redis_server.url
+        jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(n)])
+        assert (await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path))[0] == 0
+        first = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), cwd=tmp_path)
+        await server.wait_for(lambda: server.data_started >= 2, timeout=20)
+        first.proc.send_signal(signal.SIGTERM)
+        await first.wait_event("worker.stopping")
+        server.gate.set()
+        assert await first.wait() == 130
+        on_wire = first.summary()["sent"]
+        assert 2 <= on_wire < n and first.summary()["released"] == n - on_wire
+        second = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--until-empty",
+                                           cwd=tmp_path)
+        assert await second.wait(timeout=20) == 0
+        assert second.summary()["sent"] == n - on_wire
+
+    counts = delivered(server)
+    assert set(counts) == {f"job-{i}" for i in range(n)} and max(counts.values()) == 1
+
+
+async def test_poison_job_goes_to_the_dead_stream_and_attachments_stay_under_the_root(
+    redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    root = tmp_path / "files"
+    root.mkdir()
+    (root / "ok.txt").write_text("attached\n")
+    (tmp_path / "secret.txt").write_text("not for mailing\n")
+    async with FaultyServer() as server:
+        server.faults.rcpt["poison@example.net"] = "450 4.2.1 Mailbox busy, try later"  # always
+        config = write_config(tmp_path / "c.yaml", server, max_attempts=1,
+                              redis={"claim_after": 0.3, "max_deliveries": 2})
+        url = redis_server.url
+        jobs = write_jobs(tmp_path / "jobs.jsonl", [
+            job(1), job("poison", to=["poison@example.net"]), job(3),
+            job("att", attachments=[{"filename": "ok.txt", "path": "ok.txt"}]),
+            job("escape", attachments=[{"filename": "s.txt", "path": "../secret.txt"}]),
+            job("abs", attachments=[{"filename": "s.txt", "path": str(tmp_path / "secret.txt")}]),
+        ])
+        assert (await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path))[0] == 0
+        worker = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--until-empty",
+                                           "--attachments-root", str(root), cwd=tmp_path)
+        assert await worker.wait() == 0
+
+    assert sorted(c for c in delivered(server)) == ["job-1", "job-3", "job-att"]
+    attached = next(m for m in server.messages if m.header("X-Job-Id") == "job-att")
+    assert b"ok.txt" in attached.content and b"not for mailing" not in b"".join(m.content for m in server.messages)
+    assert worker.summary()["deferred"] == 2  # delivered max_deliveries times, then dead
+    report = await status(url, tmp_path)
+    assert report["dead"] == 1 and report["done"] == {"sent": 3, "failed": 0, "invalid": 2}
+    client = aioredis.Redis.from_url(url)
+    try:
+        [(_, dead)] = await client.xrange("dispatcher:jobs:dead")
+    finally:
+        await client.aclose()
+    assert dead[b"id"] == b"job-poison" and dead[b"deliveries"] == b"2" and dead[b"line"] == b"2"
+    assert b"450" in dead[b"reason"] and json.loads(dead[b"job"])["id"] == "job-poison"
+    rows = {r["id"]: r for r in await results(url, tmp_path)}
+    assert "job-poison" not in rows
+    assert rows["job-escape"]["status"] == rows["job-abs"]["status"] == "invalid"
+    assert rows["job-escape"]["error"].startswith("line 5: attachments.0.path: ")
+    assert "outside the attachments root" in rows["job-abs"]["error"]
+
+
+async def test_rate_limit_holds_across_two_workers(
+    redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    rate, n = 25.0, 100
+    arrivals: list[float] = []
+    async with FaultyServer() as server:
+        config = write_config(tmp_path / "c.yaml", server, rate_limit=rate, size=4)
+        url = redis_server.url
+        pair = [await WorkerProcess.start(workers, "--redis", url, "--config", str(config), cwd=tmp_path)
+                for _ in range(2)]
+        for worker in pair:
+            await worker.wait_event("worker.start")
+        jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(n)])
+        assert (await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path))[0] == 0
+
+        def arrived() -> bool:
+            while len(arrivals) < len(server.messages):
+                arrivals.append(time.monotonic())
+            return len(arrivals) >= n
+
+        await server.wait_for(arrived, timeout=30)
+        for worker in pair:
+            worker.proc.send_signal(signal.SIGTERM)
+        assert [await worker.wait() for worker in pair] == [130, 130]
+
+    assert min(worker.summary()["sent"] for worker in pair) > 0  # both sent: the limit is shared
+    overall = (n - 1) / (arrivals[-1] - arrivals[0])
+    assert rate * 0.85 <= overall <= rate * 1.1, overall
+    busiest = max(sum(1 for t in arrivals if start <= t < start + 1.0) for start in arrivals)
+    assert busiest <= rate * 1.1 + 2, busiest  # per worker it would be 2 x rate
+
+
+async def test_redis_restart_mid_run_loses_nothing(
+    redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    n = 400
+    async with FaultyServer() as server:
+        server.faults.delay = 0.01
+        config = write_config(tmp_path / "c.yaml", server, redis={"claim_after": 3.0})
+        url = redis_server.url
+        jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(n)])
+        assert (await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path))[0] == 0
+        pair = [await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--until-empty",
+                                          cwd=tmp_path) for _ in range(2)]
+        await server.wait_for(lambda: len(server.messages) >= n // 4, timeout=30)
+        await redis_server.restart(kill=True, down_for=0.5)  # SIGKILL: only the AOF survives
+        assert [await worker.wait(timeout=40) for worker in pair] == [0, 0]
+
+    assert redis_server.starts == 2
+    assert any(e.get("event") == "redis.unavailable" for worker in pair for e in worker.events)
+    counts = delivered(server)
+    assert set(counts) == {f"job-{i}" for i in range(n)}
+    assert max(counts.values()) == 1  # nothing acknowledged was lost, nothing was sent again
+    report = await status(url, tmp_path)
+    assert report["done"]["sent"] == n and (report["pending"], report["waiting"]) == (0, 0)
+    assert_one_row_per_id(await results(url, tmp_path), set(counts))
