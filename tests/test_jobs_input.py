@@ -1,0 +1,156 @@
+"""Generated input for the job reader and the runner: random and malformed JSON lines,
+random bytes, huge lines, byte order marks, NULs, deep nesting. Every line must end as
+exactly one result line (or be skipped as blank), and nothing may raise."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from smtpserver import FaultyServer
+from test_dispatcher import dispatcher, write_config
+
+from dispatcher.jobs import (
+    MAX_LINE_BYTES,
+    JobError,
+    Line,
+    build,
+    parse_job,
+    read_lines,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+_VALUES: list[Any] = [None, True, 0, -1, 1.5, "", "x", "a@example.org", "not an address", [], {}, ["a@example.net"],
+                      {"k": "v"}, "\u00e9\u4e2d", "\ud800", "line\r\nBcc: x@example.net", "\x00", "a" * 2000,
+                      10 ** 30, float("inf")]
+_FIELDS = ["id", "from", "to", "cc", "bcc", "reply_to", "subject", "text", "html", "headers", "attachments",
+           "mail_from", "rcpt_to", "raw", "template", "data", "extra"]
+
+
+def _valid(rng: random.Random, n: int) -> dict[str, Any]:
+    if rng.random() < 0.3:
+        return {"id": f"raw-{n}", "mail_from": "a@example.org", "rcpt_to": [f"r{n}@example.net"],
+                "raw": f"Subject: raw {n}\r\n\r\nbody {rng.random()}\r\n"}
+    record: dict[str, Any] = {"id": f"job-{n}", "from": "Zoë <a@example.org>", "to": [f"r{n}@example.net"],
+                              "subject": rng.choice(["hi", "Grüße", "x " * 100]), "text": "body\n.\n..\n"}
+    if rng.random() < 0.3:
+        record["attachments"] = [{"filename": "a.bin",
+                                  "content_base64": base64.b64encode(rng.randbytes(rng.randrange(64))).decode()}]
+    return record
+
+
+def _mangled(rng: random.Random, n: int) -> dict[str, Any]:
+    record = _valid(rng, n)
+    for _ in range(rng.randrange(1, 4)):
+        key = rng.choice(_FIELDS)
+        if rng.random() < 0.3:
+            record.pop(key, None)
+        else:
+            record[key] = rng.choice(_VALUES)
+    return record
+
+
+def random_line(rng: random.Random, n: int) -> bytes:
+    """One line of a jobs file, without its newline."""
+    kind = rng.randrange(12)
+    if kind <= 2:
+        return json.dumps(_valid(rng, n)).encode()
+    if kind <= 5:
+        return json.dumps(_mangled(rng, n), ensure_ascii=rng.random() < 0.5).encode("utf-8", "surrogatepass")
+    if kind == 6:
+        return rng.randbytes(rng.randrange(1, 300)).replace(b"\n", b"")
+    if kind == 7:
+        text = json.dumps(_valid(rng, n)).encode()
+        cut = rng.randrange(len(text))
+        return text[:cut] + rng.choice([b"", b"\x00", b"\xff", b"\xef\xbb\xbf", b"}", b'"']) + text[cut + 1:]
+    if kind == 8:
+        depth = rng.choice([10, 1000, 5000, 100_000])
+        return b'{"id": "deep-%d", "data": ' % n + b"[" * depth + b"]" * depth + b"}"
+    if kind == 9:
+        return rng.choice([b"[]", b"null", b"42", b'"string"', b"{}", b"{" + b"1" * 5000 + b"}", b"1" * 5000,
+                           b'{"id": ' + b"9" * 5000 + b"}", b"\xef\xbb\xbf{}", b"\x00" * 10])
+    if kind == 10:
+        return json.dumps({**_valid(rng, n), "id": f"job-{rng.randrange(n + 1)}"}).encode()  # duplicates
+    return rng.choice([b"", b"   ", b"\t", b"\r"])  # blank
+
+
+def test_parse_and_build_raise_nothing_but_job_error() -> None:
+    rng = random.Random(13)
+    outcomes = {"built": 0, "invalid": 0}
+    for n in range(3000):
+        raw = random_line(rng, n)
+        try:
+            outcomes["built"] += bool(build(parse_job(Line(n + 1, raw, len(raw)))))
+        except JobError as exc:
+            assert str(exc)
+            assert exc.job_id is None or (isinstance(exc.job_id, str) and 0 < len(exc.job_id) <= 1000)
+            outcomes["invalid"] += 1
+    assert outcomes["built"] > 300 and outcomes["invalid"] > 300
+
+
+def test_line_splitter_is_chunking_independent() -> None:
+    rng = random.Random(7)
+    for _ in range(200):
+        data = b"\n".join(rng.choice([b"", b" ", b"abc", b"\xef\xbb\xbfx", rng.randbytes(rng.randrange(40))])
+                          for _ in range(rng.randrange(1, 20)))
+        if rng.random() < 0.5:
+            data = b"\xef\xbb\xbf" + data
+        expected = _reference_lines(data, max_bytes=25)
+        for chunk_size in (1, 2, 3, 7, 64, 1 << 20):
+            got = [(line.number, line.content, line.size)
+                   for line in read_lines(io.BytesIO(data), max_bytes=25, chunk_size=chunk_size)]
+            assert got == expected, (data, chunk_size)
+
+
+def _reference_lines(data: bytes, max_bytes: int) -> list[tuple[int, bytes | None, int]]:
+    out: list[tuple[int, bytes | None, int]] = []
+    pieces = data.split(b"\n")
+    for number, piece in enumerate(pieces, 1):
+        last = number == len(pieces)
+        if last and not piece:
+            break
+        raw = piece if last else piece + b"\n"
+        content: bytes | None = raw if len(piece) <= max_bytes else None
+        if content is not None and number == 1 and content.startswith(b"\xef\xbb\xbf"):
+            content = content[3:]
+        if content is not None and not content.strip():
+            continue
+        out.append((number, content, len(raw)))
+    return out
+
+
+async def test_every_generated_line_ends_as_exactly_one_result(server: FaultyServer, tmp_path: Path) -> None:
+    rng = random.Random(2026)
+    lines = [b"\xef\xbb\xbf" + json.dumps(_valid(rng, 0)).encode()]  # a byte order mark first
+    lines += [random_line(rng, n) for n in range(1, 400)]
+    lines.insert(200, b'{"id": "huge", "text": "' + b"x" * (MAX_LINE_BYTES + 10) + b'"}')
+    lines.insert(300, b"\x00" * 100)
+    jobs = tmp_path / "jobs.jsonl"
+    data = b"\n".join(lines) + rng.choice([b"", b"\n"])
+    jobs.write_bytes(data)
+    expected = {number for number, _, _ in _reference_lines(data, MAX_LINE_BYTES)}
+    config = write_config(tmp_path / "c.yaml", server, size=4)
+    code, _, err = await dispatcher("run", str(jobs), "--config", str(config), "--no-progress", cwd=tmp_path,
+                                    timeout=90)
+    assert code == 1, err
+    assert "Traceback" not in err
+    rows = [json.loads(line) for line in (tmp_path / "jobs.results.jsonl").read_bytes().splitlines()]
+    numbers = [row["line"] for row in rows]
+    assert len(numbers) == len(set(numbers)), "one result per line"
+    assert set(numbers) == expected
+    sent = [row for row in rows if row["status"] == "sent"]
+    assert len(sent) == len(server.messages) > 50
+    assert {row["status"] for row in rows} <= {"sent", "failed", "invalid"}  # failed: e.g. a non-ASCII sender
+    # A re-run finds every line recorded: nothing is sent or written again.
+    before = (tmp_path / "jobs.results.jsonl").read_bytes()
+    code, _, err = await dispatcher("run", str(jobs), "--config", str(config), "--no-progress", cwd=tmp_path,
+                                    timeout=90)
+    assert code == 0, err
+    assert (tmp_path / "jobs.results.jsonl").read_bytes() == before
+    assert len(server.messages) == len(sent)
