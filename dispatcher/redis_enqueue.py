@@ -4,6 +4,9 @@ Valid jobs are appended as their own line (the worker parses it again). Invalid 
 become ``invalid`` rows of the results stream at once. Enqueuing the same file again
 adds nothing twice: a job by its id, an invalid line by its id, or, when it has no id
 of its own (unreadable, or a duplicate of an earlier line's), by line number and digest.
+
+Ids seen in this file are kept as 8-byte digests (``IdSet``); the rare duplicate asks
+Redis for the line that owns the id, so memory does not grow with the ids' length.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import IO
 import structlog
 from redis.asyncio import Redis
 
-from dispatcher.jobs import JobError, Line, build, parse_job, read_lines
+from dispatcher.jobs import JobError, Line, build, needs_files, parse_job, read_lines
 from dispatcher.journal import IdSet
 from dispatcher.redis_store import ENQUEUE, Keys, ensure_group, result_row, retrying
 
@@ -43,51 +46,64 @@ class Enqueuer:
         self.group = group
         self.counts = EnqueueCounts()
         self._seen = IdSet()
+        self._batch: list[Row] = []
         self._script = redis.register_script(ENQUEUE)
 
     async def enqueue(self, stream: IO[bytes]) -> EnqueueCounts:
         await retrying(lambda: ensure_group(self.redis, self.keys, self.group), what="create group")
-        batch: list[Row] = []
+        self._batch = []
         for line in read_lines(stream):
-            batch.append(self.admit(line))
-            if len(batch) >= BATCH:
-                await self._flush(batch)
-                batch = []
-        if batch:
-            await self._flush(batch)
+            row = await self.admit(line)  # may flush, replacing self._batch
+            self._batch.append(row)
+            if len(self._batch) >= BATCH:
+                await self._flush()
+        await self._flush()
         return self.counts
 
-    def admit(self, line: Line) -> Row:
+    async def admit(self, line: Line) -> Row:
         """The row for one line: the same validation and duplicate rules as ``run``,
         except that attachments given by path are read by the worker, not here."""
         number = str(line.number).encode()
         try:
             job = parse_job(line)
         except JobError as exc:
-            if exc.job_id is not None and self._seen.add(exc.job_id):
+            if exc.job_id is not None and await self._owner(exc.job_id) is None:
                 return self._invalid(b"I", exc.job_id.encode(), exc.job_id, line, exc)
-            return self._invalid(b"L", _line_key(line, exc.job_id), exc.job_id, line, exc, mark=False)
-        if not self._seen.add(job.id):
-            error = JobError("id", f"duplicate of an earlier line's id {job.id!r}")
-            return self._invalid(b"L", _line_key(line, job.id), job.id, line, error, mark=False)
-        if not any(attachment.path is not None for attachment in getattr(job, "attachments", ())):
+            return self._invalid(b"L", _line_key(line, exc.job_id), None, line, exc)
+        first = await self._owner(job.id)
+        if first is not None:
+            error = JobError("id", f"duplicate of line {first}'s id {job.id!r}")
+            return self._invalid(b"L", _line_key(line, job.id), None, line, error)
+        if not needs_files(job):
             try:
-                build(job)  # what the worker will do; paths excepted, they are the worker's to read
+                build(job)  # what the worker will do; files excepted, they are the worker's to read
             except JobError as exc:
                 return self._invalid(b"I", job.id.encode(), job.id, line, exc)
         assert line.content is not None
         return (b"J", job.id.encode(), job.id.encode(), number, line.content.rstrip(b"\r\n"))
 
-    def _invalid(self, kind: bytes, key: bytes, job_id: str | None, line: Line, exc: JobError,
-                 *, mark: bool = True) -> Row:
+    async def _owner(self, job_id: str) -> int | None:
+        """The line of this file that already has ``job_id``, or None (the line now owns it)."""
+        if self._seen.add(job_id):
+            return None
+        await self._flush()  # the owner may still be in the batch
+        first = await retrying(lambda: self.redis.hget(self.keys.ids, job_id), what="enqueue")
+        if first is None:  # two ids sharing a digest: this one is new after all
+            return None
+        return int(first)
+
+    def _invalid(self, kind: bytes, key: bytes, job_id: str | None, line: Line, exc: JobError) -> Row:
         self.counts.invalid_lines += 1
         message = f"line {line.number}: {exc}"
         log.warning("job.invalid", line=line.number, id=job_id, field=exc.field, error=str(exc))
         row = result_row(job_id, line.number, "invalid", error=message)
-        marked = job_id.encode() if mark and job_id is not None else b""
+        marked = job_id.encode() if kind == b"I" and job_id is not None else b""
         return (kind, key, marked, str(line.number).encode(), row)
 
-    async def _flush(self, batch: list[Row]) -> None:
+    async def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
         args = [part for row in batch for part in row]
         keys = [self.keys.stream, self.keys.results, self.keys.ids, self.keys.lines, self.keys.done,
                 self.keys.stats]

@@ -6,7 +6,7 @@ Keys, for the default stream ``dispatcher:jobs`` (every name derives from the st
     dispatcher:jobs            the jobs: entries {id, line, job}; deleted once acknowledged
     dispatcher:jobs:results    one entry {r: results-file row} per finished id
     dispatcher:jobs:dead       entries {id, line, job, reason, deliveries}
-    dispatcher:jobs:ids        set: every id ever enqueued (enqueue adds nothing twice)
+    dispatcher:jobs:ids        hash: every id ever enqueued -> its line (enqueue adds nothing twice)
     dispatcher:jobs:lines      set: invalid lines without an id of their own (by line + digest)
     dispatcher:jobs:done       hash: id -> sent | failed | invalid
     dispatcher:jobs:stats      hash: enqueued, rejected, sent, failed, invalid, dead
@@ -207,16 +207,20 @@ def result_row(
 # recorded without its id being marked done and its entry acknowledged, nor the reverse.
 
 #: ARGV: rows of (kind, key, mark_id, line, payload). kind J: a job (key: its id, in
-#: the ids set); I: an invalid line whose id is its own (key: the id; marked done);
-#: L: an invalid line keyed by line number and digest (lines set). A row whose key is
-#: already there adds nothing. Returns {added, rejected, already}.
+#: the ids hash, with its line); I: an invalid line whose id is its own (the same, and
+#: the id is marked done); L: an invalid line keyed by line number and digest (lines
+#: set). A row whose key is already there adds nothing. Returns {added, rejected, already}.
 ENQUEUE = """
 local added, rejected, already = 0, 0, 0
 for i = 1, #ARGV, 5 do
   local kind, key, id, line, payload = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
-  local set = KEYS[3]
-  if kind == 'L' then set = KEYS[4] end
-  if redis.call('SADD', set, key) == 1 then
+  local new
+  if kind == 'L' then
+    new = redis.call('SADD', KEYS[4], key)
+  else
+    new = redis.call('HSETNX', KEYS[3], key, line)
+  end
+  if new == 1 then
     if kind == 'J' then
       redis.call('XADD', KEYS[1], '*', 'id', id, 'line', line, 'job', payload)
       added = added + 1

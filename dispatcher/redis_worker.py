@@ -39,7 +39,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from dispatcher.config import Settings
-from dispatcher.jobs import Job, JobError, Line, Outgoing, build, parse_job
+from dispatcher.jobs import JobError, Line, Outgoing, build, load_attachments, parse_job
 from dispatcher.redis_ratelimit import RedisRateLimiter
 from dispatcher.redis_store import (
     FORGET,
@@ -542,40 +542,12 @@ def _prepare(entries: list[Entry], root: Path) -> list[Outgoing | JobError]:
             if entry.job is None:
                 raise JobError("", "the stream entry has no job")
             job = parse_job(Line(entry.line, entry.job, len(entry.job)))
-            out.append(build(confine_attachments(job, root)))
+            # Jobs come from the network: a path is read only under the worker's root.
+            load_attachments(job, root, root)
+            out.append(build(job))
         except JobError as exc:
             out.append(exc)
     return out
-
-
-def confine_attachments(job: Job, root: Path) -> Job:
-    """The job with every attachment path resolved under ``root`` (symlinks resolved).
-    Raises JobError naming ``attachments.N.path`` for a path outside it, missing, or
-    not a regular file. Jobs come from the network: a path must never read the worker's
-    files outside the root."""
-    # TODO: use dispatcher.jobs' own check once it lands (issue 13), with the same rules.
-    attachments = getattr(job, "attachments", None)
-    if not attachments or all(a.path is None for a in attachments):
-        return job
-    base = root.resolve()
-    confined = []
-    for i, attachment in enumerate(attachments):
-        if attachment.path is None:
-            confined.append(attachment)
-            continue
-        name = f"attachments.{i}.path"
-        candidate = Path(attachment.path)
-        try:
-            resolved = (candidate if candidate.is_absolute() else base / candidate).resolve(strict=True)
-        except (OSError, RuntimeError) as exc:
-            reason = getattr(exc, "strerror", None) or "cannot be resolved"
-            raise JobError(name, f"cannot read {attachment.path!r}: {reason}") from None
-        if not resolved.is_relative_to(base):
-            raise JobError(name, f"{attachment.path!r} is outside the attachments root")
-        if not resolved.is_file():
-            raise JobError(name, f"{attachment.path!r} is not a regular file")
-        confined.append(attachment.model_copy(update={"path": str(resolved)}))
-    return job.model_copy(update={"attachments": confined})
 
 
 def _refusals(refused: dict[str, tuple[int, str]]) -> dict[str, list[Any]]:
