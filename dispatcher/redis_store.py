@@ -128,6 +128,7 @@ def client(url: str) -> Redis:
             socket_timeout=15,  # longer than any BLOCK we use
             retry=Retry(NoBackoff(), 0),
             decode_responses=False,
+            protocol=2,  # the reply shapes this package reads, whatever redis-py's default
         )
     except (ValueError, TypeError) as exc:
         raise RedisUnavailable(f"bad Redis URL {redact(url)}: {one_line(exc)}") from None

@@ -98,6 +98,7 @@ class Entry:
     line: int
     job: bytes | None
     deliveries: int
+    settling: bool = False  # its settle is queued: no longer touched
 
 
 @dataclass(slots=True)
@@ -138,6 +139,7 @@ class Worker:
         self.counts = WorkerCounts()
         self.held: dict[bytes, Entry] = {}
         self.slots = options.slots or max(64, 4 * settings.pool.size)
+        self._read_at = max(1, self.slots // 4)
         self.stopping = asyncio.Event()  # stop reading: a signal, a relay failure, or empty
         self.signalled = False
         self.fatal: RelayError | None = None
@@ -264,8 +266,10 @@ class Worker:
             return
 
     async def _wait_room(self) -> bool:
-        """Wait for a free slot; False when stopping instead."""
-        while len(self.held) >= self.slots and not self.stopping.is_set():
+        """Wait until a quarter of the slots are free (a read fetches a batch worth its
+        round trip, while the pool still has three quarters to send); False when
+        stopping instead."""
+        while self.slots - len(self.held) < self._read_at and not self.stopping.is_set():
             self._room.clear()
             await self._room.wait()
         return not self.stopping.is_set()
@@ -407,6 +411,7 @@ class Worker:
     def _settle(self, kind: bytes, entry: Entry, status: bytes = b"", payload: bytes = b"") -> None:
         if kind == b"R":
             self.counts.released += 1
+        entry.settling = True
         self._settles.put_nowait(_Settle(kind, entry, status, payload))
 
     # -- recording --
@@ -450,7 +455,7 @@ class Worker:
                 return
             except TimeoutError:
                 pass
-            ids = list(self.held)
+            ids = [entry_id for entry_id, entry in self.held.items() if not entry.settling]
             try:
                 if ids:
                     args: list[Any] = [self.options.group, self.consumer, *ids]
