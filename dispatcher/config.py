@@ -50,8 +50,8 @@ class RedisSettings(_Section):
 
 class Settings(_Section):
     smtp: SMTPSettings | None = None
-    pool: PoolSettings = PoolSettings()
-    retry: RetrySettings = RetrySettings()
+    pool: PoolSettings = PoolSettings.model_validate({})
+    retry: RetrySettings = RetrySettings.model_validate({})
     jobs: JobsSettings = JobsSettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()

@@ -64,7 +64,7 @@ EXIT_ERROR = EXIT_USAGE
 STATUSES = ("sent", "failed", "invalid", "skipped")
 LOG_PROGRESS_EVERY = 10.0
 TTY_PROGRESS_EVERY = 0.25
-READ_CHUNK = 1 << 20
+READ_CHUNK = 1 << 18  # a chunk's lines are split at once: keep it small
 
 
 class RunError(Exception):
@@ -520,7 +520,8 @@ def _settle(future: asyncio.Future[bytes], outcome: bytes | OSError) -> None:
 def _local_kwargs(settings: Settings, port: int) -> dict[str, Any]:
     from dispatcher.config import SMTPSettings
 
-    return pool_kwargs(settings.model_copy(update={"smtp": SMTPSettings(hostname="127.0.0.1", port=port)}))
+    smtp = SMTPSettings.model_validate({"hostname": "127.0.0.1", "port": port})
+    return pool_kwargs(settings.model_copy(update={"smtp": smtp}))
 
 
 def _text(value: Any) -> Any:
