@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage, Message
 from email.utils import getaddresses, parseaddr
@@ -19,6 +20,11 @@ class Envelope:
     recipients: tuple[str, ...]
     content: bytes  # CRLF-normalized, dot-stuffed, ending in the end-of-data line
     message_id: str | None
+    all_ascii: bool = True  # sender and every recipient are ASCII
+
+    def ascii_addresses(self, recipients: tuple[str, ...]) -> bool:
+        """The sender and ``recipients`` need no SMTPUTF8 (RFC 6531 section 3.4)."""
+        return self.all_ascii or (self.sender.isascii() and all(r.isascii() for r in recipients))
 
 
 def check_address(address: str, field: str) -> str:
@@ -30,6 +36,15 @@ def check_address(address: str, field: str) -> str:
     return address
 
 
+def _crlf(message: bytes) -> bytes:
+    if b"\r" not in message:
+        return message.replace(b"\n", b"\r\n")
+    crlf = message.count(b"\r\n")
+    if message.count(b"\r") != crlf or message.count(b"\n") != crlf:
+        return message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    return message
+
+
 def wire_content(message: bytes) -> bytes:
     """CRLF line endings only, dot-stuffed, terminated with ``.\\r\\n``.
 
@@ -38,12 +53,7 @@ def wire_content(message: bytes) -> bytes:
     starts with a dot gets another (section 4.5.2). bytes.replace and count run in C:
     no per-line Python loop, whatever the size.
     """
-    if b"\r" not in message:
-        message = message.replace(b"\n", b"\r\n")
-    else:
-        crlf = message.count(b"\r\n")
-        if message.count(b"\r") != crlf or message.count(b"\n") != crlf:
-            message = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    message = _crlf(message)
     if not message.endswith(b"\r\n"):
         message += b"\r\n"
     if message.startswith(b"."):
@@ -64,8 +74,11 @@ def build_envelope(
     message: EmailMessage | Message | bytes | str,
     sender: str | None = None,
     recipients: list[str] | tuple[str, ...] | None = None,
+    *,
+    sign: Callable[[bytes], bytes] | None = None,
 ) -> Envelope:
-    """Validate and prepare a submission. Raises ValueError on bad input."""
+    """Validate and prepare a submission. Raises ValueError on bad input. ``sign``
+    (DKIM) gets the message with CRLF line endings and returns it signed."""
     if isinstance(message, Message):
         if sender is None:
             sender = parseaddr(str(message.get("Sender") or message.get("From") or ""))[1]
@@ -95,5 +108,8 @@ def build_envelope(
         raise ValueError("recipients: empty address")
     # One transaction names each recipient once (a duplicate would be delivered twice).
     rcpts = tuple(dict.fromkeys(rcpts))
+    if sign is not None:
+        raw = sign(_crlf(raw))
     content = wire_content(raw)
-    return Envelope(sender, rcpts, content, _header_message_id(content))
+    all_ascii = sender.isascii() and all(r.isascii() for r in rcpts)
+    return Envelope(sender, rcpts, content, _header_message_id(content), all_ascii)

@@ -79,3 +79,13 @@ class ConnectionFailed(Exception):
         self.code = code
         self.reason = reason
         self.ambiguous = ambiguous
+
+
+class SessionRefused(Exception):
+    """Internal: the relay refused the session for good (AUTH rejected, certificate not
+    trusted, STARTTLS missing while a password is set). Becomes a RelayError."""
+
+    def __init__(self, reason: str, *, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason

@@ -1,11 +1,16 @@
-"""SMTPPool: a bounded queue feeding ``size`` workers, each owning one SMTP session.
+"""SMTPPool: a bounded queue feeding ``size`` slots, each a worker owning one session.
 
-    submit() -> queue -> worker -> Connection.start() ... Transaction.finish() -> SendResult | DeliveryError
+    submit() -> queue -> worker(slot) -> Transaction.start() / finish() -> Outcome -> SendResult | error
 
 A message is a ``_Job``. Its state (recipients still pending, accepted, refused,
 attempts) changes only in the worker that holds it, or in ``_finish``. Transient
 failures send the job through a backoff timer back into the queue, so a worker never
 idles on a sleep while other messages wait.
+
+Ownership: one supervisor task runs a ``TaskGroup`` holding every worker, backoff
+timer and probe; ``close()`` and ``terminate()`` stop them by calls, never by markers
+in the queue. A relay that cannot be reached holds the queue without spending the
+messages' attempts (SPEC behaviour 10).
 """
 
 from __future__ import annotations
@@ -19,20 +24,28 @@ from dataclasses import dataclass, field
 from email.message import Message
 from typing import TYPE_CHECKING, Any
 
-import structlog
-from aiosmtplib import SMTPResponseException
-
-from pool.connection import Connection, ConnectionFailed, SessionOptions, Transaction, TransactionReply
+from pool.connection import Connection, ConnState, SessionOptions
 from pool.envelope import Envelope, build_envelope
+from pool.errors import (
+    ConnectionFailed,
+    DeliveryError,
+    PoolClosedError,
+    PoolError,
+    Refusals,
+    RelayError,
+    SessionRefused,
+)
+from pool.log import EventLogger, log
 from pool.metrics import PoolMetrics
-from pool.ratelimit import RateLimiter
-from pool.results import DeliveryError, PoolClosedError, PoolError, Refusals, SendResult
-from pool.retry import backoff_delay, is_permanent, is_positive
+from pool.ratelimit import RateLimiter, SharedLimiter
+from pool.results import SendResult
+from pool.retry import backoff_delay, is_permanent
+from pool.transaction import Outcome, Transaction
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-log = structlog.get_logger("pool")
+    from pool.dkim import DKIMSigner
 
 
 @dataclass(slots=True, eq=False)
@@ -47,17 +60,16 @@ class _Job:
     last_code: int | None = None
     last_response: str = ""
     delivered: tuple[int, str] | None = None  # the end-of-DATA reply that accepted it
-    taken: bool = False
-
-
-_STOP: Any = object()
+    taken: bool = False  # a worker took it from the queue once: its room is given back
+    stop_reason: PoolError | None = None  # why its backoff timer was cancelled
 
 
 class SMTPPool:
     """A pool of long-lived SMTP sessions. ``result = await pool.submit(message)``.
 
     See SPEC section 1 for every option. Use as ``async with SMTPPool(...) as pool``
-    or call ``await pool.close()`` when done.
+    or call ``await pool.close()`` when done. ``rate_limiter`` takes a limiter shared
+    with other processes (``async acquire()``), applied on top of ``rate_limit``.
     """
 
     def __init__(
@@ -85,7 +97,8 @@ class SMTPPool:
         ca_file: str | None = None,
         tls_context: ssl.SSLContext | None = None,
         relay_down_timeout: float = 300.0,
-        dkim: Any = None,
+        dkim: DKIMSigner | None = None,
+        rate_limiter: SharedLimiter | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("size must be at least 1")
@@ -95,12 +108,17 @@ class SMTPPool:
             raise ValueError("queue_size must be at least 1")
         if max_messages_per_connection is not None and max_messages_per_connection < 1:
             raise ValueError("max_messages_per_connection must be at least 1")
+        if relay_down_timeout <= 0:
+            raise ValueError("relay_down_timeout must be positive")
         self.size = size
+        self.queue_size = queue_size
         self.max_messages_per_connection = max_messages_per_connection
         self.idle_timeout = idle_timeout
         self.max_attempts = max_attempts
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        self.relay_down_timeout = relay_down_timeout
+        self.dkim = dkim
         self._options = SessionOptions(
             hostname=hostname,
             port=port,
@@ -115,25 +133,34 @@ class SMTPPool:
             ca_file=ca_file,
             tls_context=tls_context,
         )
-        self.relay_down_timeout = relay_down_timeout
-        self.dkim = dkim
-        self._rate = RateLimiter(rate_limit) if rate_limit else None
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
-        self._connections = [Connection(self._options) for _ in range(size)]
+        if not validate_certs and (use_tls or start_tls is not False):
+            log.warning("smtp.validate_certs_off", relay=self._options.relay,
+                        detail="the relay's TLS certificate is not verified")
+        self.rate = RateLimiter(rate_limit)
+        self._shared_limiter = rate_limiter
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()  # unbounded: _room bounds what submit adds
+        self._room = asyncio.Semaphore(queue_size)
+        self._slots = [Connection(self._options) for _ in range(size)]
         self.max_open = 0  # most sessions ever open at once: for tests and stats
         self.metrics = PoolMetrics(
-            registry, queue_depth=self.queue_depth, connections_open=self.connections_open
+            registry, queue_depth=self.queue_depth, connections_open=self.connections_open,
+            rate_current=lambda: self.rate.current, relay_up=lambda: 0.0 if self._relay_error else 1.0,
         )
         self._rng = random.Random()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._group: asyncio.TaskGroup | None = None
         self._workers: list[asyncio.Task[None]] = []
-        self._backoffs: set[asyncio.Task[None]] = set()
+        self._timers: dict[asyncio.Task[None], _Job] = {}  # backoff timers and the job each holds
+        self._stopping = asyncio.Event()
         self._unfinished = 0
         self._drained = asyncio.Event()
         self._drained.set()
         self._closing = False  # no new submissions
-        self._abandon = False  # close(drain=False): fail what is not on the wire
-        self._closed = False
-        self._close_lock = asyncio.Lock()
+        self._stopped: PoolError | None = None  # why waiting jobs fail: closed, crashed
+        self._relay_error: RelayError | None = None
+        self._down_since: float | None = None  # first failed connect while no session was up
+        self._connect_failures = 0  # in a row
+        self._first_session = asyncio.Lock()
 
     @classmethod
     def from_config(cls, settings: Any, **overrides: Any) -> SMTPPool:
@@ -145,72 +172,108 @@ class SMTPPool:
             raise ValueError("smtp: no relay configured")
         return cls(**{**pool_kwargs(settings.smtp, settings.pool, settings.retry), **overrides})
 
+    def __repr__(self) -> str:
+        states = [slot.state for slot in self._slots]
+        state = "closed" if self._closing and self._supervisor is None else (
+            "closing" if self._closing else "running" if self._supervisor else "new")
+        relay = "" if self._relay_error is None else f" relay_error={self._relay_error!r}"
+        return (f"<SMTPPool {self._options.relay} {state} size={self.size} "
+                f"busy={states.count(ConnState.BUSY)} idle={states.count(ConnState.IDLE)} "
+                f"queued={self.queue_depth()} unfinished={self._unfinished}{relay}>")
+
     # -- lifecycle --
 
     async def __aenter__(self) -> SMTPPool:
-        self._start_workers()
+        self._start()
         return self
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         # A cancelled owner must not wait for the whole queue to drain.
         await self.close(drain=exc_type is not asyncio.CancelledError)
 
-    @property
-    def queue_size(self) -> int:
-        return self._queue.maxsize
-
     def queue_depth(self) -> int:
         """Messages waiting for a session now."""
         return self._queue.qsize()
 
     def connections_open(self) -> int:
-        """SMTP sessions open now (never more than ``size``)."""
-        return sum(1 for conn in self._connections if conn.is_open)
+        """SMTP sessions open or opening now (never more than ``size``)."""
+        return sum(1 for slot in self._slots if slot.is_open)
 
-    def _start_workers(self) -> None:
-        if not self._workers and not self._closed:
-            self._workers = [
-                asyncio.create_task(self._worker(conn), name=f"smtp-pool-worker-{conn.id}")
-                for conn in self._connections
-            ]
+    @property
+    def relay_error(self) -> RelayError | None:
+        """Set while the relay is down or refuses the session (SPEC behaviour 10)."""
+        return self._relay_error
+
+    def _start(self) -> None:
+        if self._supervisor is None and not self._closing:
+            self._supervisor = asyncio.create_task(self._supervise(), name="smtp-pool")
+
+    async def _supervise(self) -> None:
+        """Own every task of the pool: workers, backoff timers. Ends when told to."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                self._workers = [
+                    group.create_task(self._worker(slot), name=f"smtp-pool-worker-{slot.id}")
+                    for slot in self._slots
+                ]
+                await self._stopping.wait()
+                # Every job has ended: the workers wait for work, or probe; stop them there.
+                for task in (*self._workers, *self._timers):
+                    task.cancel()
+        except Exception as exc:
+            # A bug in a worker: the group has cancelled the others. Nothing may wait forever.
+            log.error("smtp.pool_crashed", error=repr(exc))
+            self._fail_waiting(PoolError(f"the pool stopped after an internal error: {exc!r}"))
+        finally:
+            self._group = None
+            await asyncio.gather(*(slot.quit() for slot in self._slots), return_exceptions=True)
 
     async def close(self, drain: bool = True) -> None:
         """Stop taking messages. ``drain=True`` sends everything already submitted;
         ``drain=False`` fails the waiting with PoolClosedError and finishes only the
-        transactions on the wire. Then every session is ended with QUIT."""
+        transactions on the wire. Then every session is ended with QUIT. Safe to call
+        again, concurrently, or after a cancelled close (which terminates the pool)."""
         self._closing = True
         if not drain:
-            self._abandon_waiting()
-        async with self._close_lock:
-            if self._closed:
-                return
-            if self._workers:
-                await self._drained.wait()
-                for _ in self._workers:
-                    await self._queue.put(_STOP)
-                await asyncio.gather(*self._workers)
-            self._closed = True
-            self._abandon_waiting()
+            self._fail_waiting(PoolClosedError("the pool closed before this message was sent"))
+        supervisor = self._supervisor
+        if supervisor is None:
+            self._fail_waiting(PoolClosedError("the pool closed before this message was sent"))
+            return
+        try:
+            await self._drained.wait()
+            self._stopping.set()
+            await asyncio.shield(supervisor)
+        except asyncio.CancelledError:
+            # asyncpg's rule: a close that cannot finish falls back to terminate.
+            self.terminate()
+            raise
 
     def terminate(self) -> None:
-        """Drop every session at once, without QUIT (a second Ctrl-C). Messages queued or
-        on the wire fail with PoolClosedError: the server may or may not have them."""
+        """Drop every session at once, without QUIT (a second Ctrl-C). Messages queued
+        or on the wire fail with PoolClosedError: the server may or may not have those
+        that were on the wire."""
         self._closing = True
-        self._abandon_waiting()
-        for conn in self._connections:
-            conn.close()
-        for worker in self._workers:
-            worker.cancel()
-
-    def _abandon_waiting(self) -> None:
-        """Fail every job not on the wire: queued ones and those backing off."""
-        self._abandon = True
-        for task in list(self._backoffs):
+        self._fail_waiting(PoolClosedError("the pool was terminated before this message was sent"))
+        for slot in self._slots:
+            slot.close()
+        for task in self._workers:
             task.cancel()
+        self._stopping.set()
+
+    def _fail_waiting(self, error: PoolError) -> None:
+        """Fail every job not on the wire, queued or backing off, with ``error``. Unless
+        it is the relay's (which may recover), the pool stops retrying for good."""
+        if self._stopped is None and not isinstance(error, RelayError):
+            self._stopped = error
         while not self._queue.empty():
             job = self._queue.get_nowait()
-            if job is not _STOP:
-                self._finish(job, closed=True)
+            self._release(job)
+            self._finish(job, stopped=error)
+        for timer, job in list(self._timers.items()):
+            job.stop_reason = error  # the timer finishes its job with it when cancelled
+            timer.cancel()
 
     # -- submit --
 
@@ -223,25 +286,34 @@ class SMTPPool:
     ) -> SendResult:
         """Send one message. Returns a SendResult when at least one recipient accepted.
 
-        Raises DeliveryError when none did, PoolClosedError when the pool is closed,
-        ValueError at once for bad input. Waits while the queue is full.
+        Raises DeliveryError when none did, RelayError when the relay is down or
+        refuses the session, PoolClosedError when the pool is closed, ValueError at
+        once for bad input. Waits while the queue is full.
         """
-        envelope = build_envelope(message, sender, recipients)
-        if self._closing:
-            raise PoolClosedError("the pool is closed")
-        self._start_workers()
+        sign = self.dkim.sign if self.dkim is not None else None
+        envelope = build_envelope(message, sender, recipients, sign=sign)
+        self._check_open()
+        self._start()
         loop = asyncio.get_running_loop()
         job = _Job(envelope, loop.create_future(), time.monotonic(), envelope.recipients)
         self._unfinished += 1
         self._drained.clear()
         try:
-            await self._queue.put(job)
+            await self._room.acquire()
         except BaseException:
-            # Cancelled while the queue was full: never queued, never sent.
+            self._job_done()  # cancelled while the queue was full: never queued, never sent
+            raise
+        try:
+            # Submitted before a draining close(), it is still sent; not after a stop.
+            if self._relay_error is not None:
+                raise _fresh(self._relay_error)
+            if self._stopped is not None:
+                raise PoolClosedError("the pool closed before this message was sent")
+        except PoolError:
+            self._room.release()
             self._job_done()
             raise
-        if self._closed:
-            self._abandon_waiting()
+        self._queue.put_nowait(job)
         try:
             return await job.future
         except asyncio.CancelledError:
@@ -250,257 +322,308 @@ class SMTPPool:
                 job.future.cancel()
             raise
 
+    def _check_open(self) -> None:
+        if self._relay_error is not None:
+            raise _fresh(self._relay_error)
+        if self._closing:
+            raise PoolClosedError("the pool is closed")
+
+    def _release(self, job: _Job) -> None:
+        """The job left the queue for the first time: room for the next submit."""
+        if not job.taken:
+            job.taken = True
+            self._room.release()
+
     # -- workers --
 
-    async def _worker(self, conn: Connection) -> None:
-        """Take jobs one after another on this worker's session.
+    async def _worker(self, slot: Connection) -> None:
+        """Take jobs one after another on this slot's session.
 
         With a pipelined session, the next job's envelope is written before the
         previous job's end-of-DATA reply is read (``inflight``), when the queue already
         holds it: the two share one round trip.
         """
-        bound = log.bind(connection=conn.id)
+        bound = log.bind(connection=slot.id)
         job: _Job | None = None
-        inflight: tuple[_Job, Transaction] | None = None
+        inflight: tuple[_Job, Transaction, float] | None = None
         try:
             while True:
-                if inflight is not None and (self._queue.empty() or self._must_recycle(conn)):
-                    await self._complete(*inflight, conn, bound)
+                if inflight is not None and (self._queue.empty() or self._must_recycle(slot)):
+                    await self._complete(inflight, slot, bound)
                     inflight = None
-                job = self._queue.get_nowait() if inflight is not None else await self._next_job(conn)
-                if job is _STOP:
-                    break
+                job = self._queue.get_nowait() if inflight is not None else await self._next_job(slot, bound)
+                self._release(job)
                 if job.future.done():  # cancelled by its caller while queued
                     self._job_done()
-                elif self._abandon:
-                    self._finish(job, closed=True)
-                else:
-                    job.taken = True
-                    job.attempts += 1
-                    if self._rate is not None:
-                        delay = self._rate.reserve()
-                        if delay > 0:
-                            if inflight is not None:
-                                await self._complete(*inflight, conn, bound)
-                                inflight = None
-                            await asyncio.sleep(delay)
-                    transaction = await self._start(job, conn, bound, reuse=inflight is not None)
+                    job = None
+                    continue
+                if self.rate.current != float("inf") or self._shared_limiter is not None:
                     if inflight is not None:
-                        await self._complete(*inflight, conn, bound)
-                    inflight = (job, transaction) if transaction is not None else None
+                        await self._complete(inflight, slot, bound)
+                        inflight = None
+                    await self.rate.acquire()
+                    if self._shared_limiter is not None:
+                        await self._shared_limiter.acquire()
+                if inflight is None:
+                    wait = await self._ready(slot, job, bound)
+                    if wait is not None:  # no session: the job is back in the queue, or failed
+                        job = None
+                        await asyncio.sleep(wait)
+                        continue
+                job.attempts += 1
+                slot.begin()
+                transaction = Transaction(slot, job.envelope, job.pending)
+                started = time.monotonic()
+                await transaction.start()
+                if inflight is not None:
+                    await self._complete(inflight, slot, bound)
+                    inflight = None
+                if transaction.open:
+                    inflight = (job, transaction, started)
+                else:
+                    assert transaction.outcome is not None
+                    self._route(job, transaction.outcome, slot, started, bound)
                 job = None
-            if inflight is not None:
-                await self._complete(*inflight, conn, bound)
-                inflight = None
         except asyncio.CancelledError:
-            # Only when the loop itself is torn down: nobody may wait forever.
-            conn.close()
+            # Stopped while idle (close: the supervisor QUITs the session), or terminated:
+            # nothing on the wire may be left half done, and nobody may wait forever.
+            if slot.state is not ConnState.IDLE or job is not None or inflight is not None:
+                slot.close()
+            stopped = self._stopped or PoolClosedError("the pool was terminated")
             for stranded in (job, inflight[0] if inflight else None):
-                if stranded is not None and stranded is not _STOP:
-                    self._finish(stranded, closed=True)
+                if stranded is not None:
+                    self._finish(stranded, stopped=stopped)
             raise
-        await conn.quit()
 
-    async def _next_job(self, conn: Connection) -> _Job:
-        """The next queued job; an idle session is QUIT after ``idle_timeout``."""
-        if conn.is_connected and self.idle_timeout is not None:
+    async def _next_job(self, slot: Connection, bound: EventLogger) -> _Job:
+        """The next queued job. An idle session is QUIT after ``idle_timeout``; while
+        the relay is down, the first slot probes it every ``backoff_max`` seconds."""
+        while True:
+            wait = self.idle_timeout if slot.is_connected else None
+            probing = self._relay_error is not None and self._relay_error.transient and slot is self._slots[0]
+            if probing:
+                wait = self.backoff_max
+            if wait is None:
+                return await self._queue.get()
             try:
-                async with asyncio.timeout(self.idle_timeout):
+                async with asyncio.timeout(wait):
                     return await self._queue.get()
             except TimeoutError:
-                log.info("smtp.idle_close", connection=conn.id, idle_for=round(conn.idle_for(), 3))
-                await conn.quit()
-        return await self._queue.get()
+                if probing:
+                    await self._probe(slot, bound)
+                else:
+                    bound.info("smtp.idle_close", idle_for=round(slot.idle_for(), 3))
+                    await slot.quit()
 
-    def _must_recycle(self, conn: Connection) -> bool:
+    def _must_recycle(self, slot: Connection) -> bool:
         limit = self.max_messages_per_connection
-        return limit is not None and conn.transactions >= limit
+        return limit is not None and slot.transactions >= limit
 
-    async def _start(self, job: _Job, conn: Connection, bound: Any, *, reuse: bool) -> Transaction | None:
-        """Begin one attempt of ``job``. Returns the transaction when its end-of-DATA
-        reply is still to be read; None when the attempt has already been applied."""
-        try:
-            if not reuse:
-                if conn.is_connected and self._must_recycle(conn):
-                    bound.debug("smtp.recycle", transactions=conn.transactions)
-                    await conn.quit()
-                if not conn.is_connected:
-                    conn.close()  # a session the server closed between transactions
-                    await self._connect(conn, bound)
-            transaction = await conn.start(job.envelope, job.pending)
-        except ConnectionFailed as exc:
-            self._lost(job, conn, exc, bound)
+    async def _ready(self, slot: Connection, job: _Job, bound: EventLogger) -> float | None:
+        """Make sure the slot holds a usable session for ``job``; None when it does.
+        On a failed connect the job goes back to the queue without spending an attempt
+        (or fails with the relay's error) and the seconds the slot must wait before
+        trying again are returned."""
+        if slot.is_connected and self._must_recycle(slot):
+            bound.debug("smtp.recycle", transactions=slot.transactions)
+            await slot.quit()
+        if slot.is_connected:
             return None
-        except SMTPResponseException as exc:
-            # A permanent refusal while opening the session (for example 535 on AUTH).
-            conn.close()
-            job.last_code, job.last_response = exc.code, exc.message
-            for rcpt in job.pending:
-                job.refused[rcpt] = (exc.code, exc.message)
-            job.pending = ()
-            self._finish(job)
-            return None
-        except Exception as exc:
-            self._broken(job, conn, exc, bound)
-            return None
-        if transaction.open:
-            return transaction
-        self._apply(job, transaction.reply, bound)
-        return None
+        if self.metrics.connects == 0:
+            # Until one session has opened, slots connect one at a time: a wrong
+            # password costs one failed login, not one per slot (or per message).
+            async with self._first_session:
+                if self._relay_error is not None and not self._relay_error.transient:
+                    self._finish(job, stopped=_fresh(self._relay_error))
+                    return 0.0
+                if self.metrics.connects == 0:
+                    return await self._connect(slot, job, bound)
+        return await self._connect(slot, job, bound)
 
-    async def _complete(self, job: _Job, transaction: Transaction, conn: Connection, bound: Any) -> None:
-        """Read the end-of-DATA reply of an open transaction and apply the outcome."""
-        try:
-            reply = await transaction.finish()
-        except ConnectionFailed as exc:
-            self._lost(job, conn, exc, bound)
-            return
-        except Exception as exc:
-            self._broken(job, conn, exc, bound)
-            return
-        self._apply(job, reply, bound)
-
-    def _broken(self, job: _Job, conn: Connection, exc: Exception, bound: Any) -> None:
-        """Not a server reply (say, a non-ASCII address to a server without SMTPUTF8,
-        or a bug): the session state is unknown, so it goes; the message fails."""
-        conn.close()
-        bound.error("smtp.error", message_id=job.envelope.message_id, attempt=job.attempts, exc_info=exc)
-        job.last_code, job.last_response = None, f"{type(exc).__name__}: {exc}"
-        for rcpt in job.pending:
-            job.refused.setdefault(rcpt, (0, job.last_response))
-        job.pending = ()
-        self._finish(job)
-
-    def _lost(self, job: _Job, conn: Connection, exc: ConnectionFailed, bound: Any) -> None:
-        conn.close()
-        if exc.ambiguous:
-            self.metrics.ambiguous += 1
-            bound.warning(
-                "smtp.ambiguous", message_id=job.envelope.message_id, attempt=job.attempts, reason=exc.reason
-            )
-        job.last_code, job.last_response = exc.code, exc.reason
-        self._deferred(job, {}, bound)
-
-    async def _connect(self, conn: Connection, bound: Any) -> None:
+    async def _connect(self, slot: Connection, job: _Job, bound: EventLogger) -> float | None:
         self.max_open = max(self.max_open, self.connections_open() + 1)
         try:
-            await conn.connect()
-        except BaseException as exc:
+            await slot.connect()
+        except ConnectionFailed as exc:
             self.metrics.connect_errors += 1
-            bound.warning("smtp.connect_error", error=str(exc), host=self._options.hostname, port=self._options.port)
-            raise
-        self.metrics.connects += 1
-        bound.info(
-            "smtp.connect", host=self._options.hostname, port=self._options.port, pipelining=conn.pipelined
-        )
+            bound.warning("smtp.connect_error", error=exc.reason, relay=self._options.relay)
+            delay = self._connect_failed(exc)
+            if self._relay_error is not None:
+                self._finish(job, stopped=_fresh(self._relay_error))
+            elif self._stopped is not None:
+                self._finish(job, stopped=self._stopped)
+            else:
+                self._queue.put_nowait(job)
+            return delay
+        except SessionRefused as exc:
+            self.metrics.connect_errors += 1
+            self._refused(exc, bound)
+            self._finish(job, stopped=_fresh(self._relay_error) if self._relay_error else None)
+            return 0.0
+        self._connected(slot, bound)
+        return None
 
-    def _apply(self, job: _Job, reply: TransactionReply, bound: Any) -> None:
-        """Fold one transaction's replies into the job: accepted, refused, deferred."""
-        deferred: Refusals = {}
-        mail_code, mail_text = reply.mail
-        if not is_positive(mail_code):
-            job.last_code, job.last_response = mail_code, mail_text
-            target = job.refused if is_permanent(mail_code) else deferred
-            for rcpt in job.pending:
-                target[rcpt] = reply.mail
+    async def _probe(self, slot: Connection, bound: EventLogger) -> None:
+        try:
+            await slot.connect()
+        except ConnectionFailed as exc:
+            self.metrics.connect_errors += 1
+            bound.info("smtp.probe_failed", error=exc.reason, relay=self._options.relay)
+        except SessionRefused as exc:
+            self.metrics.connect_errors += 1
+            self._refused(exc, bound)
         else:
-            candidates: list[str] = []
-            for rcpt, rcpt_reply in zip(job.pending, reply.rcpt):
-                if is_positive(rcpt_reply[0]):
-                    candidates.append(rcpt)
-                elif is_permanent(rcpt_reply[0]):
-                    job.refused[rcpt] = rcpt_reply
-                else:
-                    deferred[rcpt] = rcpt_reply
-            if candidates:
-                assert reply.data is not None
-                job.last_code, job.last_response = reply.data
-                if is_positive(reply.data[0]):
-                    job.accepted.extend(candidates)
-                    job.delivered = reply.data
-                else:
-                    target = job.refused if is_permanent(reply.data[0]) else deferred
-                    for rcpt in candidates:
-                        target[rcpt] = reply.data
-            elif reply.rcpt:
-                job.last_code, job.last_response = reply.rcpt[-1]
-        job.pending = tuple(deferred)
-        if deferred:
-            self._deferred(job, deferred, bound)
+            self._connected(slot, bound)
+
+    def _connected(self, slot: Connection, bound: EventLogger) -> None:
+        self.metrics.connects += 1
+        if self._relay_error is not None:
+            bound.warning("smtp.relay_up", relay=self._options.relay)
+        self._relay_error = None
+        self._down_since = None
+        self._connect_failures = 0
+        bound.info("smtp.connect", relay=self._options.relay, pipelining=slot.pipelined)
+
+    def _connect_failed(self, exc: ConnectionFailed) -> float:
+        """Count a failed connect; declare the relay down after ``relay_down_timeout``
+        without a session. Returns how long this slot waits before its next try."""
+        now = time.monotonic()
+        self._connect_failures += 1
+        if any(slot.is_connected for slot in self._slots):
+            self._down_since = None  # another session works: a blip, not an outage
+        elif self._down_since is None:
+            self._down_since = now
+        if self._down_since is not None and self._relay_error is None:
+            down_for = now - self._down_since
+            if down_for >= self.relay_down_timeout:
+                self._relay_error = RelayError(
+                    f"relay {self._options.relay} unreachable for {down_for:.0f} s: {exc.reason}",
+                    transient=True, relay=self._options.relay, code=exc.code,
+                )
+                log.error("smtp.relay_down", relay=self._options.relay, down_for=round(down_for, 1),
+                          error=exc.reason)
+                self._fail_waiting(self._relay_error)
+        delay = backoff_delay(self._connect_failures, self.backoff_base, self.backoff_max, self._rng)
+        if self._down_since is not None and self._relay_error is None:
+            delay = min(delay, max(0.0, self._down_since + self.relay_down_timeout - now))
+        return max(delay, min(self.backoff_base, 0.05))  # never a busy loop of connects
+
+    def _refused(self, exc: SessionRefused, bound: EventLogger) -> None:
+        """A permanent session failure: stop connecting; fail everything waiting."""
+        bound.error("smtp.session_refused", relay=self._options.relay, error=exc.reason, code=exc.code)
+        if self._relay_error is None or self._relay_error.transient:
+            self._relay_error = RelayError(exc.reason, transient=False, relay=self._options.relay, code=exc.code)
+        self._fail_waiting(self._relay_error)
+
+    async def _complete(
+        self, inflight: tuple[_Job, Transaction, float], slot: Connection, bound: EventLogger
+    ) -> None:
+        job, transaction, started = inflight
+        outcome = await transaction.finish()
+        self._route(job, outcome, slot, started, bound)
+
+    # -- outcomes --
+
+    def _route(self, job: _Job, outcome: Outcome, slot: Connection, started: float, bound: EventLogger) -> None:
+        """Fold one attempt's outcome into the job: finished, or retried after a backoff."""
+        slot.end()  # this transaction is off the wire
+        metrics = self.metrics
+        metrics.observe_transaction(time.monotonic() - started)
+        if outcome.delivered is not None:
+            metrics.reply(outcome.delivered[0])
+            job.accepted.extend(outcome.accepted)
+            job.delivered = outcome.delivered
+            job.last_code, job.last_response = outcome.delivered
+        for code, _ in outcome.refused.values():
+            metrics.reply(code)
+        job.refused.update(outcome.refused)
+        if outcome.reply[0] is not None or outcome.reply[1]:
+            job.last_code, job.last_response = outcome.reply
+        if outcome.throttled and self.rate.throttled():
+            bound.warning("smtp.throttled", rate=round(self.rate.current, 2), code=job.last_code,
+                          response=job.last_response)
+        if outcome.ambiguous:
+            metrics.ambiguous += 1
+            bound.warning("smtp.ambiguous", message_id=job.envelope.message_id, attempt=job.attempts,
+                          reason=job.last_response)
+        job.pending = tuple(outcome.deferred)
+        if outcome.deferred:
+            self._deferred(job, outcome.deferred, bound)
         else:
             self._finish(job)
 
-    def _deferred(self, job: _Job, deferred: Refusals, bound: Any) -> None:
+    def _deferred(self, job: _Job, deferred: Refusals, bound: EventLogger) -> None:
         """Retry the pending recipients after a backoff, or give up on them."""
-        if job.attempts >= self.max_attempts or job.future.done() or self._abandon:
+        reason = self._stopped or self._relay_error
+        if job.attempts >= self.max_attempts or job.future.done() or reason is not None:
             for rcpt in job.pending:
-                job.refused[rcpt] = deferred.get(rcpt, (job.last_code or 0, job.last_response))
+                code, _ = job.refused[rcpt] = deferred[rcpt]
+                self.metrics.reply(code)
+            job.pending = ()
             if job.attempts >= self.max_attempts:
-                bound.warning(
-                    "smtp.give_up", message_id=job.envelope.message_id, attempts=job.attempts,
-                    code=job.last_code, response=job.last_response,
-                )
-            self._finish(job, closed=self._abandon and not job.accepted)
+                bound.warning("smtp.give_up", message_id=job.envelope.message_id, attempts=job.attempts,
+                              code=job.last_code, response=job.last_response)
+            self._finish(job, stopped=_fresh(reason) if reason is not None else None)
             return
         delay = backoff_delay(job.attempts, self.backoff_base, self.backoff_max, self._rng)
         self.metrics.retries += 1
-        bound.info(
-            "smtp.retry", message_id=job.envelope.message_id, attempt=job.attempts,
-            delay=round(delay, 3), code=job.last_code, response=job.last_response,
-            recipients=len(job.pending),
-        )
-        task = asyncio.create_task(self._requeue_after(job, delay))
-        self._backoffs.add(task)
-        task.add_done_callback(self._backoffs.discard)
+        bound.info("smtp.retry", message_id=job.envelope.message_id, attempt=job.attempts,
+                   delay=round(delay, 3), code=job.last_code, response=job.last_response,
+                   recipients=len(job.pending))
+        group = self._group
+        if group is None:  # the pool is going away
+            self._finish(job, stopped=self._stopped or PoolClosedError("the pool closed"))
+            return
+        timer = group.create_task(self._requeue_after(job, delay))
+        self._timers[timer] = job
+        timer.add_done_callback(self._timer_done)
+
+    def _timer_done(self, timer: asyncio.Task[None]) -> None:
+        self._timers.pop(timer, None)
 
     async def _requeue_after(self, job: _Job, delay: float) -> None:
         try:
             await asyncio.sleep(delay)
-            await self._queue.put(job)
         except asyncio.CancelledError:
-            # close(drain=False) while backing off: nothing is on the wire for this job.
+            # Closed without drain, terminated or relay down while backing off: nothing
+            # of this job is on the wire.
+            self._finish(job, stopped=job.stop_reason or self._stopped or PoolClosedError("the pool closed"))
+            raise
+        reason = self._stopped or self._relay_error
+        if reason is not None:
+            self._finish(job, stopped=_fresh(reason))
+        else:
+            self._queue.put_nowait(job)
+
+    def _finish(self, job: _Job, *, stopped: PoolError | None = None) -> None:
+        """Resolve the caller's future with the job's outcome (exactly once).
+
+        ``stopped``: why the pool will not try the pending recipients again; it is the
+        error raised unless a recipient accepted (SendResult) or every recipient was
+        refused for good (DeliveryError, permanent).
+        """
+        if not job.future.done():
             for rcpt in job.pending:
                 job.refused.setdefault(rcpt, (job.last_code or 0, job.last_response))
-            self._finish(job, closed=not job.accepted)
-            raise
-
-    def _finish(self, job: _Job, *, closed: bool = False) -> None:
-        """Resolve the caller's future with the job's outcome (exactly once)."""
-        if not job.future.done():
             elapsed = time.monotonic() - job.submitted
             if job.accepted:
                 code, response = job.delivered or (250, "")
-                job.future.set_result(
-                    SendResult(
-                        message_id=job.envelope.message_id,
-                        accepted=list(job.accepted),
-                        refused=dict(job.refused),
-                        code=code,
-                        response=response,
-                        attempts=job.attempts,
-                        elapsed=elapsed,
-                    )
-                )
+                job.future.set_result(SendResult(
+                    message_id=job.envelope.message_id, accepted=list(job.accepted), refused=dict(job.refused),
+                    code=code, response=response, attempts=job.attempts, elapsed=elapsed,
+                ))
                 self.metrics.sent += 1
             else:
                 permanent = bool(job.refused) and all(is_permanent(c) for c, _ in job.refused.values())
-                error: PoolError
-                if closed and not permanent:
-                    error = PoolClosedError(
-                        "the pool closed before this message was sent" if job.attempts == 0
-                        else "the pool closed before this message could be retried"
-                    )
+                if stopped is not None and not (permanent and job.attempts):
+                    job.future.set_exception(stopped)
                 else:
-                    error = DeliveryError(
-                        f"not delivered: {job.last_code} {job.last_response}",
-                        code=job.last_code,
-                        response=job.last_response,
-                        permanent=permanent,
-                        attempts=job.attempts,
-                        refused=job.refused,
-                        message_id=job.envelope.message_id,
-                    )
-                job.future.set_exception(error)
+                    job.future.set_exception(DeliveryError(
+                        f"not delivered: {job.last_code} {job.last_response}" if job.last_code
+                        else f"not delivered: {job.last_response}",
+                        code=job.last_code, response=job.last_response, permanent=permanent,
+                        attempts=job.attempts, refused=job.refused, message_id=job.envelope.message_id,
+                    ))
                 self.metrics.failed += 1
             self.metrics.observe_send(elapsed)
         self._job_done()
@@ -509,3 +632,11 @@ class SMTPPool:
         self._unfinished -= 1
         if self._unfinished == 0:
             self._drained.set()
+
+
+def _fresh(error: PoolError) -> PoolError:
+    """A copy of a shared error, so that many callers raising it do not share (and
+    grow) one traceback."""
+    if isinstance(error, RelayError):
+        return RelayError(str(error), transient=error.transient, relay=error.relay, code=error.code)
+    return type(error)(*error.args)

@@ -38,3 +38,34 @@ def backoff_delay(
         raise ValueError("retry is 1-based")
     ceiling = min(cap, base * (2 ** min(retry - 1, 62)))
     return (rng or random).uniform(0.0, ceiling)
+
+
+#: Texts of transient replies that mean "slow down" (SPEC behaviour 12). Collected from
+#: providers: SES "454 Throttling failure: Maximum sending rate exceeded", Gmail
+#: "421 4.7.0 ... unusual rate", "450 4.2.1 ... receiving mail at a rate", Outlook
+#: "451 4.7.500 Server busy", Postfix "421 4.7.0 Error: too many connections", SendGrid
+#: "421 ... Too many concurrent connections", Mailgun "421 ... rate limit exceeded".
+_THROTTLE_WORDS = ("rate", "throttl", "too many", "limit")
+_THROTTLE_CODES = frozenset({421, 450, 451, 454})
+
+
+def is_throttling(code: int, text: str) -> bool:
+    """A transient reply asking the client to slow down: enhanced status 4.7.x, or
+    421/450/451/454 whose text speaks of a rate, throttling, too many or a limit."""
+    if not TRANSIENT_MIN <= code <= TRANSIENT_MAX:
+        return False
+    if text.startswith("4.7."):
+        return True
+    if code in _THROTTLE_CODES:
+        lowered = text.lower()
+        return any(word in lowered for word in _THROTTLE_WORDS)
+    return False
+
+
+def readable(text: str) -> str:
+    """A server reply's text as valid Unicode: bytes that were not UTF-8 (decoded with
+    surrogateescape by aiosmtplib) become U+FFFD, so the text can be logged, encoded
+    and recorded anywhere (SPEC behaviour 13)."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

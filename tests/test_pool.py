@@ -17,7 +17,7 @@ from conftest import make_message
 from prometheus_client import CollectorRegistry
 from smtpserver import FaultyServer
 
-from pool import DeliveryError, PoolClosedError, SendResult, SMTPPool
+from pool import DeliveryError, PoolClosedError, RelayError, SendResult, SMTPPool
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -129,27 +129,27 @@ async def test_refused_connections_are_retried(server: FaultyServer, make_pool: 
     registry = CollectorRegistry()
     async with make_pool(size=1, registry=registry) as pool:
         result = await pool.submit(make_message(1))
-    assert result.attempts == 3
+    assert result.attempts == 1, "a refused connect is the relay's failure, not the message's"
     assert value(registry, "smtp_pool_connect_errors_total") == 2
     assert value(registry, "smtp_pool_connects_total") == 1
 
 
-async def test_nothing_listening_is_a_transient_failure(make_pool: Any) -> None:
+async def test_nothing_listening_is_a_transient_relay_error(make_pool: Any) -> None:
     probe = await FaultyServer().start()
     port = probe.port
     await probe.stop()  # the port is now closed: connects are refused
-    async with make_pool(port=port, size=1, max_attempts=2) as pool:
-        with pytest.raises(DeliveryError) as failed:
+    async with make_pool(port=port, size=1, max_attempts=2, relay_down_timeout=0.2) as pool:
+        with pytest.raises(RelayError) as failed:
             await pool.submit(make_message(1))
-    assert failed.value.permanent is False
-    assert failed.value.attempts == 2
+        assert failed.value.transient is True
+        assert f"127.0.0.1:{port}" in str(failed.value)
 
 
 async def test_greeting_421_is_retried(server: FaultyServer, make_pool: Any) -> None:
     server.faults.greeting_421 = 1
     async with make_pool(size=1) as pool:
         result = await pool.submit(make_message(1))
-    assert result.attempts == 2
+    assert result.attempts == 1
     assert len(server.messages) == 1
 
 
@@ -363,6 +363,10 @@ async def test_idle_session_is_closed_with_quit(server: FaultyServer, make_pool:
         await pool.submit(make_message(1))
         await server.wait_for(lambda: server.sessions[0].closed)
         assert server.sessions[0].quit
+        for _ in range(100):  # the server may see the close a loop iteration before the pool does
+            if pool.connections_open() == 0:
+                break
+            await asyncio.sleep(0)
         assert pool.connections_open() == 0
         await pool.submit(make_message(2))
     assert server.connections_made == 2

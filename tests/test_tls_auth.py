@@ -13,7 +13,7 @@ import trustme
 from conftest import make_message
 from smtpserver import FaultyServer
 
-from pool import DeliveryError, SMTPPool
+from pool import RelayError, SMTPPool
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -66,21 +66,31 @@ async def test_untrusted_certificate_is_refused_by_default(server_context: ssl.S
     async with FaultyServer(tls_context=server_context) as srv:
         async with SMTPPool(hostname="127.0.0.1", port=srv.port, size=1, use_tls=True,
                             max_attempts=2, backoff_base=0.001) as pool:
-            with pytest.raises(DeliveryError):
+            with pytest.raises(RelayError) as failed:
                 await pool.submit(make_message(1))
+            with pytest.raises(RelayError):
+                await pool.submit(make_message(2))  # at once: the pool stopped connecting
+        assert failed.value.transient is False
+        assert "certificate" in str(failed.value)
         assert srv.messages == []
 
 
-async def test_bad_password_fails_permanently_and_is_never_logged() -> None:
+async def test_bad_password_stops_the_pool_after_one_login_and_is_never_logged() -> None:
     async with FaultyServer(credentials=("user", "right")) as srv:
         with structlog.testing.capture_logs() as logs:
-            async with SMTPPool(hostname="127.0.0.1", port=srv.port, size=1,
+            async with SMTPPool(hostname="127.0.0.1", port=srv.port, size=4, start_tls=False,
                                 username="user", password="hunter2-wrong") as pool:
-                with pytest.raises(DeliveryError) as failed:
-                    await pool.submit(make_message(1))
-    assert failed.value.permanent is True
-    assert failed.value.code == 535
-    assert failed.value.attempts == 1
+                outcomes = await asyncio.gather(*(pool.submit(make_message(i)) for i in range(50)),
+                                                return_exceptions=True)
+                with pytest.raises(RelayError):
+                    await pool.submit(make_message(99))
+    failed = outcomes[0]
+    assert all(isinstance(o, RelayError) and not o.transient for o in outcomes), outcomes[:3]
+    assert isinstance(failed, RelayError)
+    assert failed.code == 535
+    assert str(failed).startswith(f"relay 127.0.0.1:{srv.port} refused the login: 535")
+    # One login: aiosmtplib tries each mechanism the server offers (PLAIN, then LOGIN) once.
+    assert len(srv.auth_attempts) <= 2, srv.auth_attempts
     assert logs, "the failure was logged"
     assert "hunter2-wrong" not in repr(logs)
-    assert "hunter2-wrong" not in repr(failed.value) + str(failed.value)
+    assert "hunter2-wrong" not in repr(failed) + str(failed)

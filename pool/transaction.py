@@ -1,0 +1,276 @@
+"""One SMTP transaction — MAIL, RCPT per recipient, DATA, content — and its outcome.
+
+Everything about a single exchange is here; ``pool.py`` only routes the ``Outcome``.
+
+- command by command (aiosmtplib): ``Transaction.start`` runs every command, one
+  reply at a time, and the outcome is known when it returns.
+- pipelined (RFC 2920, when the server advertises PIPELINING): ``start`` writes MAIL,
+  every RCPT and DATA in one write, reads their replies, queues the content after the
+  354 and returns; ``finish`` reads the reply to the end of DATA. A worker that starts
+  the next transaction before finishing this one puts the end of DATA and the next
+  envelope on the wire together: one round trip per message.
+
+A transaction never leaves its session mid-transaction: a refusal before the content
+is followed by RSET, and anything else (lost session, a reply that breaks the
+protocol, a bug, cancellation) closes the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import aiosmtplib
+from aiosmtplib import SMTPException
+
+from pool.envelope import END_OF_DATA, Envelope
+from pool.errors import ConnectionFailed, Refusals
+from pool.retry import SERVICE_CLOSING, is_permanent, is_positive, is_throttling, readable
+
+if TYPE_CHECKING:
+    from pool.connection import Connection
+    from pool.pipeline import PipelineProtocol
+
+#: (code, text) of one server reply.
+Reply = tuple[int, str]
+
+#: RFC 6531 section 3.7.4.1 names this reply for a non-ASCII address a server cannot take.
+NO_SMTPUTF8: Reply = (553, "5.6.7 the relay does not offer SMTPUTF8, needed for a non-ASCII address (RFC 6531)")
+START_DATA = 354
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one attempt did for each recipient it carried.
+
+    ``accepted`` took the message (``delivered`` is the end-of-DATA reply);
+    ``refused`` said no for good (5xx); ``deferred`` said not now (4xx, or the session
+    was lost before the end of DATA) and are retried. ``reply`` is the reply that
+    decided a failure, for the caller's error. ``ambiguous``: the session was lost after
+    the end of DATA was sent and before its reply — the server may have the message.
+    ``session_lost``: the session cannot be used again. ``throttled``: a reply asked us
+    to slow down (SPEC behaviour 12).
+    """
+
+    accepted: list[str] = field(default_factory=list)
+    refused: Refusals = field(default_factory=dict)
+    deferred: Refusals = field(default_factory=dict)
+    delivered: Reply | None = None
+    reply: tuple[int | None, str] = (None, "")
+    ambiguous: bool = False
+    session_lost: bool = False
+    throttled: bool = False
+
+
+def lost(recipients: tuple[str, ...], exc: ConnectionFailed) -> Outcome:
+    """The session ended before every reply came: nothing was refused, all are retried."""
+    reply = (exc.code or 0, exc.reason)
+    return Outcome(
+        deferred=dict.fromkeys(recipients, reply),
+        reply=(exc.code, exc.reason),
+        ambiguous=exc.ambiguous,
+        session_lost=True,
+        throttled=exc.code is not None and is_throttling(exc.code, exc.reason),
+    )
+
+
+def _outcome(recipients: tuple[str, ...], mail: Reply, rcpt: list[Reply], data: Reply | None) -> Outcome:
+    """Fold the replies of one transaction into an Outcome (RFC 5321 section 4.2.1:
+    2yz/3yz positive, 4yz transient, 5yz permanent)."""
+    out = Outcome()
+    replies = [mail, *rcpt] if data is None else [mail, *rcpt, data]
+    out.throttled = any(is_throttling(code, text) for code, text in replies)
+    if not is_positive(mail[0]):
+        out.reply = mail
+        target = out.refused if is_permanent(mail[0]) else out.deferred
+        for address in recipients:
+            target[address] = mail
+        return out
+    candidates: list[str] = []
+    for address, reply in zip(recipients, rcpt):
+        if is_positive(reply[0]):
+            candidates.append(address)
+        else:
+            (out.refused if is_permanent(reply[0]) else out.deferred)[address] = reply
+            out.reply = reply
+    if candidates:
+        assert data is not None
+        if is_positive(data[0]):
+            out.accepted = candidates
+            out.delivered = data
+        else:
+            out.reply = data
+            target = out.refused if is_permanent(data[0]) else out.deferred
+            for address in candidates:
+                target[address] = data
+    return out
+
+
+def _address(address: str, smtputf8: bool) -> bytes:
+    """``<address>`` for MAIL/RCPT; UTF-8 only where the session may use SMTPUTF8."""
+    if address.isascii():
+        return b"<" + address.encode("ascii") + b">"
+    if not smtputf8:
+        raise ValueError("non-ASCII address without SMTPUTF8")
+    return b"<" + address.encode("utf-8") + b">"
+
+
+def _checked(code: int, text: str) -> Reply:
+    if code == SERVICE_CLOSING:
+        # 421 (RFC 5321 section 3.8): the server is closing the channel. A 421 to the
+        # end of DATA is a refusal of the message, not an ambiguity.
+        raise ConnectionFailed(f"{code} {text}", code=code)
+    return code, readable(text)
+
+
+def _data_refused(start: Reply) -> Reply:
+    """DATA answered with something else than 354. A positive reply there is a server
+    that broke the protocol (aiosmtplib raises SMTPDataError): no content was sent, so
+    nothing was delivered, and the session's state is unknown."""
+    if is_positive(start[0]):
+        raise ConnectionFailed(f"DATA answered {start[0]} {start[1]} instead of 354; no content sent")
+    return start
+
+
+class Transaction:
+    """One attempt to send ``envelope`` to ``recipients`` on one connection."""
+
+    __slots__ = ("_connection", "_envelope", "_recipients", "_pending", "_mail", "_rcpt", "_pipe", "outcome")
+
+    def __init__(self, connection: Connection, envelope: Envelope, recipients: tuple[str, ...]) -> None:
+        self._connection = connection
+        self._envelope = envelope
+        self._recipients = recipients
+        self._pipe: PipelineProtocol | None = None
+        self._pending: asyncio.Future[list[Reply]] | None = None  # the end-of-DATA reply, pipelined
+        self._mail: Reply = (0, "")
+        self._rcpt: list[Reply] = []
+        self.outcome: Outcome | None = None
+
+    @property
+    def open(self) -> bool:
+        """The end of DATA is on the wire and its reply not yet read."""
+        return self._pending is not None
+
+    async def start(self) -> None:
+        """Send the transaction; set ``outcome`` unless the end-of-DATA reply is still
+        to be read (``open``; pipelined only). Raises only CancelledError, after closing
+        the session."""
+        conn, envelope, recipients = self._connection, self._envelope, self._recipients
+        try:
+            smtputf8 = conn.smtputf8
+            if not smtputf8 and not envelope.ascii_addresses(recipients):
+                # Nothing is sent: the session stays as it is, the message fails for good.
+                self.outcome = Outcome(refused=dict.fromkeys(recipients, NO_SMTPUTF8), reply=NO_SMTPUTF8)
+                return
+            pipe = conn.pipe
+            if pipe is not None:
+                self._pipe = pipe
+                await self._start_pipelined(pipe, smtputf8)
+            else:
+                self.outcome = await self._command_by_command(conn.client, smtputf8)
+        except ConnectionFailed as exc:
+            conn.close()
+            self.outcome = lost(recipients, exc)
+        except (SMTPException, OSError, asyncio.TimeoutError) as exc:
+            conn.close()
+            self.outcome = lost(recipients, ConnectionFailed(f"connection lost: {exc}"))
+        except BaseException:
+            # Cancelled or a bug mid-transaction: the session state is unknown, so it goes.
+            conn.close()
+            raise
+
+    async def finish(self) -> Outcome:
+        """Read the end-of-DATA reply if it is still due; return the outcome."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            assert self._pipe is not None
+            try:
+                replies = await self._connection.await_replies(self._pipe, pending)
+                data = _checked(*replies[0])
+            except ConnectionFailed as exc:
+                # The end of DATA went out and its reply never came (a 421 is an answer).
+                exc.ambiguous = exc.code is None
+                self._connection.close()
+                self.outcome = lost(self._recipients, exc)
+            except BaseException:
+                self._connection.close()
+                raise
+            else:
+                self.outcome = _outcome(self._recipients, self._mail, self._rcpt, data)
+        assert self.outcome is not None
+        return self.outcome
+
+    # -- pipelined (RFC 2920) --
+
+    async def _start_pipelined(self, pipe: PipelineProtocol, smtputf8: bool) -> None:
+        envelope, recipients, conn = self._envelope, self._recipients, self._connection
+        param = b" SMTPUTF8" if smtputf8 and not envelope.ascii_addresses(recipients) else b""
+        commands = [b"MAIL FROM:" + _address(envelope.sender, smtputf8) + param + b"\r\n"]
+        for address in recipients:
+            commands.append(b"RCPT TO:" + _address(address, smtputf8) + b"\r\n")
+        commands.append(b"DATA\r\n")
+        replies = [_checked(*r) for r in await conn.await_replies(pipe, pipe.send(b"".join(commands), len(commands)))]
+        mail, rcpt, start = replies[0], replies[1:-1], replies[-1]
+        self._mail, self._rcpt = mail, rcpt
+        willing = is_positive(mail[0]) and any(is_positive(code) for code, _ in rcpt)
+        if start[0] != START_DATA:
+            await self._reset_pipelined(pipe)
+            self.outcome = _outcome(recipients, mail, rcpt, _data_refused(start) if willing else None)
+            return
+        if not willing:
+            # RFC 2920 section 3.1: DATA accepted with no valid recipient; end it with
+            # no content and take no delivery from it.
+            _checked(*(await conn.await_replies(pipe, pipe.send(END_OF_DATA, 1)))[0])
+            self.outcome = _outcome(recipients, mail, rcpt, None)
+            return
+        # Not flushed here: the next transaction's envelope, or finish(), sends it.
+        self._pending = pipe.send(envelope.content, 1)
+
+    async def _reset_pipelined(self, pipe: PipelineProtocol) -> None:
+        code, text = _checked(*(await self._connection.await_replies(pipe, pipe.send(b"RSET\r\n", 1)))[0])
+        if not is_positive(code):
+            raise ConnectionFailed(f"RSET refused: {code} {text}", code=code)
+
+    # -- command by command (aiosmtplib) --
+
+    async def _command_by_command(self, client: aiosmtplib.SMTP, smtputf8: bool) -> Outcome:
+        envelope, recipients = self._envelope, self._recipients
+        mail_args = [b"FROM:" + _address(envelope.sender, smtputf8)]
+        if smtputf8 and not envelope.ascii_addresses(recipients):
+            mail_args.append(b"SMTPUTF8")
+        response = await client.execute_command(b"MAIL", *mail_args)
+        mail = _checked(response.code, response.message)
+        if not is_positive(mail[0]):
+            await self._reset(client)
+            return _outcome(recipients, mail, [], None)
+        rcpt = []
+        for address in recipients:
+            response = await client.execute_command(b"RCPT", b"TO:" + _address(address, smtputf8))
+            rcpt.append(_checked(response.code, response.message))
+        if not any(is_positive(code) for code, _ in rcpt):
+            await self._reset(client)
+            return _outcome(recipients, mail, rcpt, None)
+        response = await client.execute_command(b"DATA")
+        start = _checked(response.code, response.message)
+        if start[0] != START_DATA:
+            data = _data_refused(start)
+            await self._reset(client)
+            return _outcome(recipients, mail, rcpt, data)
+        protocol = client.protocol
+        if protocol is None:
+            raise ConnectionFailed("connection lost before the message content")
+        # aiosmtplib's data() would normalise and dot-stuff again; the envelope's
+        # content is already wire-ready, so it is written as it is.
+        protocol.write(envelope.content)
+        try:
+            response = await protocol.read_response(timeout=self._connection.options.timeout)
+        except (SMTPException, OSError, asyncio.TimeoutError) as exc:
+            raise ConnectionFailed(f"connection lost after the end of DATA: {exc}", ambiguous=True) from exc
+        return _outcome(recipients, mail, rcpt, _checked(response.code, response.message))
+
+    async def _reset(self, client: aiosmtplib.SMTP) -> None:
+        response = await client.execute_command(b"RSET")
+        if not is_positive(response.code):
+            raise ConnectionFailed(f"RSET refused: {response.code} {readable(response.message)}", code=response.code)

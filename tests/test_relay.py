@@ -1,0 +1,291 @@
+"""What a hostile or failing relay does to the pool (SPEC behaviours 7, 8, 10-14),
+against a real aiosmtpd server on 127.0.0.1, in both transaction modes."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import make_message
+from prometheus_client import CollectorRegistry
+from smtpserver import FaultyServer
+
+from pool import DeliveryError, PoolClosedError, RelayError, SendResult, SMTPPool
+
+pytestmark = pytest.mark.timeout(30)
+
+MODES = {"command": False, "pipelined": None}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(params=sorted(MODES))
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def options(server: FaultyServer, mode: str, **kwargs: Any) -> dict[str, Any]:
+    return {"hostname": server.host, "port": server.port, "size": 2, "timeout": 5.0, "backoff_base": 0.001,
+            "backoff_max": 0.01, "pipelining": MODES[mode], **kwargs}
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+# Behaviour 13: replies that are not UTF-8, and DATA answered without 354
+
+
+async def test_reply_that_is_not_utf8_is_kept_with_replacement(server: FaultyServer, mode: str) -> None:
+    server.faults.data_reply_raw = b"250 2.0.0 Ok: re\xe7u"
+    async with SMTPPool(**options(server, mode)) as pool:
+        result = await pool.submit(make_message(1))
+    assert result.response == "2.0.0 Ok: re\ufffdu"
+    result.response.encode("utf-8")  # never a lone surrogate
+
+
+async def test_data_answered_250_instead_of_354_is_not_a_delivery(server: FaultyServer, mode: str) -> None:
+    server.faults.data_command_reply = "250 2.0.0 OK"
+    async with SMTPPool(**options(server, mode, max_attempts=2)) as pool:
+        with pytest.raises(DeliveryError) as failed:
+            await pool.submit(make_message(1))
+        server.faults.data_command_reply = None
+        result = await pool.submit(make_message(2))  # the pool recovers on a fresh session
+    assert failed.value.permanent is False
+    assert failed.value.attempts == 2
+    assert "instead of 354" in failed.value.response
+    assert [m.message_id for m in server.messages] == ["<m2@test.local>"]
+    assert result.attempts == 1
+
+
+# Behaviour 14: SMTPUTF8 for any non-ASCII address
+
+
+async def test_utf8_recipient_alone_uses_smtputf8(mode: str) -> None:
+    async with FaultyServer(smtputf8=True) as server:
+        async with SMTPPool(**options(server, mode)) as pool:
+            await pool.submit(b"Subject: x\r\n\r\nhi\r\n", sender="a@example.org", recipients=["zoë@example.net"])
+            await pool.submit(b"Subject: y\r\n\r\nhi\r\n", sender="a@example.org", recipients=["b@example.net"])
+    utf8, ascii_only = server.messages
+    assert utf8.rcpt_tos == ["zoë@example.net"]
+    assert "SMTPUTF8" in utf8.mail_options
+    assert "SMTPUTF8" not in ascii_only.mail_options
+
+
+async def test_utf8_address_without_smtputf8_fails_permanently_and_keeps_the_session(
+    server: FaultyServer, mode: str
+) -> None:
+    async with SMTPPool(**options(server, mode, size=1)) as pool:
+        with pytest.raises(DeliveryError) as failed:
+            await pool.submit(b"Subject: x\r\n\r\nhi\r\n", sender="a@example.org", recipients=["zoë@example.net"])
+        await pool.submit(make_message(2))
+    assert failed.value.permanent is True
+    assert "SMTPUTF8" in failed.value.response
+    assert failed.value.attempts == 1
+    assert server.connections_made == 1
+    assert len(server.messages) == 1
+
+
+# Behaviour 11: a password is never sent in clear
+
+
+async def test_password_is_not_sent_when_the_relay_offers_no_starttls(mode: str) -> None:
+    async with FaultyServer(credentials=("user", "s3cret")) as server:  # no STARTTLS offered
+        async with SMTPPool(**options(server, mode, username="user", password="s3cret")) as pool:
+            with pytest.raises(RelayError) as failed:
+                await pool.submit(make_message(1))
+    assert failed.value.transient is False
+    assert "STARTTLS" in str(failed.value)
+    assert server.auth_attempts == [], "AUTH never reached the server"
+    assert server.messages == []
+
+
+# Behaviour 10: the relay is down, then back
+
+
+async def test_relay_down_holds_the_queue_without_spending_attempts(mode: str) -> None:
+    server = FaultyServer()
+    await server.start()
+    port = server.port
+    await server.stop()  # nothing listens: every connect is refused
+    registry = CollectorRegistry()
+    pool = SMTPPool(hostname="127.0.0.1", port=port, size=2, timeout=5, backoff_base=0.01, backoff_max=0.05,
+                    max_attempts=2, relay_down_timeout=20, pipelining=MODES[mode], registry=registry)
+    async with pool:
+        sends = [asyncio.create_task(pool.submit(make_message(i))) for i in range(10)]
+        while (value(registry, "smtp_pool_connect_errors_total") or 0) < 6:  # bounded by the test timeout
+            await asyncio.sleep(0.01)
+        assert not any(task.done() for task in sends), "messages wait while the relay is down"
+        revived = FaultyServer(port=port)
+        await revived.start()
+        try:
+            results = await asyncio.gather(*sends)
+        finally:
+            await pool.close()
+            await revived.stop()
+    assert all(isinstance(r, SendResult) and r.attempts == 1 for r in results)
+    assert len(revived.messages) == 10
+    assert value(registry, "smtp_pool_relay_up") == 1.0
+
+
+async def test_relay_down_for_the_timeout_fails_waiting_and_later_submits_then_recovers(mode: str) -> None:
+    server = FaultyServer()
+    await server.start()
+    port = server.port
+    await server.stop()
+    registry = CollectorRegistry()
+    pool = SMTPPool(hostname="127.0.0.1", port=port, size=2, timeout=5, backoff_base=0.01, backoff_max=0.05,
+                    relay_down_timeout=0.3, pipelining=MODES[mode], registry=registry)
+    async with pool:
+        outcomes = await asyncio.gather(*(pool.submit(make_message(i)) for i in range(5)), return_exceptions=True)
+        assert all(isinstance(o, RelayError) and o.transient for o in outcomes), outcomes
+        assert value(registry, "smtp_pool_relay_up") == 0.0
+        with pytest.raises(RelayError):
+            await pool.submit(make_message(9))  # at once, while down
+        revived = FaultyServer(port=port)
+        await revived.start()
+        try:
+            async with asyncio.timeout(5):  # the pool probes every backoff_max seconds
+                while pool.relay_error is not None:
+                    await asyncio.sleep(0.01)
+            result = await pool.submit(make_message(10))
+        finally:
+            await pool.close()
+            await revived.stop()
+    assert result.attempts == 1
+    assert [m.message_id for m in revived.messages] == ["<m10@test.local>"]
+
+
+# Behaviour 12: throttling
+
+
+async def test_throttling_reply_halves_the_rate_and_the_message_is_retried(server: FaultyServer, mode: str) -> None:
+    server.faults.mail_code = None
+    server.faults.rcpt_defer["slow@example.net"] = 1
+    registry = CollectorRegistry()
+    async with SMTPPool(**options(server, mode, size=1, rate_limit=100.0, registry=registry)) as pool:
+        assert value(registry, "smtp_pool_rate_current") == 100.0
+        server.faults.data_reply_raw = None
+        server.faults.data_4xx = 0
+        # SES answers "454 Throttling failure: Maximum sending rate exceeded."
+        server.faults.mail_code = "454 4.7.0 Throttling failure: Maximum sending rate exceeded."
+        task = asyncio.create_task(pool.submit(make_message(1)))
+        while (value(registry, "smtp_pool_retries_total") or 0) < 1:
+            await asyncio.sleep(0.005)
+        server.faults.mail_code = None
+        result = await task
+        assert value(registry, "smtp_pool_rate_current") == 50.0
+        assert value(registry, "smtp_pool_replies_total", code="250") == 1.0
+    assert result.attempts == 2
+
+
+async def test_unlimited_pool_reports_infinite_rate(server: FaultyServer, mode: str) -> None:
+    registry = CollectorRegistry()
+    async with SMTPPool(**options(server, mode, registry=registry)) as pool:
+        await pool.submit(make_message(1))
+        assert value(registry, "smtp_pool_rate_current") == math.inf
+        assert (value(registry, "smtp_pool_transaction_seconds_count") or 0) == 1.0
+
+
+# Behaviours 7 and 8: close and terminate never hang; every task has an owner
+
+
+async def test_close_without_drain_after_close_does_not_hang(server: FaultyServer, mode: str) -> None:
+    server.gate = asyncio.Event()
+    pool = SMTPPool(**options(server, mode, size=1))
+    sends = [asyncio.create_task(pool.submit(make_message(i))) for i in range(20)]
+    await server.wait_for(lambda: server.data_started >= 1)
+    first = asyncio.create_task(pool.close())  # drains: waits for the gate
+    await asyncio.sleep(0)
+    second = asyncio.create_task(pool.close(drain=False))  # the runner's second Ctrl-C
+    await asyncio.sleep(0)
+    server.gate.set()
+    async with asyncio.timeout(10):
+        await asyncio.gather(first, second)
+        outcomes = await asyncio.gather(*sends, return_exceptions=True)
+    sent = [o for o in outcomes if isinstance(o, SendResult)]
+    closed = [o for o in outcomes if isinstance(o, PoolClosedError)]
+    assert len(sent) + len(closed) == 20 and sent
+    assert len(server.messages) == len(sent)
+
+
+async def test_cancelled_close_leaves_the_pool_closable(server: FaultyServer, mode: str) -> None:
+    server.gate = asyncio.Event()
+    pool = SMTPPool(**options(server, mode, size=1))
+    sends = [asyncio.create_task(pool.submit(make_message(i))) for i in range(5)]
+    await server.wait_for(lambda: server.data_started >= 1)
+    closing = asyncio.create_task(pool.close())
+    await asyncio.sleep(0)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    server.gate.set()
+    async with asyncio.timeout(10):
+        await pool.close()  # neither hangs nor raises CancelledError
+        outcomes = await asyncio.gather(*sends, return_exceptions=True)
+    assert all(isinstance(o, (SendResult, PoolClosedError)) for o in outcomes), outcomes
+    assert [t for t in asyncio.all_tasks() if t.get_name().startswith("smtp-pool")] == []
+
+
+async def test_terminate_fails_everything_at_once(server: FaultyServer, mode: str) -> None:
+    server.gate = asyncio.Event()
+    pool = SMTPPool(**options(server, mode, size=2, rate_limit=5))
+    sends = [asyncio.create_task(pool.submit(make_message(i))) for i in range(50)]
+    await server.wait_for(lambda: server.data_started >= 1)
+    pool.terminate()
+    async with asyncio.timeout(5):
+        await pool.close()
+        outcomes = await asyncio.gather(*sends, return_exceptions=True)
+    assert all(isinstance(o, PoolClosedError) for o in outcomes), outcomes
+    assert pool.connections_open() == 0
+    assert [t for t in asyncio.all_tasks() if t.get_name().startswith("smtp-pool")] == []
+
+
+# Logging: nothing on stdout by default, and a closed stdout never stops delivery
+
+
+SCRIPT = """
+import asyncio, sys
+import structlog
+from pool import SMTPPool
+if sys.argv[2] == "structlog-stdout":
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stdout))
+
+async def main():
+    async with SMTPPool("127.0.0.1", int(sys.argv[1]), size=2, idle_timeout=0.01) as pool:
+        for i in range(20):
+            await pool.submit(b"Subject: x\\r\\n\\r\\nhi\\r\\n", sender="a@example.org", recipients=[f"r{i}@example.net"])
+            await asyncio.sleep(0.002)  # let idle sessions close: more log lines
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("logging_setup", ["nothing", "structlog-stdout"])
+async def test_library_logs_nothing_on_stdout_and_survives_a_closed_stdout(
+    server: FaultyServer, logging_setup: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "send.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if logging_setup == "nothing":
+        proc = await asyncio.create_subprocess_exec(sys.executable, str(script), str(server.port), logging_setup,
+                                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        async with asyncio.timeout(20):
+            out, _ = await proc.communicate()
+        assert proc.returncode == 0
+        assert out == b"", "the library printed on the application's stdout"
+    else:
+        read, write = os.pipe()
+        os.close(read)  # `python send.py | head -0`: stdout is a closed pipe
+        proc = await asyncio.create_subprocess_exec(sys.executable, str(script), str(server.port), logging_setup,
+                                                    env=env, stdout=write, stderr=subprocess.DEVNULL)
+        os.close(write)
+        async with asyncio.timeout(20):
+            await proc.wait()
+    assert len(server.messages) == 20
