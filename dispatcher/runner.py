@@ -309,11 +309,10 @@ class Run:
 
         The first line that carries an id owns it: a later line with the same id is an
         invalid duplicate, recorded without an id (keyed by its line number), so that
-        its row can never mark the first line done."""
+        its row can never mark the first line done. A row keyed by line number skips
+        that line only while it still has no id of its own: a line fixed since (or
+        shifted by an edit) is judged by its id."""
         size = line.size
-        if self.journal.line_done(line.number):
-            self._count("skipped", size)
-            return None
         try:
             job = parse_job(line)
         except JobError as exc:
@@ -325,6 +324,9 @@ class Run:
                     return None
                 if claim is Claim.DUPLICATE:
                     job_id = None
+            if job_id is None and self.journal.line_done(line.number):
+                self._count("skipped", size)  # recorded by line number by an earlier run
+                return None
             self._invalid(line.number, job_id, exc, size)
             return None
         claim, first = self.journal.claim(job.id, line.number)
@@ -332,7 +334,10 @@ class Run:
             self._count("skipped", size)
             return None
         if claim is Claim.DUPLICATE:
-            self._invalid(line.number, None, JobError("id", f"duplicate of line {first}'s id {job.id!r}"), size)
+            if self.journal.line_done(line.number):
+                self._count("skipped", size)
+            else:
+                self._invalid(line.number, None, JobError("id", f"duplicate of line {first}'s id {job.id!r}"), size)
             return None
         if needs_files(job):
             return _Item(line.number, job.id, size, None, job)

@@ -221,6 +221,12 @@ async def test_a_line_without_a_readable_id_is_recorded_once(server: FaultyServe
     rows = lines_of(tmp_path / "jobs.results.jsonl")
     assert sorted(r["line"] for r in rows) == [1, 2, 3, 4, 5, 6]
     assert all(r["id"] is None for r in rows if r["line"] != 1)
+    # A line fixed since is judged by its id, not skipped by its number.
+    write_jobs(jobs, [job(1), job("fixed"), {"from": "a@example.org"}, job(2, id=""), {"id": "y" * 2000}, job(1)])
+    code, _, err = await dispatcher("run", str(jobs), "--config", str(config), cwd=tmp_path)
+    assert code == 0, err
+    assert [(r["line"], r["status"]) for r in lines_of(tmp_path / "jobs.results.jsonl")[6:]] == [(2, "sent")]
+    assert sorted(delivered_ids(server)) == ["job-1", "job-fixed"]
 
 
 # -- 5. attachment paths ------------------------------------------------------------------
