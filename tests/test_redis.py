@@ -392,17 +392,17 @@ async def test_poison_job_goes_to_the_dead_stream_and_attachments_stay_under_the
     assert "outside the attachments root" in rows["job-abs"]["error"]
 
 
-async def test_rate_limit_holds_across_two_workers(
+async def test_rate_limit_holds_across_three_workers(
     redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
 ) -> None:
-    rate, n = 25.0, 100
+    rate, n = 50.0, 150
     arrivals: list[float] = []
     async with FaultyServer() as server:
         config = write_config(tmp_path / "c.yaml", server, rate_limit=rate, size=4)
         url = redis_server.url
-        pair = [await WorkerProcess.start(workers, "--redis", url, "--config", str(config), cwd=tmp_path)
-                for _ in range(2)]
-        for worker in pair:
+        trio = [await WorkerProcess.start(workers, "--redis", url, "--config", str(config), cwd=tmp_path)
+                for _ in range(3)]
+        for worker in trio:
             await worker.wait_event("worker.start")
         jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(n)])
         assert (await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path))[0] == 0
@@ -413,15 +413,16 @@ async def test_rate_limit_holds_across_two_workers(
             return len(arrivals) >= n
 
         await server.wait_for(arrived, timeout=30)
-        for worker in pair:
+        for worker in trio:
             worker.proc.send_signal(signal.SIGTERM)
-        assert [await worker.wait() for worker in pair] == [130, 130]
+        assert [await worker.wait() for worker in trio] == [130, 130, 130]
 
-    assert min(worker.summary()["sent"] for worker in pair) > 0  # both sent: the limit is shared
+    assert min(worker.summary()["sent"] for worker in trio) > 0  # all sent: the limit is shared
     overall = (n - 1) / (arrivals[-1] - arrivals[0])
     assert rate * 0.85 <= overall <= rate * 1.1, overall
-    busiest = max(sum(1 for t in arrivals if start <= t < start + 1.0) for start in arrivals)
-    assert busiest <= rate * 1.1 + 2, busiest  # per worker it would be 2 x rate
+    # Any two seconds (arrival times carry this loop's scheduling jitter): per worker it would be 3 x.
+    busiest = max(sum(1 for t in arrivals if start <= t < start + 2.0) for start in arrivals)
+    assert busiest <= 2 * rate * 1.1 + 2, busiest
 
 
 async def test_redis_restart_mid_run_loses_nothing(
