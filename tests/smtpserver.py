@@ -51,6 +51,7 @@ class Faults:
     data_4xx: int = 0
     data_5xx: int = 0
     mail_code: str | None = None
+    mail_code_times: int | None = None  # answer MAIL with mail_code this many times (None: always)
     rcpt: dict[str, str] = field(default_factory=dict)
     rcpt_defer: dict[str, int] = field(default_factory=dict)
     delay: float = 0.0
@@ -113,10 +114,12 @@ class _Handler:
         if faults.mail_delay:
             await asyncio.sleep(faults.mail_delay)
         if faults.close_after_messages is not None and record.messages >= faults.close_after_messages:
-            return await srv._hang_up(smtp, "421 4.7.0 Too many messages, closing")
+            return await srv._hang_up(smtp, "421 4.3.2 Session message count reached, closing")
         if srv._roll():
             return await srv._hang_up(smtp, "421 4.3.2 Chaos: service not available")
-        if faults.mail_code is not None:
+        if faults.mail_code is not None and faults.mail_code_times != 0:
+            if faults.mail_code_times is not None:
+                faults.mail_code_times -= 1
             return faults.mail_code
         envelope.mail_from = address
         envelope.mail_options.extend(options)
