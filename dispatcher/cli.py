@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="progress bar (default: when stderr is a terminal; log lines otherwise)")
     run.add_argument("--maildir", type=Path, default=Path("outbox"),
                      help="Maildir of the built-in capture server when no relay is configured")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="send again the recipients whose last result was a transient failure (4xx, "
+                          "lost connection, timeout); never those accepted or refused permanently")
     run.add_argument("--attachments-root", type=Path, metavar="DIR",
                      help="attachment paths must stay inside DIR (default: jobs.attachments_root, "
                           "else the jobs file's directory)")
@@ -103,6 +106,7 @@ def _run(args: argparse.Namespace) -> int:
         progress=args.progress,
         maildir=args.maildir,
         attachments_root=args.attachments_root,
+        retry_failed=args.retry_failed,
     )
     try:
         return _event_loop_runner()(Run(options, settings).execute())

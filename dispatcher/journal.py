@@ -239,8 +239,11 @@ class Journal:
     ids first seen in this run (about 13 bytes plus the id's length each).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, retry_failed: bool = False) -> None:
         self.path = path
+        # --retry-failed: id -> (state of the recipients not listed, state of those listed),
+        # kept only for ids with a recipient to send again.
+        self._retry: dict[str, tuple[int, dict[str, int]]] | None = {} if retry_failed else None
         self.resumed = 0  # rows of earlier runs that mark an id or a line done
         self._line_keys = 0
         self._base = KeyIndex.MAX_LOCATION + 1  # below: offsets in the results file; from it: the spill
@@ -289,7 +292,10 @@ class Journal:
         with open(self._reader, "rb", closefd=False) as existing:
             for raw in existing:
                 torn = not raw.endswith(b"\n")
-                key = _row_key(raw) if not torn else None
+                row = _row(raw) if not torn else None
+                key = _key_of(row) if row is not None else None
+                if row is not None and self._retry is not None:
+                    self._fold_retry(row)
                 if key is not None and self._index.add(key, offset):
                     self.resumed += 1
                     self._line_keys += key.startswith(b"l")
@@ -303,7 +309,7 @@ class Journal:
         if self._reader < 0:  # closed: ``done`` may still be asked
             with self.path.open("rb") as file:
                 file.seek(location)
-                return _row_key(file.readline().rstrip(b"\n"))
+                return _row_key(file.readline())
         chunk = os.pread(self._reader, 4096, location)
         while b"\n" not in chunk:
             more = os.pread(self._reader, 65536, location + len(chunk))
@@ -311,6 +317,41 @@ class Journal:
                 return None
             chunk += more
         return _row_key(chunk[: chunk.index(b"\n")])
+
+    def _fold_retry(self, row: dict[str, Any]) -> None:
+        """Fold one row into the per-recipient state of its id (``--retry-failed``)."""
+        assert self._retry is not None
+        job_id = row.get("id")
+        if not isinstance(job_id, str):
+            return
+        rest, listed = _recipient_states(row)
+        covered = row.get("recipients")
+        if isinstance(covered, list):  # a retry row: it speaks for these recipients only
+            if job_id not in self._retry:
+                return
+            _, old_listed = self._retry[job_id]
+            for rcpt in covered:
+                if isinstance(rcpt, str):
+                    old_listed[rcpt] = listed.get(rcpt, rest)
+            # The retry covered every recipient left to send: any other one is final.
+            rest, listed = ACCEPTED, old_listed
+        if rest == TRANSIENT or TRANSIENT in listed.values():
+            self._retry[job_id] = (rest, listed)
+        else:
+            self._retry.pop(job_id, None)
+
+    def may_retry(self, job_id: str) -> bool:
+        """An earlier run left a recipient of ``job_id`` to send again (``--retry-failed``)."""
+        return self._retry is not None and job_id in self._retry
+
+    def to_retry(self, job_id: str, recipients: list[str]) -> list[str]:
+        """Of the job's envelope ``recipients``, those whose last result was a transient
+        refusal or give-up (4xx, lost connection, timeout); never one that was accepted
+        or refused permanently."""
+        if self._retry is None or job_id not in self._retry:
+            return []
+        rest, listed = self._retry[job_id]
+        return [rcpt for rcpt in recipients if listed.get(rcpt, rest) == TRANSIENT]
 
     def line_done(self, number: int) -> bool:
         """An earlier run recorded line ``number`` without an id."""
@@ -377,14 +418,47 @@ class _DoneIds:
         return self._journal.resumed
 
 
-def _row_key(raw: bytes) -> bytes | None:
-    """The key a results line marks done, or None (torn, not a result, not done)."""
+ACCEPTED, PERMANENT, TRANSIENT = 0, 1, 2
+
+
+def _recipient_states(row: dict[str, Any]) -> tuple[int, dict[str, int]]:
+    """(state of the recipients the row does not list, state of each it lists in ``refused``)."""
+    def state(code: Any) -> int:
+        return PERMANENT if isinstance(code, int) and 500 <= code < 600 else TRANSIENT
+
+    status = row.get("status")
+    listed: dict[str, int] = {}
+    refused = row.get("refused")
+    if isinstance(refused, dict) and status != "invalid":
+        for rcpt, reply in refused.items():
+            listed[rcpt] = state(reply[0] if isinstance(reply, list) and reply else None)
+    if status == "sent":
+        rest = ACCEPTED
+    elif status == "failed":
+        rest = state(row.get("code"))  # no recipient accepted: 5xx is final, 4xx / no reply is not
+    else:
+        rest = PERMANENT  # invalid: nothing to send again until the line is fixed
+    return rest, listed
+
+
+def _row(raw: bytes) -> dict[str, Any] | None:
+    """A done results row, or None (torn, not a result, not done)."""
     try:
         row = json.loads(raw)
     except ValueError:
         return None
     if not isinstance(row, dict) or row.get("status") not in DONE_STATUSES:
         return None
+    return row
+
+
+def _row_key(raw: bytes) -> bytes | None:
+    """The key a results line marks done, or None."""
+    row = _row(raw)
+    return _key_of(row) if row is not None else None
+
+
+def _key_of(row: dict[str, Any]) -> bytes | None:
     job_id, line = row.get("id"), row.get("line")
     if isinstance(job_id, str):
         return id_key(job_id)

@@ -78,6 +78,7 @@ class RunOptions:
     progress: bool | None = None  # None: a bar when stderr is a terminal
     maildir: Path = DEFAULT_MAILDIR
     attachments_root: Path | None = None  # None: config jobs.attachments_root, else the jobs file's directory
+    retry_failed: bool = False  # send again the recipients an earlier run left with a transient failure
 
 
 @dataclass(slots=True)
@@ -89,6 +90,7 @@ class _Item:
     size: int  # bytes of its line, for the progress bar
     outgoing: Outgoing | None  # None: built by the sender, off the event loop (attachment files)
     job: Job | None = None
+    retry: bool = False  # --retry-failed: done by an earlier run; only its transient recipients
 
 
 @dataclass
@@ -116,7 +118,7 @@ class Run:
         jobs_total = Counter("dispatcher_jobs", "Jobs of this run by outcome.", ["status"], registry=self.registry)
         self.jobs_total = {status: jobs_total.labels(status=status) for status in STATUSES}
         self.tally = Tally()
-        self.journal = Journal(options.results)
+        self.journal = Journal(options.results, retry_failed=options.retry_failed)
         self.pool: SMTPPool | None = None
         self.signalled = False
         self._stop = asyncio.Event()
@@ -136,13 +138,16 @@ class Run:
     # -- results --
 
     def _record(self, line: int, job_id: str | None, status: str, size: int, **fields: Any) -> None:
+        result = {
+            "id": job_id, "line": line, "status": status,
+            "attempts": fields.get("attempts", 0), "code": fields.get("code"),
+            "response": _text(fields.get("response")), "refused": fields.get("refused", {}),
+            "error": _text(fields.get("error")), "elapsed_ms": fields.get("elapsed_ms", 0),
+        }
+        if fields.get("recipients") is not None:
+            result["recipients"] = fields["recipients"]  # a --retry-failed row speaks for these only
         try:
-            self.journal.record({
-                "id": job_id, "line": line, "status": status,
-                "attempts": fields.get("attempts", 0), "code": fields.get("code"),
-                "response": _text(fields.get("response")), "refused": fields.get("refused", {}),
-                "error": _text(fields.get("error")), "elapsed_ms": fields.get("elapsed_ms", 0),
-            })
+            self.journal.record(result)
         except OSError as exc:
             raise _ResultsUnwritable(
                 f"cannot write the results file {self.options.results}: {exc.strerror or exc}; run stopped "
@@ -330,7 +335,7 @@ class Run:
             self._invalid(line.number, job_id, exc, size)
             return None
         claim, first = self.journal.claim(job.id, line.number)
-        if claim is Claim.DONE:
+        if claim is Claim.DONE and not self.journal.may_retry(job.id):
             self._count("skipped", size)
             return None
         if claim is Claim.DUPLICATE:
@@ -339,10 +344,11 @@ class Run:
             else:
                 self._invalid(line.number, None, JobError("id", f"duplicate of line {first}'s id {job.id!r}"), size)
             return None
+        retry = claim is Claim.DONE
         if needs_files(job):
-            return _Item(line.number, job.id, size, None, job)
+            return _Item(line.number, job.id, size, None, job, retry)
         try:
-            return _Item(line.number, job.id, size, build(job))
+            return _Item(line.number, job.id, size, build(job), retry=retry)
         except JobError as exc:
             self._invalid(line.number, job.id, exc, size)
             return None
@@ -381,15 +387,22 @@ class Run:
             except JobError as exc:
                 self._invalid(number, job_id, exc, size)
                 return
+        recipients = outgoing.recipients
+        if item.retry:
+            recipients = self.journal.to_retry(job_id, recipients)
+            if not recipients:
+                self._count("skipped", size)
+                return
         if self._stop.is_set():
             return  # not submitted: the next run sends it
         started = time.monotonic()
+        retried = recipients if item.retry else None
         try:
-            result = await pool.submit(outgoing.message, sender=outgoing.sender, recipients=outgoing.recipients)
+            result = await pool.submit(outgoing.message, sender=outgoing.sender, recipients=recipients)
         except DeliveryError as exc:
             self._record(number, job_id, "failed", size, attempts=exc.attempts, code=exc.code,
                          response=exc.response, refused=_refusals(exc.refused), error=str(exc),
-                         elapsed_ms=_ms(started))
+                         elapsed_ms=_ms(started), recipients=retried)
         except RelayError as exc:
             # Not the message's fault: not recorded, so the next run sends it.
             self._halt(EXIT_RELAY_DOWN if exc.transient else EXIT_USAGE, str(exc))
@@ -400,7 +413,7 @@ class Run:
         else:
             self._record(number, job_id, "sent", size, attempts=result.attempts, code=result.code,
                          response=result.response, refused=_refusals(result.refused),
-                         elapsed_ms=round(result.elapsed * 1000, 1))
+                         elapsed_ms=round(result.elapsed * 1000, 1), recipients=retried)
 
     async def _progress(self) -> None:
         tty = self.options.progress if self.options.progress is not None else sys.stderr.isatty()

@@ -444,3 +444,70 @@ def test_spill_reads_back_records_from_disk_and_memory(monkeypatch: pytest.Monke
     offsets = [spill.append(f"key-{i}".encode(), i) for i in range(100)]
     assert [spill.read(o) for o in offsets] == [(f"key-{i}".encode(), i) for i in range(100)]
     spill.close()
+
+
+# -- issue 8: --retry-failed ----------------------------------------------------------------------
+
+
+async def test_retry_failed_sends_only_the_transiently_refused_recipients_again(
+    server: FaultyServer, tmp_path: Path
+) -> None:
+    server.faults.rcpt["busy@example.net"] = "450 4.2.1 mailbox busy, try later"
+    server.faults.rcpt["gone@example.net"] = "550 5.1.1 no such user"
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [
+        job("partial", to=["ok@example.net", "busy@example.net", "gone@example.net"], bcc=["hidden@example.net"]),
+        job("transient", to=["busy@example.net"]),
+        job("permanent", to=["gone@example.net"]),
+        job("fine", to=["fine@example.net"]),
+    ])
+    config = tmp_path / "c.yaml"
+    config.write_text(f"smtp:\n  hostname: 127.0.0.1\n  port: {server.port}\n  timeout: 5\n"
+                      "retry:\n  max_attempts: 2\n  backoff_base: 0.001\n  backoff_max: 0.01\n")
+    code, _, err = await dispatcher("run", str(jobs), "--config", str(config), cwd=tmp_path)
+    assert code == 1, err
+    first = {r["id"]: r for r in results(tmp_path / "jobs.results.jsonl")}
+    assert first["job-partial"]["status"] == "sent" and first["job-transient"]["status"] == "failed"
+    accepted_before = sorted(r for m in server.messages for r in m.rcpt_tos)
+    # Without the flag a re-run sends nothing; with it, only the 4xx recipients, once.
+    code, _, err = await dispatcher("run", str(jobs), "--config", str(config), cwd=tmp_path)
+    assert code == 0 and sorted(r for m in server.messages for r in m.rcpt_tos) == accepted_before
+    del server.faults.rcpt["busy@example.net"]
+    count = len(server.messages)
+    code, _, err = await dispatcher("run", str(jobs), "--config", str(config), "--retry-failed", cwd=tmp_path)
+    assert code == 0, err
+    retried = sorted((m.header("X-Job-Id"), tuple(m.rcpt_tos)) for m in server.messages[count:])
+    assert retried == [("job-partial", ("busy@example.net",)), ("job-transient", ("busy@example.net",))]
+    rows = results(tmp_path / "jobs.results.jsonl")[4:]
+    assert sorted((r["id"], r["status"], tuple(r["recipients"])) for r in rows) == [
+        ("job-partial", "sent", ("busy@example.net",)), ("job-transient", "sent", ("busy@example.net",))]
+    # Everything is accepted or refused permanently now: nothing left to retry.
+    code, _, err = await dispatcher("run", str(jobs), "--config", str(config), "--retry-failed", cwd=tmp_path)
+    assert code == 0, err
+    assert len(server.messages) == count + 2 and len(results(tmp_path / "jobs.results.jsonl")) == 6
+
+
+def test_retry_state_follows_the_last_result_of_each_recipient(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    rows = [
+        {"id": "lost", "line": 1, "status": "failed", "code": None, "refused": {}},  # connection lost
+        {"id": "deferred", "line": 2, "status": "failed", "code": 451, "refused": {}},
+        {"id": "rejected", "line": 3, "status": "failed", "code": 554, "refused": {}},
+        {"id": "mixed", "line": 4, "status": "sent", "code": 250,
+         "refused": {"b@x.org": [452, "full"], "c@x.org": [550, "no"]}},
+        {"id": "mixed", "line": 4, "status": "failed", "code": 452, "refused": {"b@x.org": [452, "full"]},
+         "recipients": ["b@x.org"]},  # retried once, still deferred
+        {"id": "healed", "line": 5, "status": "failed", "code": 450, "refused": {}},
+        {"id": "healed", "line": 5, "status": "sent", "code": 250, "refused": {}, "recipients": ["a@x.org"]},
+        {"id": "bad", "line": 6, "status": "invalid", "error": "line 6: to: field required"},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    journal = Journal(path, retry_failed=True)
+    journal.open()
+    everyone = ["a@x.org", "b@x.org", "c@x.org"]
+    assert journal.to_retry("lost", everyone) == everyone
+    assert journal.to_retry("deferred", everyone) == everyone
+    assert journal.to_retry("rejected", everyone) == []
+    assert journal.to_retry("mixed", everyone) == ["b@x.org"]
+    assert journal.to_retry("healed", ["a@x.org"]) == [] and not journal.may_retry("healed")
+    assert journal.to_retry("bad", everyone) == []
+    journal.close()
