@@ -1,7 +1,23 @@
 """A pool of long-lived SMTP connections: ``result = await pool.submit(message)``."""
 
+from typing import TYPE_CHECKING, Any
+
 from pool.errors import DeliveryError, PoolClosedError, PoolError, RelayError
 from pool.pool import SMTPPool
 from pool.results import SendResult
+from pool.router import SMTPRouter
 
-__all__ = ["DeliveryError", "PoolClosedError", "PoolError", "RelayError", "SMTPPool", "SendResult"]
+if TYPE_CHECKING:
+    from pool.dkim import DKIMSigner
+
+__all__ = ["DKIMSigner", "DeliveryError", "PoolClosedError", "PoolError", "RelayError", "SMTPPool", "SMTPRouter",
+           "SendResult"]
+
+
+def __getattr__(name: str) -> Any:
+    # DKIM pulls in dkimpy and cryptography: loaded only by those who sign.
+    if name == "DKIMSigner":
+        from pool.dkim import DKIMSigner
+
+        return DKIMSigner
+    raise AttributeError(f"module 'pool' has no attribute {name!r}")

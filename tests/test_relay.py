@@ -282,3 +282,35 @@ async def test_library_logs_nothing_on_stdout_and_survives_a_closed_stdout(
         async with asyncio.timeout(20):
             await proc.wait()
     assert len(server.messages) == 20
+
+
+# Several relays
+
+
+async def test_router_spreads_by_weight_and_fails_over_from_a_refusing_relay() -> None:
+    from pool import SMTPRouter
+
+    async with FaultyServer() as main, FaultyServer() as backup, \
+            FaultyServer(credentials=("user", "right")) as broken:
+        registry = CollectorRegistry()
+
+        def pool(server: FaultyServer, **kwargs: Any) -> SMTPPool:
+            return SMTPPool(**options(server, "pipelined", **kwargs))
+
+        router = SMTPRouter({"main": pool(main), "backup": pool(backup)}, weights={"main": 3, "backup": 1},
+                            registry=registry)
+        async with router:
+            results = await asyncio.gather(*(router.submit(make_message(i)) for i in range(40)))
+            pinned = await router.submit(make_message(99), relay="backup")
+        assert [r.relay for r in results].count("main") == 30
+        assert pinned.relay == "backup"
+        assert value(registry, "smtp_pool_messages_total", outcome="sent", relay="main") == 30.0
+        assert value(registry, "smtp_pool_messages_total", outcome="sent", relay="backup") == 11.0
+
+        failover = SMTPRouter({
+            "broken": pool(broken, start_tls=False, username="user", password="wrong"), "backup": pool(backup)})
+        async with failover:
+            moved = await asyncio.gather(*(failover.submit(make_message(100 + i)) for i in range(10)))
+        assert all(r.relay == "backup" for r in moved)
+        assert failover.pools["broken"].relay_error is not None
+        assert len(backup.messages) == 21

@@ -1,0 +1,140 @@
+"""SMTPRouter: several relays behind one ``submit`` (SPEC section 1, "Several relays").
+
+Messages are spread by weight (smooth weighted round robin, as nginx does for its
+upstreams: deterministic, and no relay waits long for its turn). A relay whose pool is
+in RelayError is skipped: for good when the failure is permanent, until its pool's
+probe opens a session again when it is transient; a message that met the RelayError
+goes to the next relay. DeliveryError (the relay refused the message or its
+recipients) is final and never re-sent elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Iterator, Mapping
+from email.message import Message
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+
+from pool.errors import RelayError
+from pool.pool import SMTPPool
+from pool.results import SendResult
+
+
+class SMTPRouter:
+    """Route each message to one of several named ``SMTPPool``s.
+
+    ``weights`` (default 1 each) spread the messages; ``registry``, when given,
+    receives every pool's ``smtp_pool_*`` series with a ``relay`` label (create the
+    pools without a registry of their own).
+    """
+
+    def __init__(
+        self,
+        pools: Mapping[str, SMTPPool],
+        weights: Mapping[str, float] | None = None,
+        *,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        if not pools:
+            raise ValueError("pools: at least one relay is needed")
+        self.pools = dict(pools)
+        self.weights = {name: float((weights or {}).get(name, 1)) for name in self.pools}
+        unknown = set(weights or {}) - set(self.pools)
+        if unknown:
+            raise ValueError(f"weights: no relay named {sorted(unknown)[0]!r}")
+        if any(weight <= 0 for weight in self.weights.values()):
+            raise ValueError("weights: every weight must be positive")
+        self._credit = dict.fromkeys(self.pools, 0.0)
+        if registry is not None:
+            registry.register(_RelayMetrics(self.pools))
+
+    def __repr__(self) -> str:
+        up = [name for name, pool in self.pools.items() if pool.relay_error is None]
+        return f"<SMTPRouter relays={list(self.pools)} up={up}>"
+
+    async def __aenter__(self) -> SMTPRouter:
+        for pool in self.pools.values():
+            await pool.__aenter__()
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        await self.close(drain=exc_type is not asyncio.CancelledError)
+
+    async def close(self, drain: bool = True) -> None:
+        await asyncio.gather(*(pool.close(drain=drain) for pool in self.pools.values()))
+
+    def terminate(self) -> None:
+        for pool in self.pools.values():
+            pool.terminate()
+
+    def _pick(self, exclude: set[str]) -> str | None:
+        """Smooth weighted round robin over the relays that are up and not excluded."""
+        candidates = [name for name, pool in self.pools.items()
+                      if name not in exclude and pool.relay_error is None]
+        if not candidates:
+            return None
+        total = sum(self.weights[name] for name in candidates)
+        for name in candidates:
+            self._credit[name] += self.weights[name]
+        best = max(candidates, key=self._credit.__getitem__)
+        self._credit[best] -= total
+        return best
+
+    async def submit(
+        self,
+        message: Message | bytes | str,
+        *,
+        sender: str | None = None,
+        recipients: list[str] | tuple[str, ...] | None = None,
+        relay: str | None = None,
+    ) -> SendResult:
+        """Send through one relay (``relay`` pins one); same results and errors as
+        ``SMTPPool.submit``, plus ``SendResult.relay``. RelayError only when every
+        relay is failing (the last one met)."""
+        if relay is not None:
+            if relay not in self.pools:
+                raise ValueError(f"relay: no relay named {relay!r}")
+            result = await self.pools[relay].submit(message, sender=sender, recipients=recipients)
+            return dataclasses.replace(result, relay=relay)
+        tried: set[str] = set()
+        last: RelayError | None = None
+        while (name := self._pick(tried)) is not None:
+            tried.add(name)
+            try:
+                result = await self.pools[name].submit(message, sender=sender, recipients=recipients)
+            except RelayError as exc:
+                last = exc  # nothing was delivered through this relay: try the next
+                continue
+            return dataclasses.replace(result, relay=name)
+        if last is not None:
+            raise last
+        errors = [pool.relay_error for pool in self.pools.values() if pool.relay_error is not None]
+        transient = [e for e in errors if e.transient]
+        raise (transient or errors)[0] if errors else RelayError(
+            "no relay available", transient=True, relay=",".join(self.pools))
+
+
+class _RelayMetrics(Collector):
+    """Every pool's families, merged, each sample labelled with its relay's name."""
+
+    def __init__(self, pools: Mapping[str, SMTPPool]) -> None:
+        self._pools = pools
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # series appear at the first scrape
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for name, pool in self._pools.items():
+            for family in pool.metrics.collect():
+                target = merged.get(family.name)
+                if target is None:
+                    target = merged[family.name] = Metric(family.name, family.documentation, family.type)
+                for sample in family.samples:
+                    target.samples.append(sample._replace(labels={**sample.labels, "relay": name}))
+        return iter(merged.values())
