@@ -80,7 +80,7 @@ async def serve(listen_host: str, listen_port: int, target_host: str, target_por
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             transport.pause_reading()  # type: ignore[attr-defined]
-            loop.create_task(self._connect_upstream())
+            self._upstream = loop.create_task(self._connect_upstream())  # owned by the proxy connection
 
         async def _connect_upstream(self) -> None:
             assert self.transport is not None

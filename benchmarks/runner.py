@@ -294,7 +294,7 @@ def run_dispatcher(jobs: Path, config: Path, results: Path, expected: int, deadl
                 next_sample = now + 0.25
                 try:
                     samples.append((watched.memory_info().rss / 2**20, results.stat().st_size if results.exists() else 0))
-                except Exception:  # noqa: BLE001 - the process is ending
+                except Exception:  # noqa: BLE001, S110 - the process is ending
                     pass
             if deadline and not stopped and now - start > deadline:
                 process.terminate()
@@ -707,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"sink: {sink.description} on 127.0.0.1:{sink.port}")
     raw, _ = messages.build()
     info: dict[str, Any] = {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
         "sink": sink.description, "message_bytes": len(raw), "notes": notes,
         "command": " ".join(["./dev python -m benchmarks", *(argv if argv is not None else sys.argv[1:])]),
         "pipelining_default": "on" if pipelining else "default"}

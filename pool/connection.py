@@ -173,7 +173,7 @@ class Connection:
                     await client.ehlo()
                 except SMTPHeloError:
                     await client.helo()
-        except (SMTPException, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, SMTPException, OSError) as exc:
             client.close()
             self.state = ConnState.CLOSED
             raise _classify_connect_error(exc, o) from exc

@@ -29,7 +29,7 @@ class EventLogger:
             elif _stdlib.isEnabledFor(level):
                 pairs = " ".join(f"{k}={v!r}" for k, v in {**self._context, **fields}.items())
                 _stdlib.log(level, "%s %s", event, pairs, exc_info=fields.get("exc_info"))
-        except Exception:  # noqa: BLE001 - a log line is never worth a message
+        except Exception:  # noqa: BLE001, S110 - a log line is never worth a message
             pass
 
     def debug(self, event: str, **fields: Any) -> None:

@@ -110,7 +110,7 @@ def _histogram(
     histogram = HistogramMetricFamily(name, documentation)
     if not empty:
         cumulative, buckets = 0, []
-        for bound, count in zip((*bounds, float("inf")), counts):
+        for bound, count in zip((*bounds, float("inf")), counts, strict=True):
             cumulative += count
             buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
         histogram.add_metric([], buckets, sum_value=total)

@@ -25,7 +25,7 @@ TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 0)  # Linux only
 
 
 class _Group:
-    __slots__ = ("count", "replies", "future")
+    __slots__ = ("count", "future", "replies")
 
     def __init__(self, count: int, future: asyncio.Future[list[Reply]]) -> None:
         self.count = count

@@ -221,7 +221,7 @@ class SMTPPool:
                 # Every job has ended: the workers wait for work, or probe; stop them there.
                 for task in (*self._workers, *self._timers):
                     task.cancel()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - turned into an error for every waiting caller
             # A bug in a worker: the group has cancelled the others. Nothing may wait forever.
             log.error("smtp.pool_crashed", error=repr(exc))
             self._fail_waiting(PoolError(f"the pool stopped after an internal error: {exc!r}"))

@@ -88,7 +88,7 @@ def _outcome(recipients: tuple[str, ...], mail: Reply, rcpt: list[Reply], data: 
             target[address] = mail
         return out
     candidates: list[str] = []
-    for address, reply in zip(recipients, rcpt):
+    for address, reply in zip(recipients, rcpt, strict=True):
         if is_positive(reply[0]):
             candidates.append(address)
         else:
@@ -136,7 +136,7 @@ def _data_refused(start: Reply) -> Reply:
 class Transaction:
     """One attempt to send ``envelope`` to ``recipients`` on one connection."""
 
-    __slots__ = ("_connection", "_envelope", "_recipients", "_pending", "_mail", "_rcpt", "_pipe", "outcome")
+    __slots__ = ("_connection", "_envelope", "_mail", "_pending", "_pipe", "_rcpt", "_recipients", "outcome")
 
     def __init__(self, connection: Connection, envelope: Envelope, recipients: tuple[str, ...]) -> None:
         self._connection = connection
@@ -169,11 +169,14 @@ class Transaction:
                 self._pipe = pipe
                 await self._start_pipelined(pipe, smtputf8)
             else:
-                self.outcome = await self._command_by_command(conn.client, smtputf8)
+                client = conn.client
+                if client is None:
+                    raise ConnectionFailed("not connected")
+                self.outcome = await self._command_by_command(client, smtputf8)
         except ConnectionFailed as exc:
             conn.close()
             self.outcome = lost(recipients, exc)
-        except (SMTPException, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, SMTPException, OSError) as exc:
             conn.close()
             self.outcome = lost(recipients, ConnectionFailed(f"connection lost: {exc}"))
         except BaseException:
@@ -266,7 +269,7 @@ class Transaction:
         protocol.write(envelope.content)
         try:
             response = await protocol.read_response(timeout=self._connection.options.timeout)
-        except (SMTPException, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, SMTPException, OSError) as exc:
             raise ConnectionFailed(f"connection lost after the end of DATA: {exc}", ambiguous=True) from exc
         return _outcome(recipients, mail, rcpt, _checked(response.code, response.message))
 

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from smtpserver import FaultyServer  # noqa: E402
+from smtpserver import FaultyServer
 
 
 @pytest.fixture

@@ -102,7 +102,7 @@ class ScriptedServer:
                     elif verb == b"RSET":
                         replies.append(b"250 2.0.0 reset")
                     elif verb == b"QUIT":
-                        await self._send(writer, replies + [b"221 bye"])
+                        await self._send(writer, [*replies, b"221 bye"])
                         return
                     else:
                         replies.append(b"500 unknown")

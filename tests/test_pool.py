@@ -472,7 +472,7 @@ async def test_chaos_loses_nothing_and_never_double_delivers(server: FaultyServe
                 acknowledged[key] = acknowledged.get(key, 0) + 1
     assert max(acknowledged.values()) == 1, "no recipient got an acknowledged message twice"
     sent = failed = 0
-    for msg, outcome in zip(messages, outcomes):
+    for msg, outcome in zip(messages, outcomes, strict=True):
         mid = msg["Message-ID"]
         if isinstance(outcome, SendResult):
             sent += 1
