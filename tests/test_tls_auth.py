@@ -94,3 +94,19 @@ async def test_bad_password_stops_the_pool_after_one_login_and_is_never_logged()
     assert logs, "the failure was logged"
     assert "hunter2-wrong" not in repr(logs)
     assert "hunter2-wrong" not in repr(failed) + str(failed)
+
+
+async def test_private_ca_is_trusted_through_ca_file(
+    server_context: ssl.SSLContext, ca: trustme.CA, tmp_path: Any
+) -> None:
+    bundle = tmp_path / "private-ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    async with FaultyServer(tls_context=server_context) as srv:
+        async with SMTPPool(hostname="127.0.0.1", port=srv.port, size=1, use_tls=True, ca_file=str(bundle)) as pool:
+            result = await pool.submit(make_message(1))
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        async with SMTPPool(hostname="127.0.0.1", port=srv.port, size=1, use_tls=True, tls_context=context) as pool:
+            await pool.submit(make_message(2))
+    assert result.attempts == 1
+    assert len(srv.messages) == 2
