@@ -298,9 +298,9 @@ async def test_a_killed_workers_pending_jobs_are_claimed_and_only_its_wire_is_se
 async def test_three_workers_one_killed_mid_run_every_job_delivered(
     redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
 ) -> None:
-    n = 600
+    n = 450
     async with FaultyServer() as server:
-        server.faults.delay = 0.02  # ~100 messages/s per worker: the kill lands mid-run
+        server.faults.delay = 0.015  # ~130 messages/s per worker: the kill lands mid-run
         config = write_config(tmp_path / "c.yaml", server, redis={"claim_after": 1.0})
         url = redis_server.url
         jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(n)])
@@ -347,6 +347,48 @@ async def test_sigterm_finishes_the_wire_and_releases_the_rest_at_once(
 
     counts = delivered(server)
     assert set(counts) == {f"job-{i}" for i in range(n)} and max(counts.values()) == 1
+
+
+async def test_a_second_signal_stops_at_once_and_nothing_is_recorded_for_what_was_on_the_wire(
+    redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    async with FaultyServer() as server:
+        server.gate = asyncio.Event()  # never opened: the wire never finishes
+        config = write_config(tmp_path / "c.yaml", server)
+        url = redis_server.url
+        jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(10)])
+        assert (await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path))[0] == 0
+        worker = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--name", "w",
+                                           cwd=tmp_path)
+        await server.wait_for(lambda: server.data_started >= 2, timeout=20)
+        worker.proc.send_signal(signal.SIGINT)
+        await worker.wait_event("worker.stopping")
+        worker.proc.send_signal(signal.SIGINT)
+        assert await worker.wait(timeout=10) == 130
+    assert not any("Traceback" in line for line in worker.text), worker.text
+    report = await status(url, tmp_path)
+    # Nothing recorded; every entry is still in the stream for the next worker.
+    assert report["done"]["sent"] == 0 and report["pending"] + report["waiting"] == 10
+
+
+async def test_a_relay_refusing_the_login_stops_the_worker_with_exit_2_and_releases_its_jobs(
+    redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    async with FaultyServer(credentials=("user", "right")) as server:
+        config = write_config(tmp_path / "c.yaml", server)
+        config.write_text(config.read_text().replace(
+            "  timeout: 5\n", "  timeout: 5\n  start_tls: false\n  username: user\n  password: hunter2-wrong\n"))
+        url = redis_server.url
+        jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(10)])
+        assert (await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path))[0] == 0
+        worker = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), cwd=tmp_path)
+        assert await worker.wait() == 2
+    assert server.messages == []
+    assert any("refused the login: 535" in line for line in worker.text), worker.text
+    assert "hunter2-wrong" not in "".join(worker.text) + json.dumps(worker.events)
+    assert worker.summary()["released"] == 10
+    report = await status(url, tmp_path)
+    assert report["done"]["sent"] == 0 and report["dead"] == 0 and report["pending"] == 10
 
 
 async def test_poison_job_goes_to_the_dead_stream_and_attachments_stay_under_the_root(
