@@ -87,17 +87,27 @@ class KeyIndex:
         return self._store(key, location, replace=False)
 
     def _store(self, key: bytes, location: int, *, replace: bool) -> bool:
-        if not 0 <= location <= self.MAX_LOCATION:
-            raise OverflowError(f"location {location} is beyond the index's {self.LOCATION_BITS} bits")
+        slot, high, found = self.find(key)
+        if found is not None and not replace:
+            return False
+        self.store(slot, high, location, added=found is None)
+        return found is None
+
+    def find(self, key: bytes) -> tuple[int, int, int | None]:
+        """(slot, digest bits, location or None) for ``store``: the table has room for
+        one more key when this returns, so the slot stays valid until ``store``."""
         if (self._count + 1) * 2 > len(self._table):
             self._grow()
         high = _digest(key) >> (64 - self.HASH_BITS)
         slot, found = self._find(key, high)
-        if found is not None and not replace:
-            return False
-        self._count += found is None
+        return slot, high, found
+
+    def store(self, slot: int, high: int, location: int, *, added: bool) -> None:
+        """Set the slot ``find`` returned (no lookup in between)."""
+        if not 0 <= location <= self.MAX_LOCATION:
+            raise OverflowError(f"location {location} is beyond the index's {self.LOCATION_BITS} bits")
+        self._count += added
         self._table[slot] = (high << self.LOCATION_BITS) | (location + 1)
-        return found is None
 
     def _find(self, key: bytes, high: int) -> tuple[int, int | None]:
         """(slot, location) of ``key``, or (the empty slot where it would go, None)."""
@@ -311,6 +321,17 @@ class Journal:
                 file.seek(location)
                 return _row_key(file.readline())
         chunk = os.pread(self._reader, 4096, location)
+        if chunk.startswith(_ID_FIRST):
+            # Rows start with the id: read just that string (the row was checked when it
+            # was indexed, and the file only grows).
+            start = len(_ID_FIRST) + (chunk[len(_ID_FIRST)] == 32)  # '{"id": "' too
+            if chunk[start:start + 1] == b'"':
+                try:
+                    job_id, _ = _scanstring(chunk[:1024].decode("utf-8", "surrogateescape"), start + 1)
+                except ValueError:
+                    pass  # longer than the chunk: read the whole row
+                else:
+                    return id_key(job_id)
         while b"\n" not in chunk:
             more = os.pread(self._reader, 65536, location + len(chunk))
             if not more:
@@ -362,10 +383,10 @@ class Journal:
         run recorded the id; the line now owns it) or DUPLICATE (an earlier line of
         this run owns it). Also returns the owning line (for DUPLICATE)."""
         key = id_key(job_id)
-        location = self._index.get(key)
+        slot, high, location = self._index.find(key)
         if location is not None and location >= self._base:
             return Claim.DUPLICATE, self._spill.read(location - self._base)[1]
-        self._index.put(key, self._base + self._spill.append(key, line))
+        self._index.store(slot, high, self._base + self._spill.append(key, line), added=location is None)
         return (Claim.NEW if location is None else Claim.DONE), line
 
     def record(self, result: dict[str, Any]) -> None:
@@ -419,6 +440,8 @@ class _DoneIds:
 
 
 ACCEPTED, PERMANENT, TRANSIENT = 0, 1, 2
+_ID_FIRST = b'{"id":'
+_scanstring: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
 
 def _recipient_states(row: dict[str, Any]) -> tuple[int, dict[str, int]]:
