@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
@@ -18,6 +19,9 @@ import pytest
 import redis.asyncio as aioredis
 from redisserver import RedisServer, free_port, require_redis
 from smtpserver import FaultyServer
+
+from dispatcher import redis_report, redis_store
+from dispatcher.redis_enqueue import Enqueuer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -139,16 +143,45 @@ def delivered(server: FaultyServer) -> Counter[str | None]:
     return Counter(m.header("X-Job-Id") for m in server.messages)
 
 
-async def status(url: str, cwd: Path) -> dict[str, Any]:
-    code, out, err = await cli("status", "--redis", url, "--json", cwd=cwd)
-    assert code == 0, err
-    return dict(json.loads(out))
+# The commands themselves run as subprocesses in the enqueue and two-worker tests; the
+# other tests enqueue and read status and results in this process (the same functions),
+# to keep the file's run time down.
 
 
-async def results(url: str, cwd: Path) -> list[dict[str, Any]]:
-    code, out, err = await cli("results", "--redis", url, cwd=cwd)
-    assert code == 0, err
-    return [json.loads(line) for line in out.splitlines()]
+async def status(url: str, cwd: Path | None = None) -> dict[str, Any]:
+    if cwd is not None:
+        code, out, err = await cli("status", "--redis", url, "--json", cwd=cwd)
+        assert code == 0, err
+        return dict(json.loads(out))
+    client = redis_store.client(url)
+    try:
+        return (await redis_report.status(client, redis_store.Keys(redis_store.DEFAULT_STREAM), "dispatcher")).as_dict()
+    finally:
+        await client.aclose()
+
+
+async def results(url: str, cwd: Path | None = None) -> list[dict[str, Any]]:
+    if cwd is not None:
+        code, out, err = await cli("results", "--redis", url, cwd=cwd)
+        assert code == 0, err
+        return [json.loads(line) for line in out.splitlines()]
+    client = redis_store.client(url)
+    buffer = io.BytesIO()
+    try:
+        await redis_report.write_results(client, redis_store.Keys(redis_store.DEFAULT_STREAM), buffer)
+    finally:
+        await client.aclose()
+    return [json.loads(line) for line in buffer.getvalue().splitlines()]
+
+
+async def enqueue(url: str, jobs: Path) -> None:
+    client = redis_store.client(url)
+    try:
+        with jobs.open("rb") as stream:
+            counts = await Enqueuer(client, redis_store.Keys(redis_store.DEFAULT_STREAM), "dispatcher").enqueue(stream)
+    finally:
+        await client.aclose()
+    assert counts.rejected == 0
 
 
 def assert_one_row_per_id(rows: list[dict[str, Any]], ids: set[str]) -> None:
@@ -243,7 +276,6 @@ async def test_two_workers_share_the_stream_and_each_job_is_delivered_once(
         code, _, err = await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path)
         assert code == 0, err
         await server.wait_for(lambda: len(server.messages) >= n, timeout=40)
-        report = await status(url, tmp_path)
         for worker in pair:
             worker.proc.send_signal(signal.SIGTERM)
         assert [await worker.wait() for worker in pair] == [130, 130]
@@ -272,11 +304,11 @@ async def test_a_killed_workers_pending_jobs_are_claimed_and_only_its_wire_is_se
         config = write_config(tmp_path / "c.yaml", server, redis={"claim_after": 1.0})
         url = redis_server.url
         jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(n)])
-        assert (await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path))[0] == 0
+        await enqueue(url, jobs)
         doomed = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--name", "doomed",
                                            cwd=tmp_path)
         await server.wait_for(lambda: server.data_started >= 2, timeout=20)  # both its sessions mid-DATA
-        held = await status(url, tmp_path)
+        held = await status(url)
         assert held["consumers"][0]["name"] == "doomed" and held["consumers"][0]["pending"] == n
         await doomed.kill()  # SIGKILL
         server.gate.set()
@@ -289,10 +321,10 @@ async def test_a_killed_workers_pending_jobs_are_claimed_and_only_its_wire_is_se
     twice = sum(c - 1 for c in counts.values())
     assert twice <= 2, counts  # at most the two messages the killed worker had on the wire
     assert survivor.summary()["sent"] == n
-    report = await status(url, tmp_path)
+    report = await status(url)
     assert report["done"]["sent"] == n and report["pending"] == 0 and report["waiting"] == 0
     assert [c["pending"] for c in report["consumers"]] == [0]  # "doomed", its entries taken
-    assert_one_row_per_id(await results(url, tmp_path), set(counts))
+    assert_one_row_per_id(await results(url), set(counts))
 
 
 async def test_three_workers_one_killed_mid_run_every_job_delivered(
@@ -304,7 +336,7 @@ async def test_three_workers_one_killed_mid_run_every_job_delivered(
         config = write_config(tmp_path / "c.yaml", server, redis={"claim_after": 1.0})
         url = redis_server.url
         jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(n)])
-        assert (await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path))[0] == 0
+        await enqueue(url, jobs)
         trio = [await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--name", f"w{i}",
                                           "--until-empty", cwd=tmp_path) for i in range(3)]
         await server.wait_for(lambda: len(server.messages) >= n // 4, timeout=30)
@@ -316,9 +348,9 @@ async def test_three_workers_one_killed_mid_run_every_job_delivered(
     assert set(counts) == {f"job-{i}" for i in range(n)}
     twice = sum(c - 1 for c in counts.values())
     assert twice <= 4, twice  # the killed worker's wire: 2 sessions, pipelined
-    report = await status(url, tmp_path)
+    report = await status(url)
     assert report["done"]["sent"] == n and (report["pending"], report["waiting"], report["dead"]) == (0, 0, 0)
-    assert_one_row_per_id(await results(url, tmp_path), set(counts))
+    assert_one_row_per_id(await results(url), set(counts))
 
 
 async def test_sigterm_finishes_the_wire_and_releases_the_rest_at_once(
@@ -331,7 +363,7 @@ async def test_sigterm_finishes_the_wire_and_releases_the_rest_at_once(
         config = write_config(tmp_path / "c.yaml", server, redis={"claim_after": 120})
         url = redis_server.url
         jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(n)])
-        assert (await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path))[0] == 0
+        await enqueue(url, jobs)
         first = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), cwd=tmp_path)
         await server.wait_for(lambda: server.data_started >= 2, timeout=20)
         first.proc.send_signal(signal.SIGTERM)
@@ -341,7 +373,7 @@ async def test_sigterm_finishes_the_wire_and_releases_the_rest_at_once(
         on_wire = first.summary()["sent"]
         assert 2 <= on_wire < n and first.summary()["released"] == n - on_wire
         # A job whose id is already done is acknowledged without sending (an entry added by hand).
-        done_id = (await results(url, tmp_path))[0]["id"]
+        done_id = (await results(url))[0]["id"]
         client = aioredis.Redis.from_url(url)
         try:
             await client.xadd("dispatcher:jobs", {"id": done_id, "line": "1", "job": json.dumps(job(done_id[4:]))})
@@ -364,7 +396,7 @@ async def test_a_second_signal_stops_at_once_and_nothing_is_recorded_for_what_wa
         config = write_config(tmp_path / "c.yaml", server)
         url = redis_server.url
         jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(10)])
-        assert (await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path))[0] == 0
+        await enqueue(url, jobs)
         worker = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--name", "w",
                                            cwd=tmp_path)
         await server.wait_for(lambda: server.data_started >= 2, timeout=20)
@@ -373,7 +405,7 @@ async def test_a_second_signal_stops_at_once_and_nothing_is_recorded_for_what_wa
         worker.proc.send_signal(signal.SIGINT)
         assert await worker.wait(timeout=10) == 130
     assert not any("Traceback" in line for line in worker.text), worker.text
-    report = await status(url, tmp_path)
+    report = await status(url)
     # Nothing recorded; every entry is still in the stream for the next worker.
     assert report["done"]["sent"] == 0 and report["pending"] + report["waiting"] == 10
 
@@ -387,14 +419,14 @@ async def test_a_relay_refusing_the_login_stops_the_worker_with_exit_2_and_relea
             "  timeout: 5\n", "  timeout: 5\n  start_tls: false\n  username: user\n  password: hunter2-wrong\n"))
         url = redis_server.url
         jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(10)])
-        assert (await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path))[0] == 0
+        await enqueue(url, jobs)
         worker = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), cwd=tmp_path)
         assert await worker.wait() == 2
     assert server.messages == []
     assert any("refused the login: 535" in line for line in worker.text), worker.text
     assert "hunter2-wrong" not in "".join(worker.text) + json.dumps(worker.events)
     assert worker.summary()["released"] == 10
-    report = await status(url, tmp_path)
+    report = await status(url)
     assert report["done"]["sent"] == 0 and report["dead"] == 0 and report["pending"] == 10
 
 
@@ -416,7 +448,7 @@ async def test_poison_job_goes_to_the_dead_stream_and_attachments_stay_under_the
             job("escape", attachments=[{"filename": "s.txt", "path": "../secret.txt"}]),
             job("abs", attachments=[{"filename": "s.txt", "path": str(tmp_path / "secret.txt")}]),
         ])
-        assert (await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path))[0] == 0
+        await enqueue(url, jobs)
         worker = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--until-empty",
                                            "--attachments-root", str(root), cwd=tmp_path)
         assert await worker.wait() == 0
@@ -425,7 +457,7 @@ async def test_poison_job_goes_to_the_dead_stream_and_attachments_stay_under_the
     attached = next(m for m in server.messages if m.header("X-Job-Id") == "job-att")
     assert b"ok.txt" in attached.content and b"not for mailing" not in b"".join(m.content for m in server.messages)
     assert worker.summary()["deferred"] == 2  # delivered max_deliveries times, then dead
-    report = await status(url, tmp_path)
+    report = await status(url)
     assert report["dead"] == 1 and report["done"] == {"sent": 3, "failed": 0, "invalid": 2}
     client = aioredis.Redis.from_url(url)
     try:
@@ -434,7 +466,7 @@ async def test_poison_job_goes_to_the_dead_stream_and_attachments_stay_under_the
         await client.aclose()
     assert dead[b"id"] == b"job-poison" and dead[b"deliveries"] == b"2" and dead[b"line"] == b"2"
     assert b"450" in dead[b"reason"] and json.loads(dead[b"job"])["id"] == "job-poison"
-    rows = {r["id"]: r for r in await results(url, tmp_path)}
+    rows = {r["id"]: r for r in await results(url)}
     assert "job-poison" not in rows
     assert rows["job-escape"]["status"] == rows["job-abs"]["status"] == "invalid"
     assert rows["job-escape"]["error"].startswith("line 5: attachments.0.path: ")
@@ -454,7 +486,7 @@ async def test_rate_limit_holds_across_three_workers(
         for worker in trio:
             await worker.wait_event("worker.start")
         jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(n)])
-        assert (await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path))[0] == 0
+        await enqueue(url, jobs)
 
         def arrived() -> bool:
             while len(arrivals) < len(server.messages):
@@ -483,7 +515,7 @@ async def test_redis_restart_mid_run_loses_nothing(
         config = write_config(tmp_path / "c.yaml", server, redis={"claim_after": 3.0})
         url = redis_server.url
         jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(n)])
-        assert (await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path))[0] == 0
+        await enqueue(url, jobs)
         pair = [await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--until-empty",
                                           cwd=tmp_path) for _ in range(2)]
         await server.wait_for(lambda: len(server.messages) >= n // 4, timeout=30)
@@ -495,6 +527,6 @@ async def test_redis_restart_mid_run_loses_nothing(
     counts = delivered(server)
     assert set(counts) == {f"job-{i}" for i in range(n)}
     assert max(counts.values()) == 1  # nothing acknowledged was lost, nothing was sent again
-    report = await status(url, tmp_path)
+    report = await status(url)
     assert report["done"]["sent"] == n and (report["pending"], report["waiting"]) == (0, 0)
-    assert_one_row_per_id(await results(url, tmp_path), set(counts))
+    assert_one_row_per_id(await results(url), set(counts))
