@@ -46,7 +46,7 @@ def _loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
         return asyncio.run
-    return uvloop.run  # type: ignore[no-any-return]
+    return uvloop.run
 
 
 def _settings(args: argparse.Namespace, command: str) -> tuple[Settings, str, str] | int:
