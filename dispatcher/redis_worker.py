@@ -20,7 +20,6 @@ Outcomes:
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import signal
 import socket
@@ -63,8 +62,6 @@ log = structlog.get_logger("dispatcher.worker")
 EXIT_OK, EXIT_USAGE, EXIT_RELAY_DOWN, EXIT_SIGNAL = 0, 2, 3, 130
 MAX_BATCH = 256  # entries per read or claim, and settles per script call
 PRUNE_EVERY = 60.0
-#: The pool takes the shared limiter itself (SMTPPool(rate_limiter=...)) when it can.
-_POOL_TAKES_LIMITER = "rate_limiter" in inspect.signature(SMTPPool).parameters
 
 
 def default_claim_after(settings: Settings) -> float:
@@ -175,13 +172,12 @@ class Worker:
                       f"capture server on 127.0.0.1:{sink.port}, Maildir {self.options.maildir}/", file=sys.stderr)
                 local = SMTPSettings.model_validate({"hostname": "127.0.0.1", "port": sink.port})
                 settings = settings.model_copy(update={"smtp": local})
-            # The rate limit is held in Redis, across workers, not by each pool.
-            extra: dict[str, Any] = {}
+            # The rate limit is held in Redis, across workers, not by each pool: the pool
+            # takes a slot of the shared bucket as each message goes on the wire.
             if settings.pool.rate_limit:
                 self.limiter = RedisRateLimiter(self.redis, self.keys.rate, settings.pool.rate_limit)
-                if _POOL_TAKES_LIMITER:
-                    extra["rate_limiter"] = self.limiter
-            self.pool = SMTPPool.from_config(settings, rate_limit=None, registry=CollectorRegistry(), **extra)
+            self.pool = SMTPPool.from_config(settings, rate_limit=None, rate_limiter=self.limiter,
+                                             registry=CollectorRegistry())
             assert settings.smtp is not None
             log.info("worker.start", consumer=self.consumer, stream=self.keys.stream, group=self.options.group,
                      redis=redact(self.options.url), relay=f"{settings.smtp.hostname}:{settings.smtp.port}",
@@ -353,7 +349,7 @@ class Worker:
         if isinstance(ready, JobError):
             self._finished(entry, "invalid", error=f"line {entry.line}: {ready}")
             return
-        if not await self._may_send():
+        if self.stopping.is_set():
             self._settle(b"R", entry)
             return
         started = time.monotonic()
@@ -380,27 +376,6 @@ class Worker:
         else:
             self._finished(entry, "sent", attempts=result.attempts, code=result.code, response=result.response,
                            refused=_refusals(result.refused), elapsed_ms=round(result.elapsed * 1000, 1))
-
-    async def _may_send(self) -> bool:
-        """Take a slot of the shared rate limit unless stopping first."""
-        if self.stopping.is_set():
-            return False
-        if self.limiter is None or _POOL_TAKES_LIMITER:
-            return True
-        # A pool without rate_limiter=: the slot is taken before submit instead of when
-        # the message goes on the wire. The rate holds the same over any second or more.
-        acquire = asyncio.ensure_future(self.limiter.acquire())
-        stop = asyncio.ensure_future(self.stopping.wait())
-        try:
-            await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (acquire, stop):
-                task.cancel()
-            await asyncio.gather(acquire, stop, return_exceptions=True)
-        if acquire.cancelled():
-            return False
-        acquire.result()  # an error of the limiter is ours
-        return not self.stopping.is_set()
 
     def _finished(self, entry: Entry, status: str, **fields: Any) -> None:
         setattr(self.counts, status, getattr(self.counts, status) + 1)
