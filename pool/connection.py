@@ -21,6 +21,7 @@ import itertools
 import ssl
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import aiosmtplib
 from aiosmtplib import SMTPException, SMTPHeloError, SMTPResponseException
@@ -186,8 +187,9 @@ class Connection:
         self.transactions = 0
         self.last_used = time.monotonic()
         if o.pipelining is not False and client.supports_extension("pipelining"):
-            transport = client.transport
-            if isinstance(transport, asyncio.Transport):
+            # uvloop's transports are not asyncio.Transport subclasses: no isinstance here.
+            transport = cast(asyncio.Transport | None, client.transport)
+            if transport is not None:
                 self.pipe = PipelineProtocol(transport, o.timeout)
                 transport.set_protocol(self.pipe)
         self.state = ConnState.IDLE

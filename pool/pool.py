@@ -20,6 +20,7 @@ import random
 import socket
 import ssl
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from email.message import Message
 from typing import TYPE_CHECKING, Any
@@ -60,7 +61,7 @@ class _Job:
     last_code: int | None = None
     last_response: str = ""
     delivered: tuple[int, str] | None = None  # the end-of-DATA reply that accepted it
-    taken: bool = False  # a worker took it from the queue once: its room is given back
+    taken: bool = False  # a worker took it from the queue: its caller can no longer unsend it
     stop_reason: PoolError | None = None  # why its backoff timer was cancelled
 
 
@@ -138,8 +139,11 @@ class SMTPPool:
                         detail="the relay's TLS certificate is not verified")
         self.rate = RateLimiter(rate_limit)
         self._shared_limiter = rate_limiter
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()  # unbounded: _room bounds what submit adds
-        self._room = asyncio.Semaphore(queue_size)
+        # New submissions wait for room in the bounded queue; a job coming back from a
+        # failed connect or a backoff must never wait, so when the queue is full it goes
+        # to ``_retry``, which workers read first (a full queue means no worker is waiting).
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
+        self._retry: deque[_Job] = deque()
         self._slots = [Connection(self._options) for _ in range(size)]
         self.max_open = 0  # most sessions ever open at once: for tests and stats
         self.metrics = PoolMetrics(
@@ -193,7 +197,7 @@ class SMTPPool:
 
     def queue_depth(self) -> int:
         """Messages waiting for a session now."""
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._retry)
 
     def connections_open(self) -> int:
         """SMTP sessions open or opening now (never more than ``size``)."""
@@ -267,9 +271,11 @@ class SMTPPool:
         it is the relay's (which may recover), the pool stops retrying for good."""
         if self._stopped is None and not isinstance(error, RelayError):
             self._stopped = error
+        while self._retry:
+            self._finish(self._retry.popleft(), stopped=error)
         while not self._queue.empty():
             job = self._queue.get_nowait()
-            self._release(job)
+            job.taken = True
             self._finish(job, stopped=error)
         for timer, job in list(self._timers.items()):
             job.stop_reason = error  # the timer finishes its job with it when cancelled
@@ -299,21 +305,14 @@ class SMTPPool:
         self._unfinished += 1
         self._drained.clear()
         try:
-            await self._room.acquire()
+            await self._queue.put(job)
         except BaseException:
             self._job_done()  # cancelled while the queue was full: never queued, never sent
             raise
-        try:
-            # Submitted before a draining close(), it is still sent; not after a stop.
-            if self._relay_error is not None:
-                raise _fresh(self._relay_error)
-            if self._stopped is not None:
-                raise PoolClosedError("the pool closed before this message was sent")
-        except PoolError:
-            self._room.release()
-            self._job_done()
-            raise
-        self._queue.put_nowait(job)
+        # Submitted before a draining close() it is still sent; not after a stop.
+        reason = self._stopped or self._relay_error
+        if reason is not None:
+            self._fail_waiting(reason)
         try:
             return await job.future
         except asyncio.CancelledError:
@@ -328,11 +327,17 @@ class SMTPPool:
         if self._closing:
             raise PoolClosedError("the pool is closed")
 
-    def _release(self, job: _Job) -> None:
-        """The job left the queue for the first time: room for the next submit."""
-        if not job.taken:
-            job.taken = True
-            self._room.release()
+    def _requeue(self, job: _Job) -> None:
+        """Back in line without waiting for room (its room was given back when taken)."""
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            self._retry.append(job)
+
+    def _take(self) -> _Job:
+        job = self._retry.popleft() if self._retry else self._queue.get_nowait()
+        job.taken = True
+        return job
 
     # -- workers --
 
@@ -348,11 +353,10 @@ class SMTPPool:
         inflight: tuple[_Job, Transaction, float] | None = None
         try:
             while True:
-                if inflight is not None and (self._queue.empty() or self._must_recycle(slot)):
+                if inflight is not None and (self.queue_depth() == 0 or self._must_recycle(slot)):
                     await self._complete(inflight, slot, bound)
                     inflight = None
-                job = self._queue.get_nowait() if inflight is not None else await self._next_job(slot, bound)
-                self._release(job)
+                job = self._take() if inflight is not None else await self._next_job(slot, bound)
                 if job.future.done():  # cancelled by its caller while queued
                     self._job_done()
                     job = None
@@ -403,11 +407,17 @@ class SMTPPool:
             probing = self._relay_error is not None and self._relay_error.transient and slot is self._slots[0]
             if probing:
                 wait = self.backoff_max
+            if self._retry:
+                return self._take()
             if wait is None:
-                return await self._queue.get()
+                job = await self._queue.get()
+                job.taken = True
+                return job
             try:
                 async with asyncio.timeout(wait):
-                    return await self._queue.get()
+                    job = await self._queue.get()
+                    job.taken = True
+                    return job
             except TimeoutError:
                 if probing:
                     await self._probe(slot, bound)
@@ -453,7 +463,7 @@ class SMTPPool:
             elif self._stopped is not None:
                 self._finish(job, stopped=self._stopped)
             else:
-                self._queue.put_nowait(job)
+                self._requeue(job)
             return delay
         except SessionRefused as exc:
             self.metrics.connect_errors += 1
@@ -593,7 +603,7 @@ class SMTPPool:
         if reason is not None:
             self._finish(job, stopped=_fresh(reason))
         else:
-            self._queue.put_nowait(job)
+            self._requeue(job)
 
     def _finish(self, job: _Job, *, stopped: PoolError | None = None) -> None:
         """Resolve the caller's future with the job's outcome (exactly once).

@@ -246,3 +246,17 @@ async def test_timeout_counts_from_the_command_not_from_an_earlier_reply(server:
         result = await pool.submit(make_message(2))
     assert result.attempts == 1
     assert server.connections_made == 1
+
+
+def test_sessions_are_pipelined_on_uvloop_too() -> None:
+    """dispatcher runs on uvloop, whose transports are not asyncio.Transport subclasses."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def run() -> tuple[bool, int]:
+        async with FaultyServer() as srv:
+            async with SMTPPool(hostname=srv.host, port=srv.port, size=1) as pool:
+                await pool.submit(make_message(1))
+                pipelined = pool._slots[0].pipelined
+            return pipelined, len(srv.messages)
+
+    assert uvloop.run(run()) == (True, 1)
