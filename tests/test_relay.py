@@ -300,12 +300,12 @@ async def test_router_spreads_by_weight_and_fails_over_from_a_refusing_relay() -
         router = SMTPRouter({"main": pool(main), "backup": pool(backup)}, weights={"main": 3, "backup": 1},
                             registry=registry)
         async with router:
-            results = await asyncio.gather(*(router.submit(make_message(i)) for i in range(40)))
+            results = await asyncio.gather(*(router.submit(make_message(i)) for i in range(400)))
             pinned = await router.submit(make_message(99), relay="backup")
-        assert [r.relay for r in results].count("main") == 30
+        assert [r.relay for r in results].count("main") == 300
         assert pinned.relay == "backup"
-        assert value(registry, "smtp_pool_messages_total", outcome="sent", relay="main") == 30.0
-        assert value(registry, "smtp_pool_messages_total", outcome="sent", relay="backup") == 11.0
+        assert value(registry, "smtp_pool_messages_total", outcome="sent", relay="main") == 300.0
+        assert value(registry, "smtp_pool_messages_total", outcome="sent", relay="backup") == 101.0
 
         failover = SMTPRouter({
             "broken": pool(broken, start_tls=False, username="user", password="wrong"), "backup": pool(backup)})
@@ -313,4 +313,55 @@ async def test_router_spreads_by_weight_and_fails_over_from_a_refusing_relay() -
             moved = await asyncio.gather(*(failover.submit(make_message(100 + i)) for i in range(10)))
         assert all(r.relay == "backup" for r in moved)
         assert failover.pools["broken"].relay_error is not None
-        assert len(backup.messages) == 21
+        assert len(backup.messages) == 111
+
+
+async def test_router_moves_messages_off_a_relay_killed_mid_run() -> None:
+    from pool import SMTPRouter
+
+    async with FaultyServer() as survivor:
+        doomed = await FaultyServer().start()
+        doomed.faults.delay = 0.002
+        router = SMTPRouter({
+            "doomed": SMTPPool(**options(doomed, "pipelined", relay_down_timeout=0.3)),
+            "survivor": SMTPPool(**options(survivor, "pipelined")),
+        })
+        async with router:
+            sends = [asyncio.create_task(router.submit(make_message(i))) for i in range(300)]
+            await doomed.wait_for(lambda: len(doomed.messages) >= 20)
+            await doomed.stop()
+            results = await asyncio.gather(*sends)
+    delivered = {m.message_id for m in doomed.messages} | {m.message_id for m in survivor.messages}
+    assert delivered == {f"<m{i}@test.local>" for i in range(300)}
+    assert {r.relay for r in results} == {"doomed", "survivor"}
+    assert all(r.relay == "survivor" for r in results[-50:])
+
+
+# The throttling classifier on what providers actually answer
+
+
+@pytest.mark.parametrize(("code", "text", "throttling"), [
+    (421, "4.7.0 Try again later, closing connection. (EHLO) s12-20020a05.2 - gsmtp", True),  # Gmail
+    (421, "4.7.28 Our system has detected an unusual rate of unsolicited mail originating from your IP address.",
+     True),  # Gmail
+    (450, "4.2.1 The user you are trying to contact is receiving mail at a rate that prevents additional "
+          "messages from being delivered.", True),  # Gmail
+    (454, "Throttling failure: Maximum sending rate exceeded.", True),  # Amazon SES
+    (454, "Throttling failure: Daily message quota exceeded.", True),  # Amazon SES
+    (451, "4.7.500 Server busy. Please try again later from [203.0.113.7].", True),  # Microsoft 365
+    (451, "4.7.650 The mail server [203.0.113.7] has been temporarily rate limited due to IP reputation.",
+     True),  # Microsoft 365
+    (421, "4.7.0 mail.example.com Error: too many connections from 203.0.113.7", True),  # Postfix anvil
+    (450, "4.7.1 Error: too many recipients from 203.0.113.7", True),  # Postfix anvil
+    (421, "4.7.0 [TSS04] Messages from 203.0.113.7 temporarily deferred due to unexpected volume", True),  # Yahoo
+    (451, "4.3.0 Try again later", False),
+    (450, "4.2.1 Mailbox busy, try later", False),
+    (421, "4.3.2 Service not available, closing transmission channel", False),
+    (452, "4.2.2 Mailbox full", False),
+    (550, "5.7.1 Daily sending limit exceeded", False),  # permanent: not retried at all
+    (250, "2.0.0 Ok: rate 1/s", False),
+])
+def test_throttling_classifier_on_provider_replies(code: int, text: str, throttling: bool) -> None:
+    from pool.retry import is_throttling
+
+    assert is_throttling(code, text) is throttling
