@@ -222,8 +222,10 @@ class Run:
             self._source.close()
             try:
                 self.journal.close()
-            except OSError as exc:
+            except OSError as exc:  # the last fsync: results of this run may not be on disk
                 self._error(f"cannot write the results file {self.options.results}: {exc.strerror or exc}")
+                if self._stop_code is None:
+                    self._stop_code = EXIT_ERROR
             if sink is not None:
                 await sink.stop()
             if self.settings.metrics.textfile is not None:
