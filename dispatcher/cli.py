@@ -66,7 +66,7 @@ def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
         return asyncio.run
-    return uvloop.run  # type: ignore[no-any-return]
+    return uvloop.run
 
 
 def _settings(args: argparse.Namespace) -> Settings:

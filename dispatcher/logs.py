@@ -62,7 +62,7 @@ class DroppingStream:
 def protect_stderr() -> None:
     """Make ``sys.stderr`` a ``DroppingStream`` (once)."""
     if not isinstance(sys.stderr, DroppingStream) and sys.stderr is not None:
-        sys.stderr = DroppingStream(sys.stderr)  # type: ignore[assignment]
+        sys.stderr = DroppingStream(sys.stderr)
 
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:

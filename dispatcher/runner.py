@@ -538,7 +538,7 @@ def _settle(future: asyncio.Future[bytes], outcome: bytes | OSError) -> None:
 
 
 def _local_kwargs(settings: Settings, port: int) -> dict[str, Any]:
-    from dispatcher.config import SMTPSettings
+    from pool.config import SMTPSettings
 
     smtp = SMTPSettings.model_validate({"hostname": "127.0.0.1", "port": port})
     return pool_kwargs(settings.model_copy(update={"smtp": smtp}))
