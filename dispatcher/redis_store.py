@@ -152,11 +152,13 @@ async def ensure_group(redis: Redis, keys: Keys, group: str) -> None:
 
 
 async def retrying(
-    op: Callable[[], Awaitable[T]], *, what: str, stop: asyncio.Event | None = None, max_delay: float = 2.0
+    op: Callable[[], Awaitable[T]], *, what: str, stop: asyncio.Event | None = None, max_delay: float = 2.0,
+    on_back: Callable[[], None] | None = None,
 ) -> T:
     """Run ``op`` until Redis answers, backing off (full jitter, 50 ms doubling to
-    ``max_delay``) while it is unavailable. With ``stop`` set, raises Stopped instead of
-    waiting again. Other Redis errors propagate."""
+    ``max_delay``) while it is unavailable; ``on_back()`` runs when it answers again.
+    With ``stop`` set, raises Stopped instead of waiting again. Other Redis errors
+    propagate."""
     delay = 0.05
     down_since: float | None = None
     while True:
@@ -181,6 +183,8 @@ async def retrying(
             continue
         if down_since is not None:
             log.info("redis.back", doing=what, down_s=round(time.monotonic() - down_since, 3))
+            if on_back is not None:
+                on_back()
         return result
 
 

@@ -61,6 +61,7 @@ log = structlog.get_logger("dispatcher.worker")
 
 EXIT_OK, EXIT_USAGE, EXIT_RELAY_DOWN, EXIT_SIGNAL = 0, 2, 3, 130
 MAX_BATCH = 256  # entries per read or claim, and settles per script call
+COMMITS = 4  # settle scripts in flight at once
 PRUNE_EVERY = 60.0
 
 
@@ -309,7 +310,13 @@ class Worker:
         return int(await self._redis(lambda: self.redis.xlen(self.keys.stream), "length")) == 0
 
     async def _redis(self, op: Any, what: str) -> Any:
-        return await retrying(op, what=what, stop=self.stopping)
+        return await retrying(op, what=what, stop=self.stopping, on_back=self._redis_back)
+
+    def _redis_back(self) -> None:
+        """Redis was away (restarting?): every worker's touches failed meanwhile, so the
+        entries of live workers look idle. Claim nothing until each has had claim_after
+        to touch its entries again; a worker that died meanwhile is claimed after that."""
+        self._ticks.next_claim = max(self._ticks.next_claim, time.monotonic() + self.options.claim_after)
 
     async def _dispatch(self, entries: list[Entry], handlers: asyncio.TaskGroup) -> None:
         """Hold the entries, acknowledge those already done, build the rest in a thread
@@ -393,31 +400,41 @@ class Worker:
 
     async def _finisher(self) -> None:
         """Commit settles in batches, one script call each, retrying while Redis is away
-        (the script is idempotent). A slot is free only once its settle is committed."""
+        (the script is idempotent). Up to COMMITS batches are in flight at once, so that a
+        message accepted by the relay waits one Redis round trip (fsync included) to be
+        recorded, not two: what a killed worker had accepted but not recorded is sent
+        again. A slot is free only once its settle is committed."""
+        room = asyncio.Semaphore(COMMITS)
+        async with asyncio.TaskGroup() as commits:
+            last = False
+            while not last:
+                item = await self._settles.get()
+                if item is None:
+                    return
+                batch = [item]
+                while len(batch) < MAX_BATCH and not self._settles.empty():
+                    following = self._settles.get_nowait()
+                    if following is None:
+                        last = True
+                        break
+                    batch.append(following)
+                await room.acquire()
+                commits.create_task(self._commit(batch, room))
+
+    async def _commit(self, batch: list[_Settle], room: asyncio.Semaphore) -> None:
         keys = [self.keys.stream, self.keys.results, self.keys.done, self.keys.stats, self.keys.errors,
                 self.keys.finished]
-        release_idle = self._claim_ms * 2 + 1000
-        while True:
-            item = await self._settles.get()
-            if item is None:
-                return
-            batch = [item]
-            last = False
-            while len(batch) < MAX_BATCH and not self._settles.empty():
-                following = self._settles.get_nowait()
-                if following is None:
-                    last = True
-                    break
-                batch.append(following)
-            args: list[Any] = [self.options.group, self.consumer, release_idle]
-            for s in batch:
-                args += [s.kind, s.entry.entry_id, s.entry.job_id, s.status, s.payload]
-            await retrying(partial(self._settle_script, keys=keys, args=args), what="record results")
-            for s in batch:
-                self.held.pop(s.entry.entry_id, None)
-            self._room.set()
-            if last:
-                return
+        args: list[Any] = [self.options.group, self.consumer, self._claim_ms * 2 + 1000]  # R: idle enough
+        for s in batch:
+            args += [s.kind, s.entry.entry_id, s.entry.job_id, s.status, s.payload]
+        try:
+            await retrying(partial(self._settle_script, keys=keys, args=args), what="record results",
+                           on_back=self._redis_back)
+        finally:
+            room.release()
+        for s in batch:
+            self.held.pop(s.entry.entry_id, None)
+        self._room.set()
 
     async def _heartbeat(self) -> None:
         """Keep the held entries fresh; now and then forget consumers long gone."""
@@ -435,7 +452,9 @@ class Worker:
                 if ids:
                     args: list[Any] = [self.options.group, self.consumer, *ids]
                     lost = await retrying(partial(self._touch, keys=[self.keys.stream], args=args),
-                                          what="touch", stop=self._finishing)
+                                          what="touch", stop=self._finishing, on_back=self._redis_back)
+                    # Settled while the script ran (a commit races the touch): not lost.
+                    lost = [e for e in lost if e in self.held and not self.held[e].settling]
                     if lost:
                         log.warning("worker.entries_claimed_by_others", consumer=self.consumer, entries=len(lost))
                 if time.monotonic() >= next_prune:

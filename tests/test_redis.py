@@ -512,14 +512,15 @@ async def test_redis_restart_mid_run_loses_nothing(
     n = 400
     async with FaultyServer() as server:
         server.faults.delay = 0.01
-        config = write_config(tmp_path / "c.yaml", server, redis={"claim_after": 3.0})
+        # Down longer than claim_after: every held entry looks idle when Redis is back.
+        config = write_config(tmp_path / "c.yaml", server, redis={"claim_after": 1.0})
         url = redis_server.url
         jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(n)])
         await enqueue(url, jobs)
         pair = [await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--until-empty",
                                           cwd=tmp_path) for _ in range(2)]
         await server.wait_for(lambda: len(server.messages) >= n // 4, timeout=30)
-        await redis_server.restart(kill=True, down_for=0.5)  # SIGKILL: only the AOF survives
+        await redis_server.restart(kill=True, down_for=1.5)  # SIGKILL: only the AOF survives
         assert [await worker.wait(timeout=40) for worker in pair] == [0, 0]
 
     assert redis_server.starts == 2
