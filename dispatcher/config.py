@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from pool.config import PoolSettings, RetrySettings, Section, SMTPSettings
 from pool.config import pool_kwargs as _pool_kwargs
@@ -24,6 +25,7 @@ class _Section(Section):
 
 class MetricsSettings(_Section):
     port: int | None = Field(default=None, ge=0, le=65535)
+    address: str = Field(default="0.0.0.0", min_length=1)  # of /metrics; all interfaces, like node_exporter
     textfile: Path | None = None
 
 
@@ -44,18 +46,57 @@ class RedisSettings(_Section):
     url: str | None = None  # redis://[:password@]host:6379/0; --redis overrides
     stream: str = Field(default="dispatcher:jobs", min_length=1)
     group: str = Field(default="dispatcher", min_length=1)
-    claim_after: float | None = Field(default=None, gt=0)  # seconds; None: smtp.timeout x max_attempts + backoff_max + 30
+    # seconds; None: smtp.timeout x max_attempts + backoff_max + 30
+    claim_after: float | None = Field(default=None, gt=0)
     max_deliveries: int = Field(default=5, ge=1)
+
+
+class RelaySettings(SMTPSettings):
+    """One entry of ``relays:`` (SPEC section 3): an ``smtp`` section with a ``name``
+    (results, logs and the metrics' ``relay`` label), a ``weight`` (its share of the
+    messages) and its own ``pool`` keys; the keys it leaves out come from the top-level
+    ``pool`` section."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    weight: float = Field(default=1.0, gt=0)
+    pool: PoolSettings = Field(default_factory=lambda: PoolSettings.model_validate({}))
 
 
 class Settings(_Section):
     smtp: SMTPSettings | None = None
+    relays: list[RelaySettings] | None = Field(default=None, min_length=1)  # instead of smtp: several relays
     pool: PoolSettings = PoolSettings.model_validate({})
     retry: RetrySettings = RetrySettings.model_validate({})
     jobs: JobsSettings = JobsSettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     redis: RedisSettings = RedisSettings()
+
+    @field_validator("relays")
+    @classmethod
+    def _relays_or_smtp(cls, relays: list[RelaySettings] | None, info: ValidationInfo) -> list[RelaySettings] | None:
+        if relays is None:
+            return None
+        if info.data.get("smtp") is not None:
+            raise PydanticCustomError(
+                "smtp_and_relays", "smtp and relays are both set; keep one (relays: a list of smtp sections, "
+                "each with a name)")
+        seen: set[str] = set()
+        for relay in relays:
+            if relay.name in seen:
+                raise PydanticCustomError("duplicate_relay", "two relays are named {name}; names must differ",
+                                          {"name": repr(relay.name)})
+            seen.add(relay.name)
+        return relays
+
+    @model_validator(mode="after")
+    def _relay_pools(self) -> Settings:
+        """A relay's own ``pool`` keys over the top-level ones. Stored resolved, so
+        validating a dump of these settings again gives the same pools."""
+        for relay in self.relays or ():
+            own = relay.pool.model_dump(exclude_unset=True)
+            relay.pool = PoolSettings.model_validate({**self.pool.model_dump(), **own})
+        return self
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -85,7 +126,7 @@ def describe_errors(error: ValidationError) -> str:
     for item in error.errors():
         path = ".".join(str(part) for part in item["loc"])
         message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
-        lines.append(f"{path}: {message}")
+        lines.append(f"{path}: {message}" if path else message)
     return "; ".join(lines)
 
 
@@ -138,3 +179,16 @@ def pool_kwargs(settings: Settings) -> dict[str, Any]:
     if settings.smtp is None:
         raise ConfigError("smtp: no relay configured")
     return _pool_kwargs(settings.smtp, settings.pool, settings.retry)
+
+
+def relay_kwargs(settings: Settings) -> dict[str, dict[str, Any]]:
+    """SMTPPool keyword arguments of each relay under ``relays:``, by name (empty without one)."""
+    return {relay.name: _pool_kwargs(relay, relay.pool, settings.retry) for relay in settings.relays or ()}
+
+
+def with_pool_overrides(settings: Settings, **keys: Any) -> Settings:
+    """``settings`` with ``keys`` (command-line flags: size, rate_limit) set in the
+    ``pool`` section and in every relay's: flags override the whole file."""
+    keys = {key: value for key, value in keys.items() if value is not None}
+    relays = [relay.model_copy(update={"pool": relay.pool.model_copy(update=keys)}) for relay in settings.relays or ()]
+    return settings.model_copy(update={"pool": settings.pool.model_copy(update=keys), "relays": relays or None})

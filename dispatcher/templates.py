@@ -25,8 +25,10 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 import jinja2
-from jinja2.runtime import missing, new_context
+from jinja2.exceptions import SecurityError
+from jinja2.runtime import new_context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import missing
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pool.config import Section
@@ -188,12 +190,12 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
         if operator == "**" and isinstance(right, int) and abs(right) > _MAX_EXPONENT:
-            raise jinja2.sandbox.SecurityError(f"exponent {right} is too large")
+            raise SecurityError(f"exponent {right} is too large")
         if operator == "*":
             for seq, times in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(times, int) \
                         and len(seq) * times > _MAX_SEQUENCE:
-                    raise jinja2.sandbox.SecurityError(f"repetition would make more than {_MAX_SEQUENCE} items")
+                    raise SecurityError(f"repetition would make more than {_MAX_SEQUENCE} items")
         return super().call_binop(context, operator, left, right)
 
 
@@ -226,7 +228,7 @@ def _render(template: jinja2.Template, variables: dict[str, Any], context: Mappi
     try:
         try:
             ctx = new_context(env, template.name, template.blocks, variables, True, env.globals, None)
-            return env.concat(template.root_render_func(ctx))  # type: ignore[attr-defined]
+            return env.concat(template.root_render_func(ctx))
         except Exception:  # noqa: BLE001 - a template expression can raise anything (1 / 0, int("x"))
             env.handle_exception()  # re-raises it with the template's file and line in the traceback
     except Exception as exc:  # noqa: BLE001 - as above
@@ -247,7 +249,7 @@ def _error(exc: Exception, context: Mapping[str, Any], where: str, source_prefix
         return TemplateError("template", f"{exc.filename or where} line {exc.lineno}: {exc.message}")
     if isinstance(exc, jinja2.TemplateNotFound):
         return TemplateError("template", f"{where}: template {exc.name!r} not found")
-    if isinstance(exc, jinja2.UndefinedError | jinja2.sandbox.SecurityError):
+    if isinstance(exc, jinja2.UndefinedError | SecurityError):
         return TemplateError("template", f"{where}: {exc.message}")
     return TemplateError("template", f"{where}: {type(exc).__name__}: {exc}")
 
