@@ -50,10 +50,13 @@ def build(total_size: int = 2048, recipient_count: int = 1, attachment_bytes: in
     return message.as_bytes(), to
 
 
-def write_jobs(path: Path, count: int, text_size: int = 1700) -> Path:
-    """A JSON Lines file of ``count`` composed jobs (~2 KB messages), written in chunks."""
+def write_jobs(path: Path, count: int, text_size: int = 1700, html: bool = False) -> Path:
+    """A JSON Lines file of ``count`` composed jobs (~2 KB messages; ``html``: the same
+    text as a ~2 KB html alternative too), written in chunks."""
     text = _text(text_size).replace("\r\n", "\n")
     template = {"from": SENDER, "to": ["user1@example.net"], "subject": "Benchmark job", "text": text}
+    if html:
+        template["html"] = "<html><body>" + "".join(f"<p>{line}</p>\n" for line in text.splitlines()) + "</body></html>"
     tail = json.dumps(template)[1:]  # '"from": ... }' - every line shares it
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", encoding="ascii") as out:
