@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from dispatcher import redis_cli
-from dispatcher.config import ConfigError, Settings, describe_errors, load_settings
+from dispatcher.config import ConfigError, Settings, describe_errors, load_settings, with_pool_overrides
 from dispatcher.journal import default_results_path
 from dispatcher.logs import configure_logging, protect_stderr
 from dispatcher.runner import EXIT_OK, EXIT_SIGNAL, EXIT_USAGE, RunError, RunOptions
@@ -71,13 +71,11 @@ def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
 
 def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config) if args.config else Settings()
-    pool = settings.pool.model_copy(update={
-        k: v for k, v in (("size", args.size), ("rate_limit", args.rate)) if v is not None
-    })
+    settings = with_pool_overrides(settings, size=args.size, rate_limit=args.rate)  # every relay's pool too
     metrics = settings.metrics.model_copy(update={
         k: v for k, v in (("port", args.metrics_port), ("textfile", args.metrics_textfile)) if v is not None
     })
-    updated = settings.model_copy(update={"pool": pool, "metrics": metrics})
+    updated = settings.model_copy(update={"metrics": metrics})
     # Re-validate so that flags get the file's checks (size >= 1, rate > 0...).
     return Settings.model_validate(updated.model_dump())
 
@@ -152,6 +150,12 @@ def _check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"{exc}", file=sys.stderr)
         return EXIT_USAGE
+    if settings.relays:
+        print(f"{args.file}: ok ({len(settings.relays)} relays)")
+        for r in settings.relays:
+            print(f"  relay {r.name}: {r.hostname}:{r.port}, weight {r.weight:g}, pool size {r.pool.size}"
+                  + (f", rate limit {r.pool.rate_limit:g}/s" if r.pool.rate_limit else ""))
+        return EXIT_OK
     relay = f"{settings.smtp.hostname}:{settings.smtp.port}" if settings.smtp else "none (built-in capture server)"
     print(f"{args.file}: ok (relay {relay}, pool size {settings.pool.size})")
     return EXIT_OK

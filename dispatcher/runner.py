@@ -52,6 +52,7 @@ from dispatcher.jobs import (
     parse_job,
 )
 from dispatcher.journal import Claim, Journal, JournalBusy
+from dispatcher.relays import Sender, build_router
 from dispatcher.sink import DEFAULT_MAILDIR, CaptureServer
 from pool import DeliveryError, PoolClosedError, RelayError, SMTPPool
 
@@ -119,7 +120,7 @@ class Run:
         self.jobs_total = {status: jobs_total.labels(status=status) for status in STATUSES}
         self.tally = Tally()
         self.journal = Journal(options.results, retry_failed=options.retry_failed)
-        self.pool: SMTPPool | None = None
+        self.pool: Sender | None = None  # an SMTPPool, or a RelayRouter under relays:
         self.signalled = False
         self._stop = asyncio.Event()
         self._stop_code: int | None = None  # why the run stopped early, as an exit status
@@ -146,6 +147,8 @@ class Run:
         }
         if fields.get("recipients") is not None:
             result["recipients"] = fields["recipients"]  # a --retry-failed row speaks for these only
+        if fields.get("relay") is not None:
+            result["relay"] = fields["relay"]  # its name under relays: (no such field with smtp:)
         try:
             self.journal.record(result)
         except OSError as exc:
@@ -200,22 +203,26 @@ class Run:
         sink: CaptureServer | None = None
         metrics_server = None
         try:
-            if self.settings.smtp is None:
+            if self.settings.smtp is None and not self.settings.relays:
                 sink = await CaptureServer(maildir=self.options.maildir).start()
                 print(
                     f"dispatcher: no relay configured (no smtp: section); delivering to the built-in "
                     f"capture server on 127.0.0.1:{sink.port}, Maildir {self.options.maildir}/",
                     file=sys.stderr,
                 )
-                kwargs = _local_kwargs(self.settings, sink.port)
-            else:
-                kwargs = pool_kwargs(self.settings)
             if self.settings.metrics.port is not None:
                 metrics_server = start_http_server(self.settings.metrics.port, registry=self.registry)
-            self.pool = SMTPPool(**kwargs, registry=self.registry)
-            log.info("run.start", jobs=self.options.jobs, results=str(self.options.results),
-                     host=kwargs["hostname"], port=kwargs["port"], size=kwargs["size"],
-                     resumed=self.journal.resumed)
+            where: dict[str, Any]
+            if self.settings.relays:
+                # One pool per relay; the router labels their series with `relay` in our registry.
+                self.pool = build_router(self.settings, self.registry)
+                where = {"relays": {r.name: f"{r.hostname}:{r.port}" for r in self.settings.relays}}
+            else:
+                kwargs = pool_kwargs(self.settings) if sink is None else _local_kwargs(self.settings, sink.port)
+                self.pool = SMTPPool(**kwargs, registry=self.registry)
+                where = {"host": kwargs["hostname"], "port": kwargs["port"]}
+            log.info("run.start", jobs=self.options.jobs, results=str(self.options.results), **where,
+                     size=self.pool.size, resumed=self.journal.resumed)
             with self._signals():
                 await self._pump(self.pool)
         finally:
@@ -246,7 +253,7 @@ class Run:
             return self._stop_code
         return EXIT_SOME_FAILED if counts["failed"] or counts["invalid"] else EXIT_OK
 
-    async def _pump(self, pool: SMTPPool) -> None:
+    async def _pump(self, pool: Sender) -> None:
         # One sender per message the pool can hold (its sessions and its queue).
         self._room = asyncio.Semaphore(pool.size + pool.queue_size)
         progress = asyncio.create_task(self._progress())
@@ -284,7 +291,7 @@ class Run:
             self._said.add(message)
             print(f"dispatcher: {message}", file=sys.stderr, flush=True)
 
-    async def _read(self, pool: SMTPPool, group: asyncio.TaskGroup) -> None:
+    async def _read(self, pool: Sender, group: asyncio.TaskGroup) -> None:
         assert self._source is not None
         splitter = LineSplitter()
         admitted = 0
@@ -365,7 +372,7 @@ class Run:
         load_attachments(job, self.base, self.attachments_root)
         return build(job)
 
-    async def _send(self, pool: SMTPPool, item: _Item) -> None:
+    async def _send(self, pool: Sender, item: _Item) -> None:
         try:
             await self._deliver(pool, item)
         except _ResultsUnwritable as exc:
@@ -379,7 +386,7 @@ class Run:
             if self._senders == 0:
                 self._idle.set()
 
-    async def _deliver(self, pool: SMTPPool, item: _Item) -> None:
+    async def _deliver(self, pool: Sender, item: _Item) -> None:
         number, job_id, size = item.line, item.job_id, item.size
         outgoing = item.outgoing
         if outgoing is None:
@@ -404,7 +411,8 @@ class Run:
         except DeliveryError as exc:
             self._record(number, job_id, "failed", size, attempts=exc.attempts, code=exc.code,
                          response=exc.response, refused=_refusals(exc.refused), error=str(exc),
-                         elapsed_ms=_ms(started), recipients=retried)
+                         elapsed_ms=_ms(started), recipients=retried,
+                         relay=getattr(exc, "relay", None))  # set by SMTPRouter once DeliveryError carries it
         except RelayError as exc:
             # Not the message's fault: not recorded, so the next run sends it.
             self._halt(EXIT_RELAY_DOWN if exc.transient else EXIT_USAGE, str(exc))
@@ -415,7 +423,7 @@ class Run:
         else:
             self._record(number, job_id, "sent", size, attempts=result.attempts, code=result.code,
                          response=result.response, refused=_refusals(result.refused),
-                         elapsed_ms=round(result.elapsed * 1000, 1), recipients=retried)
+                         elapsed_ms=round(result.elapsed * 1000, 1), recipients=retried, relay=result.relay)
 
     async def _progress(self) -> None:
         tty = self.options.progress if self.options.progress is not None else sys.stderr.isatty()

@@ -1,0 +1,62 @@
+"""``relays:`` (SPEC section 3): one ``SMTPPool`` per relay behind an ``SMTPRouter``.
+
+The runner only needs what both a pool and a router offer (``Sender``): submit,
+close, terminate, and the sizes that bound how many messages it keeps in flight.
+"""
+
+from __future__ import annotations
+
+from email.message import Message
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry
+
+from dispatcher.config import Settings, relay_kwargs
+from pool import SendResult, SMTPPool, SMTPRouter
+
+
+class Sender(Protocol):
+    """What ``dispatcher run`` submits through: an ``SMTPPool`` or a ``RelayRouter``."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def queue_size(self) -> int: ...
+
+    def queue_depth(self) -> int: ...
+
+    async def submit(
+        self,
+        message: Message | bytes | str,
+        *,
+        sender: str | None = None,
+        recipients: list[str] | tuple[str, ...] | None = None,
+    ) -> SendResult: ...
+
+    async def close(self, drain: bool = True) -> None: ...
+
+    def terminate(self) -> None: ...
+
+
+class RelayRouter(SMTPRouter):
+    """An ``SMTPRouter`` that also reports the sizes of its pools, summed."""
+
+    @property
+    def size(self) -> int:
+        return sum(pool.size for pool in self.pools.values())
+
+    @property
+    def queue_size(self) -> int:
+        return sum(pool.queue_size for pool in self.pools.values())
+
+    def queue_depth(self) -> int:
+        return sum(pool.queue_depth() for pool in self.pools.values())
+
+
+def build_router(settings: Settings, registry: CollectorRegistry | None) -> RelayRouter:
+    """One pool per relay of ``settings.relays``, weighted; every ``smtp_pool_*``
+    series goes to ``registry`` with a ``relay`` label (the pools register nothing)."""
+    pools = {name: SMTPPool(**kwargs) for name, kwargs in relay_kwargs(settings).items()}
+    weights = {relay.name: relay.weight for relay in settings.relays or ()}
+    return RelayRouter(pools, weights, registry=registry)
