@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--size", type=int, help="SMTP connections (overrides pool.size)")
     run.add_argument("--rate", type=float, help="messages per second across the pool (overrides pool.rate_limit)")
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at :PORT/metrics during the run")
+    run.add_argument("--metrics-address", metavar="ADDRESS",
+                     help="the address /metrics listens on (overrides metrics.address; default 0.0.0.0, all)")
     run.add_argument("--metrics-textfile", type=Path, help="write the metrics to FILE at the end")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar (default: when stderr is a terminal; log lines otherwise)")
@@ -73,7 +75,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config) if args.config else Settings()
     settings = with_pool_overrides(settings, size=args.size, rate_limit=args.rate)  # every relay's pool too
     metrics = settings.metrics.model_copy(update={
-        k: v for k, v in (("port", args.metrics_port), ("textfile", args.metrics_textfile)) if v is not None
+        k: v for k, v in (("port", args.metrics_port), ("address", args.metrics_address),
+                          ("textfile", args.metrics_textfile)) if v is not None
     })
     updated = settings.model_copy(update={"metrics": metrics})
     # Re-validate so that flags get the file's checks (size >= 1, rate > 0...).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -59,6 +59,21 @@ class DroppingStream:
         return getattr(self._stream, name)
 
 
+class CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the time of each write: while the live
+    progress display (``dispatcher.progress``) runs, that is rich's proxy, which prints
+    each log line above the display instead of through it."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def protect_stderr() -> None:
     """Make ``sys.stderr`` a ``DroppingStream`` (once)."""
     if not isinstance(sys.stderr, DroppingStream) and sys.stderr is not None:
@@ -78,6 +93,6 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, CurrentStderr())),
         cache_logger_on_first_use=True,
     )

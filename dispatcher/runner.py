@@ -32,12 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    start_http_server,
-    write_to_textfile,
-)
+from prometheus_client import CollectorRegistry
 
 from dispatcher.config import Settings, pool_kwargs
 from dispatcher.jobs import (
@@ -52,6 +47,9 @@ from dispatcher.jobs import (
     parse_job,
 )
 from dispatcher.journal import Claim, Journal, JournalBusy
+from dispatcher.metrics import MetricsError, RunMetrics, write_textfile
+from dispatcher.metrics import serve as serve_metrics
+from dispatcher.progress import LiveDisplay
 from dispatcher.relays import Sender, build_router
 from dispatcher.sink import DEFAULT_MAILDIR, CaptureServer
 from pool import DeliveryError, PoolClosedError, RelayError, SMTPPool
@@ -99,7 +97,9 @@ class Tally:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
     started: float = field(default_factory=time.monotonic)
     bytes_done: int = 0  # of lines whose job has ended: what the bar shows
-    bytes_total: int | None = None
+    bytes_total: int | None = None  # the jobs file's size, when it is a regular file
+    jobs_read: int = 0  # lines read (blank ones apart), whatever became of them
+    bytes_read: int = 0  # of the jobs file, read so far
 
     def rate(self) -> float:
         elapsed = time.monotonic() - self.started
@@ -116,9 +116,8 @@ class Run:
         self.options = options
         self.settings = settings
         self.registry = CollectorRegistry()
-        jobs_total = Counter("dispatcher_jobs", "Jobs of this run by outcome.", ["status"], registry=self.registry)
-        self.jobs_total = {status: jobs_total.labels(status=status) for status in STATUSES}
         self.tally = Tally()
+        RunMetrics(self.tally, self.registry)  # dispatcher_*, read from the tally when scraped
         self.journal = Journal(options.results, retry_failed=options.retry_failed)
         self.pool: Sender | None = None  # an SMTPPool, or a RelayRouter under relays:
         self.signalled = False
@@ -160,7 +159,6 @@ class Run:
     def _count(self, status: str, size: int) -> None:
         self.tally.counts[status] += 1
         self.tally.bytes_done += size
-        self.jobs_total[status].inc()
 
     # -- the run --
 
@@ -211,7 +209,12 @@ class Run:
                     file=sys.stderr,
                 )
             if self.settings.metrics.port is not None:
-                metrics_server = start_http_server(self.settings.metrics.port, registry=self.registry)
+                try:
+                    metrics_server = serve_metrics(self.settings.metrics.address, self.settings.metrics.port,
+                                                   self.registry)
+                except MetricsError as exc:
+                    raise RunError(str(exc)) from None
+                log.info("run.metrics", url=metrics_server.url)
             where: dict[str, Any]
             if self.settings.relays:
                 # One pool per relay; the router labels their series with `relay` in our registry.
@@ -235,16 +238,12 @@ class Run:
                     self._stop_code = EXIT_ERROR
             if sink is not None:
                 await sink.stop()
-            if self.settings.metrics.textfile is not None:
-                try:
-                    write_to_textfile(str(self.settings.metrics.textfile), self.registry)
-                except OSError as exc:
-                    print(f"dispatcher: cannot write {self.settings.metrics.textfile}: {exc.strerror or exc}",
-                          file=sys.stderr)
+            if self.settings.metrics.textfile is not None and self.pool is not None:  # the run started
+                problem = write_textfile(self.settings.metrics.textfile, self.registry)
+                if problem is not None:
+                    self._error(problem)
             if metrics_server is not None:
-                server = metrics_server[0] if isinstance(metrics_server, tuple) else None
-                if server is not None:
-                    server.shutdown()
+                metrics_server.stop()
         counts = self.tally.counts
         elapsed = time.monotonic() - self.tally.started
         log.info("run.summary", **counts, elapsed_s=round(elapsed, 3), rate=round(self.tally.rate(), 1),
@@ -298,7 +297,9 @@ class Run:
         try:
             while True:
                 chunk = await self._source.read(READ_CHUNK)
+                self.tally.bytes_read += len(chunk)
                 for line in splitter.feed(chunk) if chunk else splitter.end():
+                    self.tally.jobs_read += 1
                     item = self._admit(line)
                     if item is not None:
                         await self._room.acquire()
@@ -426,33 +427,20 @@ class Run:
                          elapsed_ms=round(result.elapsed * 1000, 1), recipients=retried, relay=result.relay)
 
     async def _progress(self) -> None:
-        tty = self.options.progress if self.options.progress is not None else sys.stderr.isatty()
+        """The live display on a terminal (``--progress`` forces it), else a
+        ``run.progress`` log line every ``LOG_PROGRESS_EVERY`` seconds. Started before
+        the reader, so that every log line of the run is printed above the display."""
         if self.options.progress is False:
             return
-        try:
-            while True:
-                await asyncio.sleep(TTY_PROGRESS_EVERY if tty else LOG_PROGRESS_EVERY)
-                if tty:
-                    sys.stderr.write("\r" + self._bar())
-                    sys.stderr.flush()
-                else:
-                    log.info("run.progress", **self.tally.counts, rate=round(self.tally.rate(), 1),
-                             queue_depth=self.pool.queue_depth() if self.pool else 0)
-        finally:
-            if tty:
-                sys.stderr.write("\r" + self._bar() + "\n")
-                sys.stderr.flush()
-
-    def _bar(self) -> str:
-        c, t = self.tally.counts, self.tally
-        if t.bytes_total:
-            share = min(1.0, t.bytes_done / t.bytes_total)
-            filled = int(share * 30)
-            head = f"[{'#' * filled}{'.' * (30 - filled)}] {share:6.1%} "
-        else:
-            head = ""
-        return (f"{head}sent {c['sent']}  failed {c['failed']}  invalid {c['invalid']}  "
-                f"skipped {c['skipped']}  {t.rate():.0f} msg/s ")
+        if self.options.progress or sys.stderr.isatty():
+            with LiveDisplay(self.tally, force=bool(self.options.progress)) as display:
+                while True:
+                    await asyncio.sleep(TTY_PROGRESS_EVERY)
+                    display.refresh()
+        while True:
+            await asyncio.sleep(LOG_PROGRESS_EVERY)
+            log.info("run.progress", **self.tally.counts, rate=round(self.tally.rate(), 1),
+                     queue_depth=self.pool.queue_depth() if self.pool else 0)
 
     @contextmanager
     def _signals(self) -> Iterator[None]:
