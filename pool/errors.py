@@ -39,6 +39,7 @@ class DeliveryError(PoolError):
         self.attempts = attempts
         self.refused: Refusals = dict(refused or {})
         self.message_id = message_id
+        self.relay: str | None = None  # the relay that refused it, under SMTPRouter
 
     def __repr__(self) -> str:
         return (

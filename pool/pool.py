@@ -456,7 +456,9 @@ class SMTPPool:
             await slot.connect()
         except ConnectionFailed as exc:
             self.metrics.connect_errors += 1
-            bound.warning("smtp.connect_error", error=exc.reason, relay=self._options.relay)
+            # The first failure of an outage is news; the retries that follow are not.
+            (bound.warning if self._connect_failures == 0 else bound.debug)(
+                "smtp.connect_error", error=exc.reason, relay=self._options.relay)
             delay = self._connect_failed(exc)
             if self._relay_error is not None:
                 self._finish(job, stopped=_fresh(self._relay_error))
@@ -626,15 +628,15 @@ class SMTPPool:
             else:
                 permanent = bool(job.refused) and all(is_permanent(c) for c, _ in job.refused.values())
                 if stopped is not None and not (permanent and job.attempts):
-                    job.future.set_exception(stopped)
+                    job.future.set_exception(stopped)  # not sent, not failed: nothing to count
                 else:
+                    self.metrics.failed += 1
                     job.future.set_exception(DeliveryError(
                         f"not delivered: {job.last_code} {job.last_response}" if job.last_code
                         else f"not delivered: {job.last_response}",
                         code=job.last_code, response=job.last_response, permanent=permanent,
                         attempts=job.attempts, refused=job.refused, message_id=job.envelope.message_id,
                     ))
-                self.metrics.failed += 1
             self.metrics.observe_send(elapsed)
         self._job_done()
 

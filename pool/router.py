@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from pool.errors import RelayError
+from pool.errors import DeliveryError, RelayError
 from pool.pool import SMTPPool
 from pool.results import SendResult
 
@@ -99,7 +99,11 @@ class SMTPRouter:
         if relay is not None:
             if relay not in self.pools:
                 raise ValueError(f"relay: no relay named {relay!r}")
-            result = await self.pools[relay].submit(message, sender=sender, recipients=recipients)
+            try:
+                result = await self.pools[relay].submit(message, sender=sender, recipients=recipients)
+            except DeliveryError as exc:
+                exc.relay = relay
+                raise
             return dataclasses.replace(result, relay=relay)
         tried: set[str] = set()
         last: RelayError | None = None
@@ -110,6 +114,9 @@ class SMTPRouter:
             except RelayError as exc:
                 last = exc  # nothing was delivered through this relay: try the next
                 continue
+            except DeliveryError as exc:
+                exc.relay = name  # refused by this relay: final, never re-sent elsewhere
+                raise
             return dataclasses.replace(result, relay=name)
         if last is not None:
             raise last
