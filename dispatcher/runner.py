@@ -201,6 +201,13 @@ class Run:
         sink: CaptureServer | None = None
         metrics_server = None
         try:
+            if self.settings.metrics.port is not None:  # first: a busy port is the only line said
+                try:
+                    metrics_server = serve_metrics(self.settings.metrics.address, self.settings.metrics.port,
+                                                   self.registry)
+                except MetricsError as exc:
+                    raise RunError(str(exc)) from None
+                log.info("run.metrics", url=metrics_server.url)
             if self.settings.smtp is None and not self.settings.relays:
                 sink = await CaptureServer(maildir=self.options.maildir).start()
                 print(
@@ -208,13 +215,6 @@ class Run:
                     f"capture server on 127.0.0.1:{sink.port}, Maildir {self.options.maildir}/",
                     file=sys.stderr,
                 )
-            if self.settings.metrics.port is not None:
-                try:
-                    metrics_server = serve_metrics(self.settings.metrics.address, self.settings.metrics.port,
-                                                   self.registry)
-                except MetricsError as exc:
-                    raise RunError(str(exc)) from None
-                log.info("run.metrics", url=metrics_server.url)
             where: dict[str, Any]
             if self.settings.relays:
                 # One pool per relay; the router labels their series with `relay` in our registry.

@@ -360,25 +360,26 @@ async def test_live_scrape_has_every_new_metric_moving_and_every_name_deploy_use
                for f in text_string_to_metric_families(final) for s in f.samples)
 
 
-@pytest.mark.parametrize("address", [None, "127.0.0.1"])
+@pytest.mark.parametrize(("address", "relay"), [(None, True), ("127.0.0.1", True), ("127.0.0.1", False)])
 async def test_a_busy_metrics_port_is_one_line_naming_it_and_exit_2(
-    server: FaultyServer, tmp_path: Path, address: str | None
+    server: FaultyServer, tmp_path: Path, address: str | None, relay: bool
 ) -> None:
     jobs = write_jobs(tmp_path / "jobs.jsonl", 5)
-    config = write_config(tmp_path / "c.yaml", server)
+    # Without a relay the capture server would have said a line first: the port is checked before.
+    config = ["--config", str(write_config(tmp_path / "c.yaml", server))] if relay else []
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         flags = ["--metrics-address", address] if address else []
         result = await asyncio.to_thread(
-            subprocess.run, [*DISPATCHER, "run", str(jobs), "--config", str(config), "--metrics-port", str(port),
-                             *flags], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=30)
+            subprocess.run, [*DISPATCHER, "run", str(jobs), *config, "--metrics-port", str(port), *flags],
+            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert f"{address or '0.0.0.0'}:{port}" in lines[0] and "already in use" in lines[0], lines[0]
-    assert not server.messages
+    assert not server.messages and not (tmp_path / "outbox").exists()
 
 
 async def test_metrics_address_that_is_not_this_hosts_is_one_line_and_exit_2(
