@@ -10,8 +10,10 @@ a folded non-ASCII Subject that decodes with a leading space). The promises:
   non-ASCII or long filename is RFC 2231. Only a non-ASCII *address* is written as
   UTF-8 (it cannot be encoded; RFC 6532 needs SMTPUTF8);
 - parsed back (``email.policy.default``) the headers and parts equal what was given,
-  but for white space in display names (a run is one space, RFC 5322 section 3.2.2)
-  and line breaks in text (CR, LF and CRLF are each one line break).
+  but for white space in display names (a run is one space, RFC 5322 section 3.2.2;
+  and CPython's address parser reads a space between two encoded words, which RFC 2047
+  section 6.2 says is not text: a name's word is split only when one encoded word
+  cannot hold it) and line breaks in text (CR, LF and CRLF are each one line break).
 
 The caller validates (addresses, header names); this module only renders.
 """
