@@ -20,6 +20,7 @@ Outcomes:
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import socket
@@ -72,6 +73,16 @@ def default_claim_after(settings: Settings) -> float:
     return timeout * settings.retry.max_attempts + settings.retry.backoff_max + 30.0
 
 
+def default_slots(settings: Settings) -> int:
+    """Entries a worker holds at once: enough that the pool never waits while settles
+    are committed (one Redis round trip with its fsync), 16 per connection; with a rate
+    limit, no more than about one second's worth, so that other workers get their share."""
+    slots = max(256, 16 * settings.pool.size)
+    if settings.pool.rate_limit:
+        slots = min(slots, max(2 * settings.pool.size, math.ceil(settings.pool.rate_limit)))
+    return slots
+
+
 def default_consumer() -> str:
     return f"{socket.gethostname() or 'worker'}-{os.getpid()}"
 
@@ -86,7 +97,7 @@ class WorkerOptions:
     attachments_root: Path
     maildir: Path = DEFAULT_MAILDIR
     until_empty: bool = False  # exit 0 once the stream holds nothing, pending included
-    slots: int | None = None  # entries held at once; None: max(64, 4 x pool.size)
+    slots: int | None = None  # entries held at once; None: default_slots(settings)
 
 
 @dataclass(slots=True)
@@ -136,7 +147,7 @@ class Worker:
         self.consumer = options.consumer
         self.counts = WorkerCounts()
         self.held: dict[bytes, Entry] = {}
-        self.slots = options.slots or max(64, 4 * settings.pool.size)
+        self.slots = options.slots or default_slots(settings)
         self._read_at = max(1, self.slots // 4)
         self.stopping = asyncio.Event()  # stop reading: a signal, a relay failure, or empty
         self.signalled = False
