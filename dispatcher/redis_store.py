@@ -21,7 +21,6 @@ be run again without recording or sending anything twice.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -34,6 +33,8 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+
+from dispatcher.journal import encode_result
 
 log = structlog.get_logger("dispatcher.redis")
 
@@ -200,10 +201,10 @@ def result_row(
     error: str | None = None,
     elapsed_ms: float = 0,
 ) -> bytes:
-    """One row of the results file (SPEC section 2), as bytes."""
+    """One row of the results file (SPEC section 2), as bytes, encoded as ``run`` does."""
     row = {"id": job_id, "line": line, "status": status, "attempts": attempts, "code": code,
            "response": response, "refused": refused or {}, "error": error, "elapsed_ms": elapsed_ms}
-    return json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+    return encode_result(row).rstrip(b"\n")
 
 
 # -- scripts --------------------------------------------------------------------------
