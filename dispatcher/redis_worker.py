@@ -422,6 +422,10 @@ class Worker:
                 item = await self._settles.get()
                 if item is None:
                     return
+                # Batch what comes while a commit slot frees, and what the same turn of
+                # the loop settles (one read of replies resolves several messages).
+                await room.acquire()
+                await asyncio.sleep(0)
                 batch = [item]
                 while len(batch) < MAX_BATCH and not self._settles.empty():
                     following = self._settles.get_nowait()
@@ -429,7 +433,6 @@ class Worker:
                         last = True
                         break
                     batch.append(following)
-                await room.acquire()
                 commits.create_task(self._commit(batch, room))
 
     async def _commit(self, batch: list[_Settle], room: asyncio.Semaphore) -> None:
