@@ -63,6 +63,12 @@ class RelayError(PoolError):
         self.transient = transient
         self.relay = relay
         self.code = code
+        # Set on the error a submit raises: recipients refused for good before the relay
+        # failed, those still to send, and whether an attempt was lost after its end of
+        # DATA (the relay may have the message: at-least-once).
+        self.refused: Refusals = {}
+        self.recipients: tuple[str, ...] = ()
+        self.maybe_delivered = False
 
     def __repr__(self) -> str:
         return f"RelayError({str(self)!r}, transient={self.transient}, relay={self.relay!r}, code={self.code!r})"

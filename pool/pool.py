@@ -63,6 +63,8 @@ class _Job:
     delivered: tuple[int, str] | None = None  # the end-of-DATA reply that accepted it
     taken: bool = False  # a worker took it from the queue: its caller can no longer unsend it
     stop_reason: PoolError | None = None  # why its backoff timer was cancelled
+    deferred: Refusals = field(default_factory=dict)  # the 4xx each pending recipient last got
+    maybe_delivered: bool = False  # an attempt was lost after the end of DATA (ambiguous)
 
 
 class SMTPPool:
@@ -368,6 +370,11 @@ class SMTPPool:
                     await self.rate.acquire()
                     if self._shared_limiter is not None:
                         await self._shared_limiter.acquire()
+                if inflight is not None and not slot.is_connected:
+                    # The server closed the session behind the message on the wire: the
+                    # next one gets a new session instead of spending an attempt on this one.
+                    await self._complete(inflight, slot, bound)
+                    inflight = None
                 if inflight is None:
                     wait = await self._ready(slot, job, bound)
                     if wait is not None:  # no session: the job is back in the queue, or failed
@@ -388,12 +395,14 @@ class SMTPPool:
                     assert transaction.outcome is not None
                     self._route(job, transaction.outcome, slot, started, bound)
                 job = None
-        except asyncio.CancelledError:
-            # Stopped while idle (close: the supervisor QUITs the session), or terminated:
-            # nothing on the wire may be left half done, and nobody may wait forever.
+        except BaseException as exc:
+            # Stopped while idle (close: the supervisor QUITs the session), terminated, or
+            # a bug: nothing on the wire may be left half done, and nobody may wait forever.
             if slot.state is not ConnState.IDLE or job is not None or inflight is not None:
                 slot.close()
-            stopped = self._stopped or PoolClosedError("the pool was terminated")
+            stopped = self._stopped or (PoolClosedError("the pool was terminated")
+                                        if isinstance(exc, asyncio.CancelledError)
+                                        else PoolError(f"the pool stopped after an internal error: {exc!r}"))
             for stranded in (job, inflight[0] if inflight else None):
                 if stranded is not None:
                     self._finish(stranded, stopped=stopped)
@@ -405,8 +414,10 @@ class SMTPPool:
         while True:
             wait = self.idle_timeout if slot.is_connected else None
             probing = self._relay_error is not None and self._relay_error.transient and slot is self._slots[0]
-            if probing:
-                wait = self.backoff_max
+            if probing or (wait is None and slot is self._slots[0]):
+                # The first slot never blocks for good: the relay may be declared down
+                # while it waits, and then no job will come to wake it.
+                wait = self.backoff_max if wait is None else min(wait, self.backoff_max)
             if self._retry:
                 return self._take()
             if wait is None:
@@ -421,7 +432,7 @@ class SMTPPool:
             except TimeoutError:
                 if probing:
                     await self._probe(slot, bound)
-                else:
+                elif slot.is_connected and self.idle_timeout is not None and slot.idle_for() >= self.idle_timeout:
                     bound.info("smtp.idle_close", idle_for=round(slot.idle_for(), 3))
                     await slot.quit()
 
@@ -439,16 +450,28 @@ class SMTPPool:
             await slot.quit()
         if slot.is_connected:
             return None
+        if (refusal := self._no_connect()) is not None:
+            self._finish(job, stopped=refusal)
+            return 0.0
         if self.metrics.connects == 0:
             # Until one session has opened, slots connect one at a time: a wrong
             # password costs one failed login, not one per slot (or per message).
             async with self._first_session:
-                if self._relay_error is not None and not self._relay_error.transient:
-                    self._finish(job, stopped=_fresh(self._relay_error))
+                if (refusal := self._no_connect()) is not None:
+                    self._finish(job, stopped=refusal)
                     return 0.0
                 if self.metrics.connects == 0:
                     return await self._connect(slot, job, bound)
         return await self._connect(slot, job, bound)
+
+    def _no_connect(self) -> PoolError | None:
+        """Why no session may be opened now: the pool stopped, or the relay refused it
+        for good (connecting again would only repeat a failed login)."""
+        if self._stopped is not None:
+            return _fresh(self._stopped)
+        if self._relay_error is not None and not self._relay_error.transient:
+            return _fresh(self._relay_error)
+        return None
 
     async def _connect(self, slot: Connection, job: _Job, bound: EventLogger) -> float | None:
         self.max_open = max(self.max_open, self.connections_open() + 1)
@@ -555,10 +578,12 @@ class SMTPPool:
             bound.warning("smtp.throttled", rate=round(self.rate.current, 2), code=job.last_code,
                           response=job.last_response)
         if outcome.ambiguous:
+            job.maybe_delivered = True
             metrics.ambiguous += 1
             bound.warning("smtp.ambiguous", message_id=job.envelope.message_id, attempt=job.attempts,
                           reason=job.last_response)
         job.pending = tuple(outcome.deferred)
+        job.deferred = outcome.deferred
         if outcome.deferred:
             self._deferred(job, outcome.deferred, bound)
         else:
@@ -591,16 +616,18 @@ class SMTPPool:
         timer.add_done_callback(self._timer_done)
 
     def _timer_done(self, timer: asyncio.Task[None]) -> None:
-        self._timers.pop(timer, None)
+        job = self._timers.pop(timer, None)
+        if job is not None and timer.cancelled():
+            # Closed without drain, terminated or relay down while backing off (perhaps
+            # before the timer ever ran: only this callback is sure to): nothing of this
+            # job is on the wire.
+            self._finish(job, stopped=job.stop_reason or self._stopped or PoolClosedError("the pool closed"))
 
     async def _requeue_after(self, job: _Job, delay: float) -> None:
-        try:
-            await asyncio.sleep(delay)
-        except asyncio.CancelledError:
-            # Closed without drain, terminated or relay down while backing off: nothing
-            # of this job is on the wire.
-            self._finish(job, stopped=job.stop_reason or self._stopped or PoolClosedError("the pool closed"))
-            raise
+        await asyncio.sleep(delay)
+        timer = asyncio.current_task()
+        if timer is not None:
+            self._timers.pop(timer, None)  # from here on this job is the queue's, not the timer's
         reason = self._stopped or self._relay_error
         if reason is not None:
             self._finish(job, stopped=_fresh(reason))
@@ -616,7 +643,7 @@ class SMTPPool:
         """
         if not job.future.done():
             for rcpt in job.pending:
-                job.refused.setdefault(rcpt, (job.last_code or 0, job.last_response))
+                job.refused.setdefault(rcpt, job.deferred.get(rcpt, (job.last_code or 0, job.last_response)))
             elapsed = time.monotonic() - job.submitted
             if job.accepted:
                 code, response = job.delivered or (250, "")
@@ -628,6 +655,12 @@ class SMTPPool:
             else:
                 permanent = bool(job.refused) and all(is_permanent(c) for c, _ in job.refused.values())
                 if stopped is not None and not (permanent and job.attempts):
+                    stopped = _fresh(stopped)
+                    if isinstance(stopped, RelayError):
+                        # What a router needs to send the rest elsewhere, and only the rest.
+                        stopped.refused = {r: c for r, c in job.refused.items() if is_permanent(c[0])}
+                        stopped.recipients = tuple(r for r in job.envelope.recipients if r not in stopped.refused)
+                        stopped.maybe_delivered = job.maybe_delivered
                     job.future.set_exception(stopped)  # not sent, not failed: nothing to count
                 else:
                     self.metrics.failed += 1

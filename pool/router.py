@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from pool.errors import DeliveryError, RelayError
+from pool.errors import DeliveryError, Refusals, RelayError
 from pool.pool import SMTPPool
 from pool.results import SendResult
 
@@ -107,16 +107,26 @@ class SMTPRouter:
             return dataclasses.replace(result, relay=relay)
         tried: set[str] = set()
         last: RelayError | None = None
+        earlier: Refusals = {}  # permanent refusals met on a relay that then failed
         while (name := self._pick(tried)) is not None:
             tried.add(name)
             try:
                 result = await self.pools[name].submit(message, sender=sender, recipients=recipients)
             except RelayError as exc:
-                last = exc  # nothing was delivered through this relay: try the next
+                # Not delivered through this relay (or, if maybe_delivered, perhaps: the
+                # next relay makes it at-least-once). A recipient it refused for good is
+                # never sent elsewhere.
+                last = exc
+                if exc.refused:
+                    earlier.update(exc.refused)
+                    recipients = list(exc.recipients)
                 continue
             except DeliveryError as exc:
                 exc.relay = name  # refused by this relay: final, never re-sent elsewhere
+                exc.refused = {**earlier, **exc.refused}
                 raise
+            if earlier:
+                result = dataclasses.replace(result, refused={**earlier, **result.refused})
             return dataclasses.replace(result, relay=name)
         if last is not None:
             raise last

@@ -175,10 +175,10 @@ class Transaction:
                 self.outcome = await self._command_by_command(client, smtputf8)
         except ConnectionFailed as exc:
             conn.close()
-            self.outcome = lost(recipients, exc)
+            self.outcome = self._lost(exc)
         except (TimeoutError, SMTPException, OSError) as exc:
             conn.close()
-            self.outcome = lost(recipients, ConnectionFailed(f"connection lost: {exc}"))
+            self.outcome = self._lost(ConnectionFailed(f"connection lost: {exc}"))
         except BaseException:
             # Cancelled or a bug mid-transaction: the session state is unknown, so it goes.
             conn.close()
@@ -196,7 +196,7 @@ class Transaction:
                 # The end of DATA went out and its reply never came (a 421 is an answer).
                 exc.ambiguous = exc.code is None
                 self._connection.close()
-                self.outcome = lost(self._recipients, exc)
+                self.outcome = self._lost(exc)
             except BaseException:
                 self._connection.close()
                 raise
@@ -204,6 +204,16 @@ class Transaction:
                 self.outcome = _outcome(self._recipients, self._mail, self._rcpt, data)
         assert self.outcome is not None
         return self.outcome
+
+    def _lost(self, exc: ConnectionFailed) -> Outcome:
+        """The session ended mid-transaction: recipients already refused for good stay
+        refused; every other one is retried."""
+        outcome = lost(self._recipients, exc)
+        for address, reply in zip(self._recipients, self._rcpt, strict=False):
+            if is_permanent(reply[0]):
+                outcome.refused[address] = reply
+                del outcome.deferred[address]
+        return outcome
 
     # -- pipelined (RFC 2920) --
 
@@ -248,7 +258,8 @@ class Transaction:
         if not is_positive(mail[0]):
             await self._reset(client)
             return _outcome(recipients, mail, [], None)
-        rcpt = []
+        rcpt: list[Reply] = []
+        self._rcpt = rcpt  # filled as replies come: kept if the session is lost midway
         for address in recipients:
             response = await client.execute_command(b"RCPT", b"TO:" + _address(address, smtputf8))
             rcpt.append(_checked(response.code, response.message))

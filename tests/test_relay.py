@@ -365,3 +365,120 @@ def test_throttling_classifier_on_provider_replies(code: int, text: str, throttl
     from pool.retry import is_throttling
 
     assert is_throttling(code, text) is throttling
+
+
+# Regressions found by review: each of these hung, lost or misreported a message before
+
+
+async def test_close_without_drain_while_backoff_timers_are_being_created_never_hangs(server: FaultyServer) -> None:
+    import random
+
+    for seed in range(6):
+        rng = random.Random(seed)
+        for i in range(30):
+            server.faults.rcpt_defer[f"slow{i}@example.net"] = 1
+        pool = SMTPPool(hostname=server.host, port=server.port, size=4, backoff_base=0.2, timeout=5)
+        sends = [asyncio.create_task(pool.submit(b"Subject: x\r\n\r\nhi", sender="a@example.org",
+                                                 recipients=["ok@example.net", f"slow{i}@example.net"]))
+                 for i in range(30)]
+        await asyncio.sleep(rng.uniform(0.0, 0.1))
+        async with asyncio.timeout(5):
+            await pool.close(drain=False)  # a timer cancelled before its first step still ends its job
+            outcomes = await asyncio.gather(*sends, return_exceptions=True)
+        assert all(isinstance(o, (SendResult, PoolClosedError)) for o in outcomes), outcomes
+
+
+@pytest.mark.parametrize("size", [1, 2, 8])
+async def test_probe_finds_the_relay_back_whatever_the_pool_size(size: int) -> None:
+    dead = await FaultyServer().start()
+    port = dead.port
+    await dead.stop()
+    pool = SMTPPool(hostname="127.0.0.1", port=port, size=size, relay_down_timeout=0.2, backoff_base=0.02,
+                    backoff_max=0.1, idle_timeout=None, timeout=2)
+    async with pool:
+        with pytest.raises(RelayError):
+            await pool.submit(make_message(1))
+        async with FaultyServer(port=port) as server:
+            async with asyncio.timeout(5):
+                while pool.relay_error is not None:  # the first slot probes every backoff_max
+                    await asyncio.sleep(0.02)
+            await pool.submit(make_message(2))
+    assert [m.message_id for m in server.messages] == ["<m2@test.local>"]
+
+
+async def test_a_deferred_recipient_keeps_its_own_reply_when_the_pool_stops(server: FaultyServer) -> None:
+    server.faults.rcpt["bad@example.net"] = "550 5.1.1 No such user"
+    server.faults.rcpt_defer["slow@example.net"] = 100
+    pool = SMTPPool(hostname=server.host, port=server.port, size=1, backoff_base=5, timeout=5)
+    send = asyncio.create_task(pool.submit(b"Subject: x\r\n\r\nhi", sender="a@example.org",
+                                           recipients=["slow@example.net", "bad@example.net"]))
+    async with asyncio.timeout(5):
+        while not pool._timers:  # the deferred recipient is backing off
+            await asyncio.sleep(0.005)
+        await pool.close(drain=False)
+        (outcome,) = await asyncio.gather(send, return_exceptions=True)
+    # Not a permanent DeliveryError: slow@ got a 450, never the 550 of bad@.
+    assert isinstance(outcome, PoolClosedError), outcome
+
+
+async def test_a_worker_that_dies_fails_what_it_holds(server: FaultyServer) -> None:
+    class BrokenLimiter:
+        async def acquire(self) -> None:
+            raise RuntimeError("MISCONF Redis is unable to persist to disk")
+
+    pool = SMTPPool(hostname=server.host, port=server.port, size=1, timeout=5, rate_limiter=BrokenLimiter())
+    async with asyncio.timeout(5):
+        with pytest.raises(Exception) as failed:
+            await pool.submit(make_message(1))
+        await pool.close()
+    assert "MISCONF" in str(failed.value)
+    assert server.messages == []
+
+
+async def test_router_never_sends_a_permanently_refused_recipient_through_another_relay() -> None:
+    from pool import SMTPRouter
+
+    async with FaultyServer() as backup:
+        first = await FaultyServer().start()
+        first.faults.rcpt["bad@example.net"] = "550 5.1.1 No such user"
+        first.faults.rcpt_defer["slow@example.net"] = 100
+        kw: dict[str, Any] = {"size": 1, "relay_down_timeout": 0.3, "backoff_base": 0.3, "backoff_max": 0.5,
+                              "timeout": 2}
+        router = SMTPRouter({"first": SMTPPool("127.0.0.1", first.port, **kw),
+                             "backup": SMTPPool("127.0.0.1", backup.port, **kw)}, weights={"first": 100, "backup": 1})
+        async with asyncio.timeout(15), router:
+            send = asyncio.create_task(router.submit(b"Subject: x\r\n\r\nhi", sender="a@example.org",
+                                                     recipients=["bad@example.net", "slow@example.net"]))
+            while not (first.sessions and first.sessions[0].commands.count("RCPT") >= 2):
+                await asyncio.sleep(0.005)  # the record has no event for a refused RCPT
+            await first.stop()  # the first relay goes down while slow@ backs off
+            result = await send
+    assert result.relay == "backup"
+    assert [m.rcpt_tos for m in backup.messages] == [["slow@example.net"]]
+    assert result.refused["bad@example.net"][0] == 550
+
+
+async def test_close_without_drain_never_connects_again_to_a_silent_relay() -> None:
+    opened: list[asyncio.StreamWriter] = []
+    stall = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        opened.append(writer)  # accepts TCP, never greets
+        await stall.wait()
+
+    listener = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    pool = SMTPPool(hostname="127.0.0.1", port=port, size=8, timeout=1)
+    sends = [asyncio.create_task(pool.submit(make_message(i))) for i in range(8)]
+    while not opened:
+        await asyncio.sleep(0.01)
+    async with asyncio.timeout(3):  # at most one connect timeout, not one per slot
+        await pool.close(drain=False)
+        outcomes = await asyncio.gather(*sends, return_exceptions=True)
+    assert all(isinstance(o, PoolClosedError) for o in outcomes), outcomes
+    assert len(opened) == 1
+    stall.set()
+    for writer in opened:
+        writer.close()
+    listener.close()
+    await listener.wait_closed()
