@@ -367,3 +367,10 @@ def test_long_recipient_lists_and_lines_stay_within_smtp_line_limits() -> None:
     unfoldable = json.dumps({"id": "y", "from": "a@example.org", "to": to, "subject": "s" * 1200}).encode()
     with pytest.raises(JobError, match="subject: has a word of 900"):
         parse_job(Line(2, unfoldable, len(unfoldable)))
+
+
+async def test_config_example_documents_only_keys_that_exist(tmp_path: Path) -> None:
+    code, out, err = await dispatcher("check-config", str(ROOT / "config.example.yaml"), cwd=tmp_path,
+                                      env={"SMTP_PASSWORD": "not-printed-anywhere"})
+    assert code == 0, err
+    assert "not-printed-anywhere" not in out + err
