@@ -8,7 +8,8 @@ signature itself is ours, made by OpenSSL through ``cryptography``. dkimpy's own
 message: about 8 ms a 2048-bit signature, ~125 a second on a core, which is the
 whole budget of a campaign; OpenSSL takes ~0.7 ms. The output is byte for byte what
 ``dkim.DKIM.sign`` writes (the tests compare them), and dkimpy verifies it. The key
-file is read and checked once, in ``__init__``.
+file is read and checked once, in ``__init__``. dkimpy and cryptography are imported
+by the first ``DKIMSigner``, not with ``DKIMSettings`` (every configuration has it).
 """
 
 from __future__ import annotations
@@ -19,17 +20,16 @@ import functools
 import hashlib
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import dkim  # type: ignore[import-untyped]  # dkimpy ships no type hints
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
-from dkim.canonicalization import CanonicalizationPolicy  # type: ignore[import-untyped]
 from pydantic import field_validator
 
 from pool.config import Section
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
 
@@ -43,9 +43,6 @@ SIGNED_HEADERS: tuple[bytes, ...] = (
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _DNS_NAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
 _MIN_RSA_BITS = 1024  # dkimpy's verifier (and RFC 8301) reject smaller keys
-_RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
-_PKCS1 = padding.PKCS1v15()
-_SHA256 = utils.Prehashed(hashes.SHA256())
 
 
 class DKIMSettings(Section):
@@ -85,12 +82,15 @@ class DKIMSigner:
         self.selector = selector
         self.algorithm: Algorithm = algorithm
         self._key, self._public = _load_key(bytes(private_key), algorithm)
+        self._sign_digest = _digest_signer(self._key)
         self._domain_b = domain.encode("ascii")
         self._selector_b = selector.encode("ascii")
         self._algorithm_b = algorithm.encode("ascii")
 
     def __reduce__(self) -> tuple[Any, ...]:
         # OpenSSL key objects do not pickle: a copy is made again from the key's PEM.
+        from cryptography.hazmat.primitives import serialization
+
         pem = self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                       serialization.NoEncryption())
         return (functools.partial(DKIMSigner, domain=self.domain, selector=self.selector, private_key=pem,
@@ -123,6 +123,8 @@ class DKIMSigner:
         hashes); the added field is folded under 78 octets a line. Raises ValueError
         when the message has no From header or a header line dkimpy cannot parse.
         """
+        import dkim  # type: ignore[import-untyped]  # dkimpy ships no type hints
+
         message = _crlf(bytes(message))
         try:
             headers, body = dkim.rfc822_parse(message)
@@ -132,12 +134,14 @@ class DKIMSigner:
         if b"from" not in present:
             raise ValueError("message: no From header (DKIM signs From, RFC 6376 section 5.4)")
         include = [name for name in SIGNED_HEADERS if name in present]
-        signature = self._signature(headers, _RELAXED.canonicalize_body(body), include)
+        signature = self._signature(headers, _relaxed().canonicalize_body(body), include)
         return signature + message
 
     def _signature(self, headers: list[list[bytes]], body: bytes, include: list[bytes]) -> bytes:
         """The DKIM-Signature field, CRLF-terminated: ``dkim.DKIM.sign`` and its
         ``gen_header`` with dkimpy's own helpers, but the signature made by OpenSSL."""
+        import dkim
+
         fields = [
             (b"v", b"1"), (b"a", self._algorithm_b), (b"c", b"relaxed/relaxed"), (b"d", self._domain_b),
             (b"i", b"@" + self._domain_b), (b"q", b"dns/txt"), (b"s", self._selector_b),
@@ -148,13 +152,9 @@ class DKIMSigner:
         value: bytes = dkim.fold(b"; ".join(b"=".join(field) for field in fields), namelen=len(b"DKIM-Signature"))
         unsigned = (b"DKIM-Signature", b" " + dkim.RE_BTAG.sub(b"\\1", value))
         hasher = hashlib.sha256()
-        dkim.hash_headers(hasher, _RELAXED, _RELAXED.canonicalize_headers(headers), include, unsigned, None)
-        digest = hasher.digest()
-        if isinstance(self._key, rsa.RSAPrivateKey):
-            signed = self._key.sign(digest, _PKCS1, _SHA256)  # RSASSA-PKCS1-v1_5 over SHA-256 (RFC 8017 8.2)
-        else:
-            signed = self._key.sign(digest)  # Ed25519 over the SHA-256 digest (RFC 8463 section 3)
-        fields[-1] = (b"b", base64.b64encode(signed))
+        relaxed = _relaxed()
+        dkim.hash_headers(hasher, relaxed, relaxed.canonicalize_headers(headers), include, unsigned, None)
+        fields[-1] = (b"b", base64.b64encode(self._sign_digest(hasher.digest())))
         value = dkim.fold(b"; ".join(b"=".join(field) for field in fields) + b"\r\n", namelen=len(b"DKIM-Signature"))
         return b"DKIM-Signature: " + bytes(value)
 
@@ -172,11 +172,30 @@ def _crlf(message: bytes) -> bytes:
     return message
 
 
-_SigningKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+@functools.cache
+def _relaxed() -> Any:
+    from dkim.canonicalization import CanonicalizationPolicy  # type: ignore[import-untyped]
+
+    return CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 
 
-def _load_key(data: bytes, algorithm: Algorithm) -> tuple[_SigningKey, str]:
+def _digest_signer(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> Callable[[bytes], bytes]:
+    """Signs a SHA-256 digest: RSASSA-PKCS1-v1_5 (RFC 8017 section 8.2), or Ed25519
+    over the digest (RFC 8463 section 3)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+
+    if isinstance(key, rsa.RSAPrivateKey):
+        return functools.partial(key.sign, padding=padding.PKCS1v15(), algorithm=utils.Prehashed(hashes.SHA256()))
+    return key.sign
+
+
+def _load_key(data: bytes, algorithm: Algorithm) -> tuple[rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey, str]:
     """(the private key, the base64 public key for DNS)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     key: Any
     if b"-----BEGIN" in data:
         try:
@@ -211,6 +230,8 @@ def _load_key(data: bytes, algorithm: Algorithm) -> tuple[_SigningKey, str]:
 
 
 def _kind(key: object) -> str:
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     if isinstance(key, rsa.RSAPrivateKey):
         return "an RSA"
     if isinstance(key, ed25519.Ed25519PrivateKey):
