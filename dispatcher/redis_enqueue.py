@@ -19,7 +19,7 @@ from typing import IO
 import structlog
 from redis.asyncio import Redis
 
-from dispatcher.jobs import JobError, Line, build, needs_files, parse_job, read_lines
+from dispatcher.jobs import ComposedJob, JobError, Line, RawJob, build, needs_files, parse_job, read_lines
 from dispatcher.journal import IdSet
 from dispatcher.redis_store import ENQUEUE, Keys, ensure_group, result_row, retrying
 
@@ -74,9 +74,11 @@ class Enqueuer:
         if first is not None:
             error = JobError("id", f"duplicate of line {first}'s id {job.id!r}")
             return self._invalid(b"L", _line_key(line, job.id), None, line, error)
-        if not needs_files(job):
+        # What the worker will do; files excepted (they are the worker's to read), and
+        # templates, which the worker renders with its own templates directory.
+        if isinstance(job, ComposedJob | RawJob) and not needs_files(job):
             try:
-                build(job)  # what the worker will do; files excepted, they are the worker's to read
+                build(job)
             except JobError as exc:
                 return self._invalid(b"I", job.id.encode(), job.id, line, exc)
         assert line.content is not None

@@ -39,7 +39,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from dispatcher.config import Settings
-from dispatcher.jobs import JobError, Line, Outgoing, build, load_attachments, parse_job
+from dispatcher.jobs import ComposedJob, JobError, Line, Outgoing, RawJob, build, load_attachments, parse_job
 from dispatcher.redis_ratelimit import RedisRateLimiter
 from dispatcher.redis_store import (
     FORGET,
@@ -555,6 +555,9 @@ def _prepare(entries: list[Entry], root: Path) -> list[Outgoing | JobError]:
             if entry.job is None:
                 raise JobError("", "the stream entry has no job")
             job = parse_job(Line(entry.line, entry.job, len(entry.job)))
+            if not isinstance(job, ComposedJob | RawJob):
+                # TODO: render through the shared compose stage (templates, issue 11) once it lands.
+                raise JobError("template", "templated jobs are not sent by workers yet")
             # Jobs come from the network: a path is read only under the worker's root.
             load_attachments(job, root, root)
             out.append(build(job))
