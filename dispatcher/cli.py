@@ -153,15 +153,45 @@ def _check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"{exc}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        campaign = _campaign_lines(settings)  # reads the DKIM key, compiles the unsubscribe templates
+    except ValueError as exc:
+        print(f"{args.file}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if settings.relays:
         print(f"{args.file}: ok ({len(settings.relays)} relays)")
         for r in settings.relays:
             print(f"  relay {r.name}: {r.hostname}:{r.port}, weight {r.weight:g}, pool size {r.pool.size}"
                   + (f", rate limit {r.pool.rate_limit:g}/s" if r.pool.rate_limit else ""))
-        return EXIT_OK
-    relay = f"{settings.smtp.hostname}:{settings.smtp.port}" if settings.smtp else "none (built-in capture server)"
-    print(f"{args.file}: ok (relay {relay}, pool size {settings.pool.size})")
+    else:
+        relay = f"{settings.smtp.hostname}:{settings.smtp.port}" if settings.smtp else "none (built-in capture server)"
+        print(f"{args.file}: ok (relay {relay}, pool size {settings.pool.size})")
+    for line in campaign:
+        print(f"  {line}")
     return EXIT_OK
+
+
+def _campaign_lines(settings: Settings) -> list[str]:
+    """What check-config says of templates, unsubscribe and dkim (SPEC section 6), when
+    set; with DKIM, the TXT record to publish. Raises ValueError (one line)."""
+    from dispatcher.templates import Unsubscribe
+
+    lines = []
+    if "templates" in settings.model_fields_set:
+        where = settings.templates.dir
+        lines.append(f"templates: {where}/" + ("" if where.is_dir() else " (no such directory yet)"))
+    unsubscribe = settings.unsubscribe
+    if Unsubscribe.from_settings(unsubscribe) is not None:
+        given = [value for value in (unsubscribe.url, unsubscribe.mailto) if value]
+        one_click = bool(unsubscribe.url and unsubscribe.url.lower().startswith("https://"))
+        lines.append("unsubscribe: " + ", ".join(given) + (" (one-click, RFC 8058)" if one_click else ""))
+    if settings.dkim is not None:
+        from pool.dkim import DKIMSigner
+
+        signer = DKIMSigner.from_settings(settings.dkim)
+        lines.append(f"dkim: {signer.algorithm} for {signer.domain}; publish this TXT record at {signer.dns_name}:")
+        lines.append(f"  {signer.dns_record()}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

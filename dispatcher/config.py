@@ -11,8 +11,10 @@ import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from dispatcher.templates import TemplatesSettings, UnsubscribeSettings
 from pool.config import PoolSettings, RetrySettings, Section, SMTPSettings
 from pool.config import pool_kwargs as _pool_kwargs
+from pool.dkim import DKIMSettings
 
 
 class ConfigError(Exception):
@@ -71,6 +73,9 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     redis: RedisSettings = RedisSettings()
+    templates: TemplatesSettings = TemplatesSettings()  # SPEC section 6 (dispatcher.compose)
+    unsubscribe: UnsubscribeSettings = UnsubscribeSettings()
+    dkim: DKIMSettings | None = None
 
     @field_validator("relays")
     @classmethod

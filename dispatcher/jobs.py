@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from dispatcher.mime import MessageError, build_message
+from dispatcher.templates import TemplatedJob
 
 #: Longer lines are rejected without being held in memory.
 MAX_LINE_BYTES = 16 * 1024 * 1024
@@ -216,7 +217,7 @@ def read_lines(stream: IO[bytes], max_bytes: int = MAX_LINE_BYTES, chunk_size: i
 
 
 def _field(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("ComposedJob", "RawJob")]
+    parts = [str(p) for p in loc if p not in ("ComposedJob", "RawJob", "TemplatedJob")]
     return ".".join("from" if p == "from_" else p for p in parts)
 
 
@@ -228,8 +229,19 @@ def _readable_id(value: Any) -> str | None:
 
 
 def parse_job(line: Line) -> Job:
-    """Validate one line. Raises JobError naming the field (and the id when it is
-    readable). Never raises anything else, whatever the bytes."""
+    """Validate one line into a job ``build`` takes: composed or raw. A templated line
+    is an error here: ``dispatcher.compose`` renders it (``parse_line``). Raises JobError
+    naming the field (and the id when it is readable). Never raises anything else."""
+    job = parse_line(line)
+    if isinstance(job, TemplatedJob):
+        raise JobError("template", "a templated job is rendered by the compose stage (dispatcher.compose)", job.id)
+    return job
+
+
+def parse_line(line: Line) -> Job | TemplatedJob:
+    """Validate one line: a composed, raw or templated job (``template``). Raises
+    JobError naming the field (and the id when it is readable). Never raises anything
+    else, whatever the bytes."""
     if line.content is None:
         raise JobError("", f"line longer than {MAX_LINE_BYTES} bytes")
     try:
@@ -247,19 +259,30 @@ def parse_job(line: Line) -> Job:
     if isinstance(document.get("id"), int) and not isinstance(document.get("id"), bool):
         document["id"] = str(document["id"])
     job_id = _readable_id(document.get("id"))
-    model: type[BaseModel] = RawJob if "raw" in document or "mail_from" in document else ComposedJob
+    model: type[BaseModel]
+    if "template" in document:
+        model = TemplatedJob
+    elif "raw" in document or "mail_from" in document:
+        model = RawJob
+    else:
+        model = ComposedJob
     try:
-        return model.model_validate(document)  # type: ignore[return-value]
+        return model.model_validate(document)
     except RecursionError:
         raise JobError("", "nested too deeply", job_id) from None
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = _field(first["loc"])
-        message = "field required" if first["type"] == "missing" else first["msg"]
-        message = message.removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            message = "unknown field"
-        raise JobError(field, message, job_id) from None
+        raise validation_error(exc, job_id) from None
+
+
+def validation_error(exc: ValidationError, job_id: str | None) -> JobError:
+    """The JobError for a job model's first validation error, naming its field."""
+    first = exc.errors()[0]
+    field = _field(first["loc"])
+    message = "field required" if first["type"] == "missing" else first["msg"]
+    message = message.removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    return JobError(field, message, job_id)
 
 
 def needs_files(job: Job) -> bool:

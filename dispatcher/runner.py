@@ -34,18 +34,9 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
+from dispatcher.compose import AnyJob, Composer
 from dispatcher.config import Settings, pool_kwargs
-from dispatcher.jobs import (
-    Job,
-    JobError,
-    Line,
-    LineSplitter,
-    Outgoing,
-    build,
-    load_attachments,
-    needs_files,
-    parse_job,
-)
+from dispatcher.jobs import JobError, Line, LineSplitter, Outgoing
 from dispatcher.journal import Claim, Journal, JournalBusy
 from dispatcher.metrics import MetricsError, RunMetrics, write_textfile
 from dispatcher.metrics import serve as serve_metrics
@@ -87,8 +78,8 @@ class _Item:
     line: int
     job_id: str
     size: int  # bytes of its line, for the progress bar
-    outgoing: Outgoing | None  # None: built by the sender, off the event loop (attachment files)
-    job: Job | None = None
+    outgoing: Outgoing | None  # None: composed by the sender, off the event loop (attachment files, DKIM)
+    job: AnyJob | None = None
     retry: bool = False  # --retry-failed: done by an earlier run; only its transient recipients
 
 
@@ -134,6 +125,7 @@ class Run:
         else:
             self.base = Path(os.path.abspath(options.jobs)).parent
         self.attachments_root = options.attachments_root or settings.jobs.attachments_root or self.base
+        self.composer: Composer | None = None  # the compose stage, made by _open (it reads the DKIM key)
 
     # -- results --
 
@@ -167,6 +159,10 @@ class Run:
         root = self.attachments_root
         if not root.is_dir():
             raise RunError(f"attachments root {root}: not a directory")
+        try:
+            self.composer = Composer(self.settings, base_dir=self.base, attachments_root=root)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
         if self.options.jobs == "-":
             fd = os.dup(0)
         else:
@@ -328,8 +324,9 @@ class Run:
         that line only while it still has no id of its own: a line fixed since (or
         shifted by an edit) is judged by its id."""
         size = line.size
+        assert self.composer is not None
         try:
-            job = parse_job(line)
+            job = self.composer.parse(line)
         except JobError as exc:
             job_id = exc.job_id
             if job_id is not None:
@@ -355,10 +352,10 @@ class Run:
                 self._invalid(line.number, None, JobError("id", f"duplicate of line {first}'s id {job.id!r}"), size)
             return None
         retry = claim is Claim.DONE
-        if needs_files(job):
+        if self.composer.off_loop(job):
             return _Item(line.number, job.id, size, None, job, retry)
         try:
-            return _Item(line.number, job.id, size, build(job), retry=retry)
+            return _Item(line.number, job.id, size, self.composer.finish(job), retry=retry)
         except JobError as exc:
             self._invalid(line.number, job.id, exc, size)
             return None
@@ -367,11 +364,6 @@ class Run:
         message = f"line {number}: {exc}"
         log.warning("job.invalid", line=number, id=job_id, field=exc.field, error=str(exc))
         self._record(number, job_id, "invalid", size, error=message)
-
-    def _build_with_files(self, job: Job) -> Outgoing:
-        """Runs in a thread: attachment files are read here, never on the event loop."""
-        load_attachments(job, self.base, self.attachments_root)
-        return build(job)
 
     async def _send(self, pool: Sender, item: _Item) -> None:
         try:
@@ -391,9 +383,9 @@ class Run:
         number, job_id, size = item.line, item.job_id, item.size
         outgoing = item.outgoing
         if outgoing is None:
-            assert item.job is not None
-            try:
-                outgoing = await asyncio.to_thread(self._build_with_files, item.job)
+            assert item.job is not None and self.composer is not None
+            try:  # attachment files are read and RSA runs here, never on the event loop
+                outgoing = await asyncio.to_thread(self.composer.finish, item.job)
             except JobError as exc:
                 self._invalid(number, job_id, exc, size)
                 return

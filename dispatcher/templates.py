@@ -386,6 +386,9 @@ class Templates:
 # URL holds (space, <, >, ", CR, LF, non-ASCII) is percent-encoded, so a value from a
 # job can never end the <...> or the header field.
 _URL_SAFE = "!#$%&'()*+,/:;=?@[]~-._"
+# A header word longer than this is written as encoded words by dispatcher.mime (a line
+# holds at most 998 octets and folds only at white space): a URI must stay one plain word.
+_MAX_URI = 760
 
 
 class Unsubscribe:
@@ -432,16 +435,22 @@ class Unsubscribe:
             scheme = url[:8].lower()
             if not scheme.startswith(("https://", "http://")):
                 raise TemplateError("unsubscribe.url", f"rendered {url[:60]!r}, not an http(s) URL")
-            uris.append(f"<{url}>")
+            uris.append(_uri(url, "unsubscribe.url"))
             one_click = scheme == "https://"
         if self._mailto is not None:
             mailto = _render(self._mailto, variables, context, lambda: "unsubscribe.mailto", None)
-            uris.append(f"<{quote(mailto.strip(), safe=_URL_SAFE)}>")
+            uris.append(_uri(quote(mailto.strip(), safe=_URL_SAFE), "unsubscribe.mailto"))
         headers = {"List-Unsubscribe": ", ".join(uris)}
         if one_click:
             headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         return headers
 
+
+
+def _uri(uri: str, field: str) -> str:
+    if len(uri) > _MAX_URI:
+        raise TemplateError(field, f"rendered {len(uri)} characters, more than the {_MAX_URI} a header line can hold")
+    return f"<{uri}>"
 
 
 @functools.lru_cache(maxsize=16)
