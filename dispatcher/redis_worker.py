@@ -177,6 +177,11 @@ class Worker:
         await retrying(lambda: ensure_group(self.redis, self.keys, self.options.group), what="create group")
         sink: CaptureServer | None = None
         settings = self.settings
+        if settings.relays:
+            # Not silently the capture server: a worker sends through one relay (smtp:).
+            print("dispatcher worker: relays: is not supported by workers yet; give each worker one smtp: relay",
+                  file=sys.stderr)
+            return 2
         try:
             if settings.smtp is None:
                 sink = await CaptureServer(maildir=self.options.maildir).start()

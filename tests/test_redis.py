@@ -531,3 +531,14 @@ async def test_redis_restart_mid_run_loses_nothing(
     report = await status(url)
     assert report["done"]["sent"] == n and (report["pending"], report["waiting"]) == (0, 0)
     assert_one_row_per_id(await results(url), set(counts))
+
+
+async def test_a_worker_given_relays_refuses_instead_of_using_the_capture_server(
+    redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    config = tmp_path / "relays.yaml"
+    config.write_text("relays:\n  - name: a\n    hostname: 127.0.0.1\n    port: 1\n")
+    worker = await WorkerProcess.start(workers, "--redis", redis_server.url, "--config", str(config), cwd=tmp_path)
+    assert await worker.wait() == 2
+    assert any("relays: is not supported" in line for line in worker.text), worker.text
+    assert not (tmp_path / "outbox").exists()
