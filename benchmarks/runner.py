@@ -687,7 +687,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sink", choices=["auto", "smtp-sink", "aiosmtpd"], default="auto")
     parser.add_argument("--install-sink", action="store_true",
                         help="apt-get install postfix (root) when smtp-sink is missing; the daemon is never started")
-    parser.add_argument("--only", help="comma-separated sections: loopback,shapes,proxy,e2e,memory")
+    parser.add_argument("--only", help="comma-separated sections: loopback,shapes,proxy,e2e,memory,redis")
     parser.add_argument("--e2e-jobs", type=int, help="jobs per dispatcher run row (default 5000)")
     parser.add_argument("--memory-jobs", help="two job counts for the RSS rows (default 100000,1000000)")
     parser.add_argument("--memory-deadline", type=float, help="seconds before a memory run is stopped (default 100; 0: let it finish)")
@@ -696,11 +696,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def redis_rows(cfg: Settings) -> str:
+    """1 and 2 `dispatcher worker`s through Redis against `dispatcher run` on the same
+    jobs and sink, in their own processes (issue 10's target: 1 worker >= 0.7x run)."""
+    if shutil.which("redis-server") is None:
+        return "\n## Redis workers\n\nNot run: redis-server is not installed (apt-get install redis-server).\n"
+    jobs = 2_000 if cfg.quick else 20_000
+    log(f"redis: 1 and 2 workers vs dispatcher run, {jobs} jobs x {cfg.runs} rounds")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.redis_workers", "--jobs", str(jobs),
+                           "--rounds", str(cfg.runs)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return f"\n## Redis workers\n\nFailed: {done.stderr.strip().splitlines()[-1:] or done.returncode}\n"
+    return "\n## Redis workers (`python -m benchmarks.redis_workers`)\n\n" + done.stdout
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     quick = args.quick
-    sections = {"loopback", "shapes", "proxy", "e2e", "memory"}
+    sections = {"loopback", "shapes", "proxy", "e2e", "memory", "redis"}
     if args.only:
         sections = {s.strip() for s in args.only.split(",")} & sections
     memory_jobs = (2000, 20000) if quick else (100_000, 1_000_000)
@@ -772,6 +786,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     info["took"] = time.perf_counter() - started
     text = report(cases, memory, info, cfg)
+    if "redis" in sections:
+        text += redis_rows(cfg)
     print(text)
     if not args.no_write:
         args.output.write_text(text)
