@@ -54,6 +54,7 @@ from dispatcher.redis_store import (
     result_row,
     retrying,
 )
+from dispatcher.signals import signal_handlers
 from dispatcher.sink import DEFAULT_MAILDIR, CaptureServer
 from pool import DeliveryError, PoolClosedError, RelayError, SMTPPool
 from pool.config import SMTPSettings
@@ -503,8 +504,6 @@ class Worker:
 
     @contextmanager
     def _signals(self) -> Iterator[None]:
-        loop = asyncio.get_running_loop()
-
         def stop(signum: int) -> None:
             if self.signalled:
                 # A second signal: drop the sessions now; what was held stays pending.
@@ -518,18 +517,8 @@ class Worker:
             print("dispatcher worker: stopping: finishing the messages on the wire "
                   "(a second signal stops at once)", file=sys.stderr, flush=True)
 
-        installed = []
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(signum, stop, signum)
-                installed.append(signum)
-            except (NotImplementedError, RuntimeError):
-                pass
-        try:
+        with signal_handlers(stop):
             yield
-        finally:
-            for signum in installed:
-                loop.remove_signal_handler(signum)
 
 
 # -- helpers --

@@ -42,6 +42,7 @@ from dispatcher.metrics import MetricsError, RunMetrics, write_textfile
 from dispatcher.metrics import serve as serve_metrics
 from dispatcher.progress import LiveDisplay
 from dispatcher.relays import Sender, build_router
+from dispatcher.signals import signal_handlers
 from dispatcher.sink import DEFAULT_MAILDIR, CaptureServer
 from pool import DeliveryError, PoolClosedError, RelayError, SMTPPool
 
@@ -436,8 +437,6 @@ class Run:
 
     @contextmanager
     def _signals(self) -> Iterator[None]:
-        loop = asyncio.get_running_loop()
-
         def stop(signum: int) -> None:
             name = signal.Signals(signum).name
             if self._stop.is_set():
@@ -452,18 +451,8 @@ class Run:
             self._halt(EXIT_SIGNAL, f"{name}: stopping; the messages on the wire finish, the rest are not sent "
                                     "(the next run sends them). A second signal stops at once.")
 
-        installed = []
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(signum, stop, signum)
-                installed.append(signum)
-            except (NotImplementedError, RuntimeError):
-                pass
-        try:
+        with signal_handlers(stop):
             yield
-        finally:
-            for signum in installed:
-                loop.remove_signal_handler(signum)
 
 
 class _ChunkReader:
