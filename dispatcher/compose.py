@@ -116,6 +116,7 @@ class Composer:
         if self.signer is not None:
             try:
                 outgoing.message = self.signer.sign(outgoing.message)
+                outgoing.prepared = True  # the signer writes CRLF line endings only
             except ValueError as exc:  # only a raw message can lack From or hold a broken header
                 raise JobError("raw", str(exc).removeprefix("message: "), job.id) from None
         return outgoing

@@ -91,6 +91,7 @@ def _run(command: str, args: argparse.Namespace,
 
 
 def enqueue(args: argparse.Namespace) -> int:
+    from dispatcher.compose import Composer
     from dispatcher.redis_enqueue import Enqueuer, open_jobs
 
     if args.jobs != "-" and not Path(args.jobs).is_file():
@@ -103,8 +104,15 @@ def enqueue(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"dispatcher enqueue: {args.jobs}: {exc.strerror or exc}", file=sys.stderr)
             return EXIT_USAGE
+        here = Path.cwd()
+        try:
+            composer = Composer(settings, base_dir=here, attachments_root=here, sign=False)
+        except ValueError as exc:
+            stream.close()
+            print(f"dispatcher enqueue: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         with stream:
-            counts = await Enqueuer(redis, keys, settings.redis.group).enqueue(stream)
+            counts = await Enqueuer(redis, keys, settings.redis.group, composer).enqueue(stream)
         print(f"dispatcher enqueue: {counts.added} jobs added to {keys.stream}, {counts.rejected} invalid "
               f"(in {keys.results}), {counts.already} already enqueued", file=sys.stderr)
         return EXIT_SOME_INVALID if counts.rejected else EXIT_OK

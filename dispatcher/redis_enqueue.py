@@ -19,9 +19,11 @@ from typing import IO
 import structlog
 from redis.asyncio import Redis
 
-from dispatcher.jobs import ComposedJob, JobError, Line, RawJob, build, needs_files, parse_job, read_lines
+from dispatcher.compose import Composer, reads_files
+from dispatcher.jobs import JobError, Line, parse_line, read_lines
 from dispatcher.journal import IdSet
 from dispatcher.redis_store import ENQUEUE, Keys, ensure_group, result_row, retrying
+from dispatcher.templates import TemplatedJob
 
 log = structlog.get_logger("dispatcher.enqueue")
 
@@ -40,7 +42,12 @@ Row = tuple[bytes, bytes, bytes, bytes, bytes]  # kind, key, id to mark done, li
 
 
 class Enqueuer:
-    def __init__(self, redis: Redis, keys: Keys, group: str) -> None:
+    def __init__(self, redis: Redis, keys: Keys, group: str, composer: Composer | None = None) -> None:
+        """``composer`` (unsigned) validates what ``run`` would: rendered templates when
+        the templates directory is here, unsubscribe headers, the message build. Without
+        it only the job's shape is checked."""
+        self.composer = composer
+        self._templates_here = composer is not None and composer.templates.directory.is_dir()
         self.redis = redis
         self.keys = keys
         self.group = group
@@ -65,7 +72,7 @@ class Enqueuer:
         except that attachments given by path are read by the worker, not here."""
         number = str(line.number).encode()
         try:
-            job = parse_job(line)
+            job = parse_line(line)
         except JobError as exc:
             if exc.job_id is not None and await self._owner(exc.job_id) is None:
                 return self._invalid(b"I", exc.job_id.encode(), exc.job_id, line, exc)
@@ -75,10 +82,11 @@ class Enqueuer:
             error = JobError("id", f"duplicate of line {first}'s id {job.id!r}")
             return self._invalid(b"L", _line_key(line, job.id), None, line, error)
         # What the worker will do; files excepted (they are the worker's to read), and
-        # templates, which the worker renders with its own templates directory.
-        if isinstance(job, ComposedJob | RawJob) and not needs_files(job):
+        # templates when their directory is not on this machine (the worker renders them).
+        checkable = not reads_files(job) and (self._templates_here or not isinstance(job, TemplatedJob))
+        if self.composer is not None and checkable:
             try:
-                build(job)
+                self.composer.check(job)
             except JobError as exc:
                 return self._invalid(b"I", job.id.encode(), job.id, line, exc)
         assert line.content is not None

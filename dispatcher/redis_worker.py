@@ -38,8 +38,9 @@ from prometheus_client import CollectorRegistry
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from dispatcher.compose import Composer, Ready
 from dispatcher.config import Settings
-from dispatcher.jobs import ComposedJob, JobError, Line, Outgoing, RawJob, build, load_attachments, parse_job
+from dispatcher.jobs import JobError, Line, Outgoing
 from dispatcher.redis_ratelimit import RedisRateLimiter
 from dispatcher.redis_store import (
     FORGET,
@@ -154,6 +155,7 @@ class Worker:
         self.signalled = False
         self.fatal: RelayError | None = None
         self.pool: SMTPPool | None = None
+        self.composer: Composer | None = None  # made by execute (it reads the DKIM key)
         self.limiter: RedisRateLimiter | None = None
         self._room = asyncio.Event()  # a slot was freed (or we are stopping)
         self._finishing = asyncio.Event()  # every handler is done: heartbeat may end
@@ -182,6 +184,12 @@ class Worker:
             # Not silently the capture server: a worker sends through one relay (smtp:).
             print("dispatcher worker: relays: is not supported by workers yet; give each worker one smtp: relay",
                   file=sys.stderr)
+            return 2
+        root = self.options.attachments_root
+        try:  # the compose stage of `run`: templates, unsubscribe headers, DKIM, attachments under root
+            self.composer = Composer(settings, base_dir=root, attachments_root=root)
+        except ValueError as exc:
+            print(f"dispatcher worker: {exc}", file=sys.stderr)
             return 2
         try:
             if settings.smtp is None:
@@ -362,7 +370,8 @@ class Worker:
                 todo.append(entry)
         if not todo:
             return
-        prepared = await asyncio.to_thread(_prepare, todo, self.options.attachments_root)
+        assert self.composer is not None
+        prepared = await asyncio.to_thread(_prepare, todo, self.composer)
         for entry, ready in zip(todo, prepared, strict=True):
             handlers.create_task(self._handle(entry, ready))
 
@@ -378,7 +387,8 @@ class Worker:
             return
         started = time.monotonic()
         try:
-            result = await self.pool.submit(ready.message, sender=ready.sender, recipients=ready.recipients)
+            result = await self.pool.submit(ready.message, sender=ready.sender, recipients=ready.recipients,
+                                            prepared=ready.prepared)
         except DeliveryError as exc:
             if exc.permanent:
                 self._finished(entry, "failed", attempts=exc.attempts, code=exc.code, response=exc.response,
@@ -541,22 +551,17 @@ def _entry(entry_id: bytes, fields: list[Any], deliveries: int) -> Entry:
     return Entry(entry_id, job_id, line, values.get(b"job"), deliveries)
 
 
-def _prepare(entries: list[Entry], root: Path) -> list[Outgoing | JobError]:
-    """Parse and build each entry's job (in a thread: it may read attachments)."""
+def _prepare(entries: list[Entry], composer: Composer) -> list[Outgoing | JobError]:
+    """Each entry's job through the compose stage ``run`` uses (parse, render, unsubscribe,
+    attachments, build, DKIM), in a thread: it may read files and sign. Jobs come from
+    the network: the composer reads a path only under the worker's attachments root."""
     out: list[Outgoing | JobError] = []
     for entry in entries:
-        try:
-            if entry.job is None:
-                raise JobError("", "the stream entry has no job")
-            job = parse_job(Line(entry.line, entry.job, len(entry.job)))
-            if not isinstance(job, ComposedJob | RawJob):
-                # TODO: render through the shared compose stage (templates, issue 11) once it lands.
-                raise JobError("template", "templated jobs are not sent by workers yet")
-            # Jobs come from the network: a path is read only under the worker's root.
-            load_attachments(job, root, root)
-            out.append(build(job))
-        except JobError as exc:
-            out.append(exc)
+        if entry.job is None:
+            out.append(JobError("", "the stream entry has no job"))
+            continue
+        outcome = composer.compose(Line(entry.line, entry.job, len(entry.job)))
+        out.append(outcome.outgoing if isinstance(outcome, Ready) else outcome.error)
     return out
 
 

@@ -32,6 +32,7 @@ class Sender(Protocol):
         *,
         sender: str | None = None,
         recipients: list[str] | tuple[str, ...] | None = None,
+        prepared: bool = False,
     ) -> SendResult: ...
 
     async def close(self, drain: bool = True) -> None: ...

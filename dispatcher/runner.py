@@ -401,7 +401,8 @@ class Run:
         started = time.monotonic()
         retried = recipients if item.retry else None
         try:
-            result = await pool.submit(outgoing.message, sender=outgoing.sender, recipients=recipients)
+            result = await pool.submit(outgoing.message, sender=outgoing.sender, recipients=recipients,
+                                       prepared=outgoing.prepared)
         except DeliveryError as exc:
             self._record(number, job_id, "failed", size, attempts=exc.attempts, code=exc.code,
                          response=exc.response, refused=_refusals(exc.refused), error=str(exc),

@@ -122,7 +122,7 @@ class TemplatedJob(BaseModel):
     id: str
     template: str
     to: list[str] = Field(min_length=1)
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = Field(default_factory=dict)
     from_: str | None = Field(None, alias="from")
     cc: list[str] | None = None
     bcc: list[str] | None = None

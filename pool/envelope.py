@@ -45,7 +45,7 @@ def _crlf(message: bytes) -> bytes:
     return message
 
 
-def wire_content(message: bytes) -> bytes:
+def wire_content(message: bytes, *, prepared: bool = False) -> bytes:
     """CRLF line endings only, dot-stuffed, terminated with ``.\\r\\n``.
 
     Any bare CR or LF becomes CRLF (RFC 5321 section 2.3.8), so a lone "\\n.\\n" in a
@@ -53,9 +53,10 @@ def wire_content(message: bytes) -> bytes:
     starts with a dot gets another (section 4.5.2). bytes.replace and count run in C:
     no per-line Python loop, whatever the size.
     """
-    message = _crlf(message)
-    if not message.endswith(b"\r\n"):
-        message += b"\r\n"
+    if not prepared:  # ``prepared``: the caller's builder guarantees CRLF only, ending in CRLF
+        message = _crlf(message)
+        if not message.endswith(b"\r\n"):
+            message += b"\r\n"
     if message.startswith(b"."):
         message = b"." + message
     if b"\n." in message:
@@ -76,9 +77,15 @@ def build_envelope(
     recipients: list[str] | tuple[str, ...] | None = None,
     *,
     sign: Callable[[bytes], bytes] | None = None,
+    prepared: bool = False,
 ) -> Envelope:
     """Validate and prepare a submission. Raises ValueError on bad input. ``sign``
-    (DKIM) gets the message with CRLF line endings and returns it signed."""
+    (DKIM) gets the message with CRLF line endings and returns it signed.
+
+    ``prepared`` (bytes only) is the promise of a builder such as ``dispatcher.mime``:
+    CRLF line endings only, the last line ended, no line over 998 octets. The content
+    is then not scanned for bare CR/LF again; it is still dot-stuffed, and the
+    addresses are still checked."""
     if isinstance(message, Message):
         if sender is None:
             sender = parseaddr(str(message.get("Sender") or message.get("From") or ""))[1]
@@ -108,8 +115,9 @@ def build_envelope(
         raise ValueError("recipients: empty address")
     # One transaction names each recipient once (a duplicate would be delivered twice).
     rcpts = tuple(dict.fromkeys(rcpts))
+    prepared = prepared and isinstance(message, (bytes, bytearray, memoryview)) and raw.endswith(b"\r\n")
     if sign is not None:
-        raw = sign(_crlf(raw))
-    content = wire_content(raw)
+        raw = sign(raw if prepared else _crlf(raw))
+    content = wire_content(raw, prepared=prepared)
     all_ascii = sender.isascii() and all(r.isascii() for r in rcpts)
     return Envelope(sender, rcpts, content, _header_message_id(content), all_ascii)

@@ -291,15 +291,18 @@ class SMTPPool:
         *,
         sender: str | None = None,
         recipients: list[str] | tuple[str, ...] | None = None,
+        prepared: bool = False,
     ) -> SendResult:
         """Send one message. Returns a SendResult when at least one recipient accepted.
 
         Raises DeliveryError when none did, RelayError when the relay is down or
         refuses the session, PoolClosedError when the pool is closed, ValueError at
-        once for bad input. Waits while the queue is full.
+        once for bad input. Waits while the queue is full. ``prepared=True`` says that
+        ``message`` (bytes) has CRLF line endings only and ends with one, as
+        ``dispatcher.mime`` builds it: it is not scanned for bare line ends again.
         """
         sign = self.dkim.sign if self.dkim is not None else None
-        envelope = build_envelope(message, sender, recipients, sign=sign)
+        envelope = build_envelope(message, sender, recipients, sign=sign, prepared=prepared)
         self._check_open()
         self._start()
         loop = asyncio.get_running_loop()

@@ -92,6 +92,7 @@ class SMTPRouter:
         sender: str | None = None,
         recipients: list[str] | tuple[str, ...] | None = None,
         relay: str | None = None,
+        prepared: bool = False,
     ) -> SendResult:
         """Send through one relay (``relay`` pins one); same results and errors as
         ``SMTPPool.submit``, plus ``SendResult.relay``. RelayError only when every
@@ -100,7 +101,8 @@ class SMTPRouter:
             if relay not in self.pools:
                 raise ValueError(f"relay: no relay named {relay!r}")
             try:
-                result = await self.pools[relay].submit(message, sender=sender, recipients=recipients)
+                result = await self.pools[relay].submit(message, sender=sender, recipients=recipients,
+                                                        prepared=prepared)
             except DeliveryError as exc:
                 exc.relay = relay
                 raise
@@ -111,7 +113,8 @@ class SMTPRouter:
         while (name := self._pick(tried)) is not None:
             tried.add(name)
             try:
-                result = await self.pools[name].submit(message, sender=sender, recipients=recipients)
+                result = await self.pools[name].submit(message, sender=sender, recipients=recipients,
+                                                       prepared=prepared)
             except RelayError as exc:
                 # Not delivered through this relay (or, if maybe_delivered, perhaps: the
                 # next relay makes it at-least-once). A recipient it refused for good is

@@ -536,3 +536,27 @@ async def test_generated_jobs_are_accepted_end_to_end_and_arrive_equal(server: F
             check(received.content, jobs[job_id], wire=True)
         except AssertionError as exc:
             raise AssertionError(f"seed {SEED + 1}, {job_id}: {exc}\njob: {_describe(jobs[job_id])}") from None
+
+
+def test_prepared_messages_go_on_the_wire_exactly_as_fully_checked_ones() -> None:
+    """``SMTPPool.submit(prepared=True)`` skips the bare-CR/LF scan for what this builder
+    makes: on every generated job the wire bytes are the same as with the full check."""
+    from pool.envelope import build_envelope
+
+    for n, job in enumerate(generated(600)):
+        raw = _build(job)
+        ended = raw if raw.endswith(b"\r\n") else raw + b"\r\n"  # as jobs.build hands it over
+        fast = build_envelope(ended, "a@example.org", ["b@example.net"], prepared=True)
+        full = build_envelope(raw, "a@example.org", ["b@example.net"])
+        assert fast.content == full.content, f"seed {SEED}, job {n}"
+        assert fast.message_id == full.message_id
+
+
+def test_built_jobs_are_prepared_and_end_with_a_line_break() -> None:
+    line = json.dumps({"id": "p1", "from": "a@example.org", "to": ["b@example.net"], "subject": "s",
+                       "text": "no line break at the end"}).encode()
+    outgoing = build(parse_job(Line(1, line, len(line))))
+    assert outgoing.prepared and outgoing.message.endswith(b"end\r\n")
+    raw = json.dumps({"id": "p2", "mail_from": "a@example.org", "rcpt_to": ["b@example.net"],
+                      "raw": "Subject: x\n\nbare\nline feeds"}).encode()
+    assert not build(parse_job(Line(2, raw, len(raw)))).prepared  # the caller's bytes: checked in full

@@ -542,3 +542,66 @@ async def test_a_worker_given_relays_refuses_instead_of_using_the_capture_server
     assert await worker.wait() == 2
     assert any("relays: is not supported" in line for line in worker.text), worker.text
     assert not (tmp_path / "outbox").exists()
+
+
+async def test_a_worker_composes_as_run_does_templates_unsubscribe_and_dkim(
+    redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    """The worker runs the compose stage of ``run``: a templated job is rendered, gets
+    the unsubscribe headers, and every message is DKIM-signed (verified by dkimpy)."""
+    import dkim  # type: ignore[import-untyped]
+    from test_campaign import DOMAIN, SELECTOR, dns_for, private_pem
+
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "welcome.subject").write_text("Welcome, {{ name }}")
+    (templates / "welcome.text").write_text("Hello {{ name }}, your id is {{ id }}.\n")
+    pem = private_pem("ed25519-sha256")
+    (tmp_path / "dkim.pem").write_bytes(pem)
+    async with FaultyServer() as server:
+        config = write_config(tmp_path / "c.yaml", server)
+        with config.open("a") as f:
+            f.write(f"templates:\n  dir: {templates}\n"
+                    "jobs:\n  default_from: news@example.org\n"
+                    "unsubscribe:\n  url: https://example.org/u/{{ id }}\n"
+                    f"dkim:\n  domain: {DOMAIN}\n  selector: {SELECTOR}\n  private_key: {tmp_path / 'dkim.pem'}\n"
+                    "  algorithm: ed25519-sha256\n")
+        lines = [{"id": "t1", "template": "welcome", "to": ["ann@example.net"], "data": {"name": "Ann"},
+                  "headers": {"X-Job-Id": "t1"}},
+                 job(2),
+                 {"id": "t3", "template": "welcome", "to": ["bob@example.net"], "data": {}}]  # data.name missing
+        await enqueue(redis_server.url, write_jobs(tmp_path / "jobs.jsonl", lines))
+        worker = await WorkerProcess.start(workers, "--redis", redis_server.url, "--config", str(config),
+                                           "--until-empty", cwd=tmp_path)
+        assert await worker.wait() == 0, worker.text
+
+    assert sorted(delivered(server)) == ["job-2", "t1"]
+    rendered = next(m for m in server.messages if m.header("X-Job-Id") == "t1")
+    assert rendered.header("Subject") == "Welcome, Ann"
+    assert b"Hello Ann, your id is t1." in rendered.content
+    assert rendered.header("List-Unsubscribe") == "<https://example.org/u/t1>"
+    assert rendered.header("List-Unsubscribe-Post") == "List-Unsubscribe=One-Click"
+    for message in server.messages:
+        assert dkim.verify(message.content, dnsfunc=dns_for(pem)), message.rcpt_tos
+    rows = {row["id"]: row for row in await results(redis_server.url)}
+    assert rows["t3"]["status"] == "invalid" and "data.name" in rows["t3"]["error"], rows["t3"]
+
+
+async def test_enqueue_renders_templates_when_their_directory_is_here(redis_server: RedisServer,
+                                                                      tmp_path: Path) -> None:
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "hi.subject").write_text("Hi {{ name }}")
+    (templates / "hi.text").write_text("Hello {{ name }}\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"templates:\n  dir: {templates}\njobs:\n  default_from: news@example.org\n")
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [
+        {"id": "a", "template": "hi", "to": ["a@example.net"], "data": {"name": "A"}},
+        {"id": "b", "template": "hi", "to": ["b@example.net"]},  # data.name undefined
+        {"id": "c", "template": "nope", "to": ["c@example.net"]},
+    ])
+    code, _, err = await cli("enqueue", str(jobs), "--redis", redis_server.url, "--config", str(config), cwd=tmp_path)
+    assert code == 1, err
+    assert "1 jobs added" in err and "2 invalid" in err, err
+    rows = {row["id"]: row for row in await results(redis_server.url)}
+    assert "data.name" in rows["b"]["error"] and rows["c"]["error"].startswith("line 3: template:"), rows
