@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true",
                      help="send again the recipients whose last result was a transient failure (4xx, "
                           "lost connection, timeout); never those accepted or refused permanently")
+    run.add_argument("--compose-process", action=argparse.BooleanOptionalAction, default=None,
+                     help="read, validate and build the jobs in a second process (default: when JOBS is a "
+                          "file and this process may use more than one core)")
     run.add_argument("--attachments-root", type=Path, metavar="DIR",
                      help="attachment paths must stay inside DIR (default: jobs.attachments_root, "
                           "else the jobs file's directory)")
@@ -108,6 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         maildir=args.maildir,
         attachments_root=args.attachments_root,
         retry_failed=args.retry_failed,
+        compose_process=args.compose_process,
     )
     try:
         return _event_loop_runner()(Run(options, settings).execute())

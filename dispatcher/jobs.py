@@ -46,6 +46,13 @@ class JobError(ValueError):
         self.field = field
         self.job_id = job_id  # when the line's id could still be read
 
+    @classmethod
+    def restore(cls, field: str, text: str, job_id: str | None) -> JobError:
+        """The error whose ``field``, ``str()`` and ``job_id`` these are (from another process)."""
+        error = cls(field, "", job_id)
+        error.args = (text,)
+        return error
+
 
 def _no_newlines(value: str) -> str:
     if "\r" in value or "\n" in value:

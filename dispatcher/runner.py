@@ -34,7 +34,9 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from dispatcher.compose import AnyJob, Composer
+from dispatcher.compose import AnyJob, Composer, Invalid, Ready
+from dispatcher.compose_process import ComposeProcess, ComposeProcessError
+from dispatcher.compose_process import usable as compose_process_usable
 from dispatcher.config import Settings, pool_kwargs
 from dispatcher.jobs import JobError, Line, LineSplitter, Outgoing
 from dispatcher.journal import Claim, Journal, JournalBusy
@@ -70,6 +72,7 @@ class RunOptions:
     maildir: Path = DEFAULT_MAILDIR
     attachments_root: Path | None = None  # None: config jobs.attachments_root, else the jobs file's directory
     retry_failed: bool = False  # send again the recipients an earlier run left with a transient failure
+    compose_process: bool | None = None  # None: a second process composes when the jobs are a file and 2+ cores
 
 
 @dataclass(slots=True)
@@ -120,6 +123,7 @@ class Run:
         self._senders = 0
         self._room = asyncio.Semaphore(1)  # replaced once the pool's size is known
         self._source: _ChunkReader | None = None
+        self._composing: ComposeProcess | None = None  # the compose stage's own process, when there is one
         self._said: set[str] = set()
         if options.jobs == "-":
             self.base = Path.cwd()
@@ -189,6 +193,10 @@ class Run:
         except BaseException:
             os.close(fd)
             raise
+        wanted = self.options.compose_process
+        if wanted or (wanted is None and compose_process_usable(stat.S_ISREG(mode))):
+            self._composing = ComposeProcess(self.composer, fd)  # it owns fd now
+            fd = self._composing.fileno()
         self._source = _ChunkReader(fd)
 
     async def execute(self) -> int:
@@ -226,6 +234,8 @@ class Run:
             with self._signals():
                 await self._pump(self.pool)
         finally:
+            if self._composing is not None:
+                self._composing.close()
             self._source.close()
             try:
                 self.journal.close()
@@ -288,33 +298,49 @@ class Run:
             print(f"dispatcher: {message}", file=sys.stderr, flush=True)
 
     async def _read(self, pool: Sender, group: asyncio.TaskGroup) -> None:
-        assert self._source is not None
-        splitter = LineSplitter()
-        admitted = 0
         try:
-            while True:
-                chunk = await self._source.read(READ_CHUNK)
-                self.tally.bytes_read += len(chunk)
-                for line in splitter.feed(chunk) if chunk else splitter.end():
-                    self.tally.jobs_read += 1
-                    item = self._admit(line)
-                    if item is not None:
-                        await self._room.acquire()
-                        self._senders += 1
-                        self._idle.clear()
-                        group.create_task(self._send(pool, item))
-                    admitted += 1
-                    if admitted % 64 == 0:
-                        await asyncio.sleep(0)  # let senders, results, signals and progress through
-                if not chunk:
-                    return
-        except _ResultsUnwritable as exc:
-            self._halt(EXIT_ERROR, str(exc))
+            if self._composing is not None:
+                await self._read_composed(pool, group)
+            else:
+                await self._read_lines(pool, group)
+        except (_ResultsUnwritable, ComposeProcessError) as exc:
+            self._halt(EXIT_ERROR, f"{exc}; run stopped" if isinstance(exc, ComposeProcessError) else str(exc))
         except OSError as exc:
             self._halt(EXIT_ERROR, f"{self.options.jobs}: cannot read the jobs file: {exc.strerror or exc}")
         except Exception as exc:  # a bug: stop the run, never hang
             log.exception("run.reader_failed")
             self._halt(EXIT_ERROR, f"internal error while reading jobs: {type(exc).__name__}: {exc}")
+
+    async def _read_lines(self, pool: Sender, group: asyncio.TaskGroup) -> None:
+        """Read, split and compose here (standard input, or one core)."""
+        assert self._source is not None
+        splitter = LineSplitter()
+        while True:
+            chunk = await self._source.read(READ_CHUNK)
+            self.tally.bytes_read += len(chunk)
+            for line in splitter.feed(chunk) if chunk else splitter.end():
+                await self._launch(pool, group, self._admit(line))
+            if not chunk:
+                return
+
+    async def _read_composed(self, pool: Sender, group: asyncio.TaskGroup) -> None:
+        """The compose process's outcomes, in the file's order: only the run's state here."""
+        assert self._source is not None and self._composing is not None
+        async for read, batch in self._composing.outcomes(self._source.read):
+            self.tally.bytes_read = read
+            for number, size, outcome in batch:
+                await self._launch(pool, group, self._admit_composed(number, size, outcome))
+
+    async def _launch(self, pool: Sender, group: asyncio.TaskGroup, item: _Item | None) -> None:
+        """One sender for a job to send, once the pool has room for it."""
+        self.tally.jobs_read += 1
+        if item is not None:
+            await self._room.acquire()
+            self._senders += 1
+            self._idle.clear()
+            group.create_task(self._send(pool, item))
+        if self.tally.jobs_read % 64 == 0:
+            await asyncio.sleep(0)  # let senders, results, signals and progress through
 
     def _admit(self, line: Line) -> _Item | None:
         """Validate a line; record it as invalid or skipped, or return it to send.
@@ -329,30 +355,11 @@ class Run:
         try:
             job = self.composer.parse(line)
         except JobError as exc:
-            job_id = exc.job_id
-            if job_id is not None:
-                claim, _ = self.journal.claim(job_id, line.number)
-                if claim is Claim.DONE:
-                    self._count("skipped", size)
-                    return None
-                if claim is Claim.DUPLICATE:
-                    job_id = None
-            if job_id is None and self.journal.line_done(line.number):
-                self._count("skipped", size)  # recorded by line number by an earlier run
-                return None
-            self._invalid(line.number, job_id, exc, size)
+            self._admit_unparsed(line.number, size, exc)
             return None
-        claim, first = self.journal.claim(job.id, line.number)
-        if claim is Claim.DONE and not self.journal.may_retry(job.id):
-            self._count("skipped", size)
+        retry = self._claim(line.number, job.id, size)
+        if retry is None:
             return None
-        if claim is Claim.DUPLICATE:
-            if self.journal.line_done(line.number):
-                self._count("skipped", size)
-            else:
-                self._invalid(line.number, None, JobError("id", f"duplicate of line {first}'s id {job.id!r}"), size)
-            return None
-        retry = claim is Claim.DONE
         if self.composer.off_loop(job):
             return _Item(line.number, job.id, size, None, job, retry)
         try:
@@ -360,6 +367,55 @@ class Run:
         except JobError as exc:
             self._invalid(line.number, job.id, exc, size)
             return None
+
+    def _admit_unparsed(self, number: int, size: int, exc: JobError) -> None:
+        """A line that is not a valid job: invalid, keyed by its id when it has a
+        readable one of its own, else by its line number; skipped when done before."""
+        job_id = exc.job_id
+        if job_id is not None:
+            claim, _ = self.journal.claim(job_id, number)
+            if claim is Claim.DONE:
+                self._count("skipped", size)
+                return
+            if claim is Claim.DUPLICATE:
+                job_id = None
+        if job_id is None and self.journal.line_done(number):
+            self._count("skipped", size)  # recorded by line number by an earlier run
+            return
+        self._invalid(number, job_id, exc, size)
+
+    def _claim(self, number: int, job_id: str, size: int) -> bool | None:
+        """Claim a valid job's id for this line: None when it is not to be sent (done
+        by an earlier run, or a duplicate: counted or recorded here), else whether it
+        is a ``--retry-failed`` retry of an earlier result."""
+        claim, first = self.journal.claim(job_id, number)
+        if claim is Claim.DONE and not self.journal.may_retry(job_id):
+            self._count("skipped", size)
+            return None
+        if claim is Claim.DUPLICATE:
+            if self.journal.line_done(number):
+                self._count("skipped", size)
+            else:
+                self._invalid(number, None, JobError("id", f"duplicate of line {first}'s id {job_id!r}"), size)
+            return None
+        return claim is Claim.DONE
+
+    def _admit_composed(self, number: int, size: int, outcome: Ready | Invalid) -> _Item | None:
+        """``_admit`` for a line the compose process already composed: the same claims,
+        in the same order, with the same results (a composed job that failed after
+        parsing is judged by its id first, as ``_admit`` does before finishing it)."""
+        if isinstance(outcome, Invalid) and not outcome.parsed:
+            self._admit_unparsed(number, size, outcome.error)
+            return None
+        job_id = outcome.job_id if isinstance(outcome, Ready) else outcome.error.job_id
+        assert job_id is not None
+        retry = self._claim(number, job_id, size)
+        if retry is None:
+            return None
+        if isinstance(outcome, Invalid):
+            self._invalid(number, job_id, outcome.error, size)
+            return None
+        return _Item(number, job_id, size, outcome.outgoing, retry=retry)
 
     def _invalid(self, number: int, job_id: str | None, exc: JobError, size: int) -> None:
         message = f"line {number}: {exc}"

@@ -1,0 +1,210 @@
+"""The compose stage in a second process, for ``dispatcher run`` on a regular jobs file.
+
+Reading, validating, rendering, building and signing a job costs about as much CPU as
+its whole SMTP exchange. On a machine with more than one core, a forked child reads
+the jobs file and runs ``Composer.compose`` on every line; the event loop process
+gets the outcomes in order, in batches over a pipe, and does only what needs the
+run's state: the resume index and duplicates (``Journal.claim``), the pool and the
+results file. Same lines, same order, same outcomes as composing in-process, so
+resume, duplicates, signals and error order behave exactly alike.
+
+The child holds no state worth keeping: it ignores SIGINT (a Ctrl-C reaches the whole
+process group; the parent decides), is killed when the run ends, and dies on its next
+write when the parent is gone (the pipe breaks). It closes every descriptor it
+inherited but the jobs file and its pipe, so it never holds the results file's lock.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+from dispatcher.compose import Composer, Invalid, Ready
+from dispatcher.jobs import JobError, LineSplitter, Outgoing
+
+READ_CHUNK = 1 << 18
+BATCH_LINES = 64
+BATCH_BYTES = 1 << 18
+PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: a few batches in flight, so neither side waits on the other
+_F_SETPIPE_SZ = 1031
+_HEAD = struct.Struct("<I")
+
+class ComposeProcessError(Exception):
+    """The compose process ended before the last job (a bug, or it was killed)."""
+
+
+#: One line's outcome: (line number, bytes of the line, Ready | Invalid).
+Composed = tuple[int, int, Ready | Invalid]
+
+
+def usable(jobs_fd_is_regular: bool) -> bool:
+    """A second process pays off: the jobs are a regular file and we may use 2+ cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return jobs_fd_is_regular and cores > 1
+
+
+class ComposeProcess:
+    """A forked child composing the lines of ``fd``; ``outcomes()`` yields them in order."""
+
+    def __init__(self, composer: Composer, fd: int) -> None:
+        read_end, write_end = os.pipe()
+        try:
+            import fcntl
+
+            fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
+        except (ImportError, OSError):
+            pass  # the default 64 KiB pipe works, a little slower
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            status = 1
+            try:
+                os.close(read_end)
+                _child(composer, fd, write_end)
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        os.close(fd)  # the child reads the jobs; the parent never does
+        self.pid = pid
+        self._fd = read_end
+        self._buffer = bytearray()
+        self._status: int | None = None
+
+    async def outcomes(self, read: Any) -> AsyncIterator[tuple[int, list[Composed]]]:
+        """(bytes of the jobs file read so far, a batch of outcomes) until the end.
+        ``read(n)`` is an awaitable read of this object's descriptor (``fileno``).
+        Raises OSError when the child could not read the jobs file,
+        ComposeProcessError when it ended without finishing."""
+        while True:
+            frame = await self._frame(read)
+            kind = frame[0]
+            if kind == "B":
+                yield frame[1], [_decode(item) for item in frame[2]]
+            elif kind == "E":
+                yield frame[1], []
+                return
+            elif kind == "O":
+                raise OSError(frame[1], frame[2])
+            else:
+                raise ComposeProcessError(f"the compose process failed: {frame[1]}")
+
+    def fileno(self) -> int:
+        return self._fd
+
+    async def _frame(self, read: Any) -> tuple[Any, ...]:
+        buffer = self._buffer
+        while True:
+            if len(buffer) >= _HEAD.size:
+                (length,) = _HEAD.unpack_from(buffer)
+                end = _HEAD.size + length
+                if len(buffer) >= end:
+                    frame: tuple[Any, ...] = pickle.loads(memoryview(buffer)[_HEAD.size:end])
+                    del buffer[:end]
+                    return frame
+            chunk = await read(PIPE_SIZE)
+            if not chunk:
+                status = self._reap()
+                raise ComposeProcessError(f"the compose process ended before the last job (status {status})")
+            buffer += chunk
+
+    def close(self) -> None:
+        """Stop the child (it has nothing to save) and reap it. The pipe is closed by
+        whoever reads it."""
+        if self._status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._reap()
+
+    def _reap(self) -> int:
+        if self._status is None:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+                self._status = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                self._status = -1
+        return self._status
+
+
+def _child(composer: Composer, fd: int, out: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C, and then kills us
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a service manager's stop, too: the run ends us
+    try:
+        signal.set_wakeup_fd(-1)  # the parent's event loop's: never write into it
+    except ValueError:
+        pass
+    _close_inherited({fd, out, 0, 1, 2})
+
+    def send(frame: tuple[Any, ...]) -> None:
+        data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
+        view = memoryview(_HEAD.pack(len(data)) + data)
+        while view:
+            view = view[os.write(out, view):]  # BrokenPipeError when the parent is gone: we end
+
+    try:
+        splitter = LineSplitter()
+        read = 0
+        batch: list[tuple[Any, ...]] = []
+        held = 0
+        while True:
+            try:
+                chunk = os.read(fd, READ_CHUNK)
+            except OSError as exc:
+                send(("O", exc.errno, exc.strerror or str(exc)))
+                return
+            read += len(chunk)
+            for line in splitter.feed(chunk) if chunk else splitter.end():
+                item = _encode(line.number, line.size, composer.compose(line))
+                batch.append(item)
+                held += line.size
+                if len(batch) >= BATCH_LINES or held >= BATCH_BYTES:
+                    send(("B", read, batch))
+                    batch, held = [], 0
+            if not chunk:
+                if batch:
+                    send(("B", read, batch))
+                send(("E", read))
+                return
+    except BrokenPipeError:
+        return
+    except Exception as exc:  # noqa: BLE001  # a bug: say so, the parent stops the run with it
+        try:
+            send(("X", f"{type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
+
+
+def _close_inherited(keep: set[int]) -> None:
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = list(range(3, 1024))
+    for fd in fds:
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _encode(number: int, size: int, outcome: Ready | Invalid) -> tuple[Any, ...]:
+    if isinstance(outcome, Ready):
+        o = outcome.outgoing
+        return (number, size, outcome.job_id, o.message, o.sender, o.recipients, o.prepared)
+    error = outcome.error
+    return (number, size, None, error.field, str(error), error.job_id, outcome.parsed)
+
+
+def _decode(item: tuple[Any, ...]) -> Composed:
+    number, size, job_id, a, b, c, d = item
+    if job_id is not None:
+        return number, size, Ready(number, job_id, Outgoing(a, b, c, prepared=d))
+    return number, size, Invalid(number, JobError.restore(a, b, c), parsed=d)

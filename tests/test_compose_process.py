@@ -1,0 +1,143 @@
+"""``dispatcher run`` with the compose stage in a second process (the default for a
+jobs file on 2+ cores) against the same run composing in-process: the same results,
+line by line, for every kind of line; resume and duplicates alike; the child never
+outlives the run, never holds the results file's lock, and a crash of it stops the run
+with one line instead of hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from smtpserver import FaultyServer
+from test_dispatcher import delivered_ids, dispatcher, job, write_config, write_jobs
+from test_run_faults import finish, lines_of, spawn
+
+pytestmark = pytest.mark.timeout(60)
+
+MODES = ["--compose-process", "--no-compose-process"]
+
+
+def tricky_jobs(tmp_path: Path) -> list[dict[str, Any] | str]:
+    (tmp_path / "files").mkdir(exist_ok=True)
+    (tmp_path / "files" / "a.txt").write_text("attached\n")
+    return [
+        job(1),
+        "not json",
+        job(2, to=["not an address"]),
+        job(1, subject="duplicate of line 1"),
+        {"id": "y" * 2000},
+        job(3, attachments=[{"filename": "a.txt", "path": "files/a.txt"}]),
+        job(4, attachments=[{"filename": "p", "path": "../../../../etc/passwd"}]),
+        job(5, attachments=[{"filename": "b.bin", "content_base64": base64.b64encode(b"\x00\x01").decode()}]),
+        job(6, subject="Grüße, ünïcødé ✓"),
+        {"id": "raw-1", "mail_from": "a@example.org", "rcpt_to": ["r@example.net"], "raw": "Subject: r\n\nbody\n"},
+        job(7, headers={"X-Bad": "a\r\nBcc: victim@example.net"}),
+        job(8, id=123456789012345678901234567890),  # an integer id beyond 64 bits, read exactly
+        "",
+        job(9),
+    ]
+
+
+def comparable(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return sorted((r["line"], r["id"], r["status"], r["error"], r["attempts"]) for r in rows)
+
+
+async def test_the_compose_process_records_exactly_what_composing_in_process_records(
+    server: FaultyServer, tmp_path: Path
+) -> None:
+    outcomes = {}
+    work = tmp_path
+    jobs = write_jobs(work / "jobs.jsonl", tricky_jobs(work))
+    config = write_config(work / "c.yaml", server)
+    for mode in MODES:
+        (work / "jobs.results.jsonl").unlink(missing_ok=True)
+        server.messages.clear()
+        code, _, err = await dispatcher("run", str(jobs), "--config", str(config), mode, "--no-progress", cwd=work)
+        assert code == 1, err  # some lines are invalid
+        outcomes[mode] = comparable(lines_of(work / "jobs.results.jsonl")), sorted(map(str, delivered_ids(server)))
+        # Run again: everything is skipped, nothing sent, nothing recorded twice.
+        code, _, err = await dispatcher("run", str(jobs), "--config", str(config), mode, "--no-progress", cwd=work)
+        assert code == 0, err
+        assert comparable(lines_of(work / "jobs.results.jsonl")) == outcomes[mode][0]
+    assert outcomes[MODES[0]] == outcomes[MODES[1]]
+    rows, sent = outcomes[MODES[0]]
+    assert sent == ["None", "job-1", "job-3", "job-5", "job-6", "job-8", "job-9"]
+    assert (12, "123456789012345678901234567890", "sent", None, 1) in rows
+    assert [r[2] for r in rows] == ["sent", "invalid", "invalid", "invalid", "invalid", "sent", "invalid", "sent",
+                                   "sent", "sent", "invalid", "sent", "sent"]
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+async def test_kill_9_mid_run_leaves_no_compose_process_and_the_rerun_is_not_locked_out(
+    server: FaultyServer, tmp_path: Path
+) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(3000)])
+    config = write_config(tmp_path / "c.yaml", server)
+    server.gate = asyncio.Event()  # the first messages stay on the wire: the run is mid-way
+    proc = await spawn("run", str(jobs), "--config", str(config), "--compose-process", "--no-progress",
+                       cwd=tmp_path)
+    await server.wait_for(lambda: server.data_started >= 1, timeout=20)
+    (child,) = children_of(proc.pid)
+    proc.kill()
+    await proc.wait()
+    server.gate.set()
+    # The child dies on its next write to the broken pipe.
+    async with asyncio.timeout(10):
+        while Path(f"/proc/{child}").exists() and "Z" not in Path(f"/proc/{child}/stat").read_text().split()[2]:
+            await asyncio.sleep(0.02)
+    server.gate = None
+    code, _, err = await dispatcher("run", str(jobs), "--config", str(config), "--no-progress", cwd=tmp_path)
+    assert code == 0, err  # not "results file is in use": the child never held the lock
+    assert set(delivered_ids(server)) == {f"job-{i}" for i in range(3000)}
+
+
+async def test_sigint_stops_the_run_and_its_compose_process(server: FaultyServer, tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(3000)])
+    config = write_config(tmp_path / "c.yaml", server)
+    server.gate = asyncio.Event()
+    proc = await spawn("run", str(jobs), "--config", str(config), "--compose-process", "--no-progress",
+                       cwd=tmp_path)
+    await server.wait_for(lambda: server.data_started >= 1, timeout=20)
+    (child,) = children_of(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    server.gate.set()
+    code, err = await finish(proc)
+    assert code == 130, err
+    assert "Traceback" not in err
+    assert not Path(f"/proc/{child}").exists()  # killed and reaped by the run
+
+
+async def test_a_compose_process_that_dies_stops_the_run_with_one_line(server: FaultyServer, tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(5000)])
+    config = write_config(tmp_path / "c.yaml", server)
+    server.gate = asyncio.Event()
+    proc = await spawn("run", str(jobs), "--config", str(config), "--compose-process", "--no-progress",
+                       cwd=tmp_path)
+    await server.wait_for(lambda: server.data_started >= 1, timeout=20)
+    (child,) = children_of(proc.pid)
+    os.kill(child, signal.SIGKILL)
+    server.gate.set()
+    code, err = await finish(proc)
+    assert code == 2, err
+    assert "the compose process ended before the last job" in err, err
+    rows = lines_of(tmp_path / "jobs.results.jsonl")
+    assert {r["status"] for r in rows} <= {"sent"}  # what was sent is recorded; the rest is for the next run
+    assert len(rows) == len(set(delivered_ids(server)))
