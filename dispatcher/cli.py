@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sink = commands.add_parser("sink", help="run the local capture server (aiosmtpd -> Maildir)")
     sink.add_argument("--host", default="127.0.0.1")
-    sink.add_argument("--port", type=int, default=1025)
+    sink.add_argument("--port", type=_port, default=1025)
     sink.add_argument("--maildir", type=Path, default=Path("outbox"))
 
     check = commands.add_parser("check-config", help="validate a configuration file")
@@ -196,6 +196,17 @@ def _campaign_lines(settings: Settings) -> list[str]:
         lines.append(f"dkim: {signer.algorithm} for {signer.domain}; publish this TXT record at {signer.dns_name}:")
         lines.append(f"  {signer.dns_record()}")
     return lines
+
+
+def _port(text: str) -> int:
+    """A TCP port for argparse: 0-65535 (the kernel would take 99999 as 34463)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
+    return port
 
 
 def main(argv: list[str] | None = None) -> int:

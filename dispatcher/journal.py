@@ -239,10 +239,20 @@ def encode_result(result: dict[str, Any]) -> bytes:
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:
+    """Append ``data`` whole, or not at all: a write that fails part-way (a disk that
+    fills up after a short write) is cut back off, so no torn line stays behind."""
     view = memoryview(data)
-    while view:  # one write in practice; a short write is completed
-        written = os.write(fd, view)
-        view = view[written:]
+    done = 0
+    while done < len(view):  # one write in practice; a short write is completed
+        try:
+            done += os.write(fd, view[done:])
+        except OSError:
+            if done:
+                try:
+                    os.ftruncate(fd, os.fstat(fd).st_size - done)
+                except OSError:
+                    pass  # the next run ignores a torn last line anyway
+            raise
 
 
 class Journal:

@@ -57,7 +57,7 @@ from dispatcher.redis_store import (
 )
 from dispatcher.signals import signal_handlers
 from dispatcher.sink import DEFAULT_MAILDIR, CaptureServer
-from pool import DeliveryError, PoolClosedError, RelayError, SMTPPool
+from pool import DeliveryError, PoolClosedError, PoolError, RelayError, SMTPPool
 from pool.config import SMTPSettings
 
 log = structlog.get_logger("dispatcher.worker")
@@ -154,6 +154,7 @@ class Worker:
         self.stopping = asyncio.Event()  # stop reading: a signal, a relay failure, or empty
         self.signalled = False
         self.fatal: RelayError | None = None
+        self.broken: str | None = None  # the pool failed (a bug): why
         self.pool: SMTPPool | None = None
         self.composer: Composer | None = None  # made by execute (it reads the DKIM key)
         self.limiter: RedisRateLimiter | None = None
@@ -233,6 +234,9 @@ class Worker:
         if self.fatal is not None:
             print(f"dispatcher worker: relay {self.fatal.relay}: {self.fatal}", file=sys.stderr)
             return EXIT_RELAY_DOWN if self.fatal.transient else EXIT_USAGE
+        if self.broken is not None:
+            print(f"dispatcher worker: stopped: {self.broken} (its jobs were handed back)", file=sys.stderr)
+            return EXIT_USAGE
         return EXIT_OK
 
     async def _run(self) -> None:
@@ -405,6 +409,12 @@ class Worker:
                 self._stop()
         except PoolClosedError:
             self._settle(b"R", entry)  # never on the wire: the next claim sends it
+        except PoolError as exc:  # the pool stopped on an internal error: hand the job back, stop
+            self._settle(b"R", entry)
+            if self.broken is None:
+                self.broken = str(exc)
+                log.error("worker.pool_failed", error=str(exc))
+                self._stop()
         except ValueError as exc:
             self._finished(entry, "invalid", error=f"line {entry.line}: {exc}")
         else:

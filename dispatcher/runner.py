@@ -125,6 +125,7 @@ class Run:
         self._source: _ChunkReader | None = None
         self._composing: ComposeProcess | None = None  # the compose stage's own process, when there is one
         self._said: set[str] = set()
+        self._unrecorded: list[str] = []  # ids delivered whose result could not be written
         if options.jobs == "-":
             self.base = Path.cwd()
         else:
@@ -148,6 +149,8 @@ class Run:
         try:
             self.journal.record(result)
         except OSError as exc:
+            if status == "sent":
+                self._unrecorded.append(job_id if job_id is not None else f"line {line}")
             raise _ResultsUnwritable(
                 f"cannot write the results file {self.options.results}: {exc.strerror or exc}; run stopped "
                 "(jobs without a result are sent again by the next run)") from exc
@@ -251,6 +254,11 @@ class Run:
                     self._error(problem)
             if metrics_server is not None:
                 metrics_server.stop()
+        if self._unrecorded:  # the operator may want to know: the next run sends them again
+            shown = ", ".join(repr(i) for i in self._unrecorded[:20])
+            more = f" and {len(self._unrecorded) - 20} more" if len(self._unrecorded) > 20 else ""
+            self._error(f"{len(self._unrecorded)} message(s) were delivered but their results could not be "
+                        f"written; the next run sends them again: {shown}{more}")
         counts = self.tally.counts
         elapsed = time.monotonic() - self.tally.started
         log.info("run.summary", **counts, elapsed_s=round(elapsed, 3), rate=round(self.tally.rate(), 1),

@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from pool.tls import check_ca_file
 
 
 class Section(BaseModel):
@@ -29,6 +31,13 @@ class SMTPSettings(Section):
     password: SecretStr | None = None
     timeout: float = Field(30.0, gt=0)
     relay_down_timeout: float = Field(300.0, gt=0)
+
+    @field_validator("ca_file")
+    @classmethod
+    def _loadable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            check_ca_file(str(value))  # a typo is a config error now, not a relay "down" for 300 s
+        return value
 
 
 class PoolSettings(Section):

@@ -89,10 +89,14 @@ def _classify_connect_error(exc: BaseException, options: SessionOptions) -> Conn
             return SessionRefused(f"relay {relay} refused the login: {exc.code} {text}", code=exc.code)
         if is_permanent(exc.code):
             return SessionRefused(f"relay {relay} refused the session: {exc.code} {text}", code=exc.code)
-        return ConnectionFailed(f"relay {relay} answered {exc.code} {text}", code=exc.code)
+        return ConnectionFailed(f"relay {relay} answered {exc.code} {text}", code=exc.code, text=text)
     if isinstance(exc, SMTPException) and "STARTTLS extension not supported" in str(exc):
         return SessionRefused(f"relay {relay} does not offer STARTTLS; the password is never sent in clear "
-                              "(set smtp.start_tls: false to allow a plain-text login)")
+                              "(start_tls=False, in the config smtp.start_tls: false, allows a plain-text login)")
+    if isinstance(exc, SMTPException) and "SMTP AUTH extension is not supported" in str(exc):
+        # A username for a relay that takes no login: trying again cannot help.
+        return SessionRefused(f"relay {relay} does not offer AUTH (no login is possible on it; "
+                              "remove the username, or use TLS if it offers AUTH only there)")
     if isinstance(exc, SMTPException) and "authentication method" in str(exc).lower():
         return SessionRefused(f"relay {relay}: {exc}")
     return ConnectionFailed(f"cannot connect to relay {relay}: {exc}")

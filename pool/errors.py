@@ -81,11 +81,13 @@ class ConnectionFailed(Exception):
     the server may have accepted the message. Never reaches the pool's callers.
     """
 
-    def __init__(self, reason: str, *, code: int | None = None, ambiguous: bool = False) -> None:
+    def __init__(self, reason: str, *, code: int | None = None, ambiguous: bool = False,
+                 text: str | None = None) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
         self.ambiguous = ambiguous
+        self.text = text  # the server's reply text after ``code``, when a reply ended the session
 
 
 class SessionRefused(Exception):

@@ -11,6 +11,9 @@ from typing import Any
 import structlog
 
 _stdlib = logging.getLogger("pool")
+# As the logging HOWTO asks of a library: with no handler configured anywhere, nothing
+# is printed (not even warnings through logging's last-resort handler on stderr).
+_stdlib.addHandler(logging.NullHandler())
 
 
 class EventLogger:

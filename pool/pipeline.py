@@ -113,7 +113,7 @@ class PipelineProtocol(asyncio.Protocol):
         if not groups:
             # Unsolicited (typically 421 before the server hangs up): no command may
             # be paired with it, so the session ends here.
-            self._fail(ConnectionFailed(f"unsolicited reply: {code} {text}", code=code))
+            self._fail(ConnectionFailed(f"unsolicited reply: {code} {text}", code=code, text=text))
             return False
         group = groups[0]
         replies = group.replies
@@ -211,10 +211,10 @@ class PipelineProtocol(asyncio.Protocol):
             group = self._groups.popleft()
             if not group.future.done():
                 # One exception per group: each waiter marks its own as ambiguous or not.
-                failure = ConnectionFailed(error.reason, code=error.code)
+                failure = ConnectionFailed(error.reason, code=error.code, text=error.text)
                 for code, text in group.replies:
                     if code == 421:  # what did arrive names the reason
-                        failure = ConnectionFailed(f"{code} {text}", code=code)
+                        failure = ConnectionFailed(f"{code} {text}", code=code, text=text)
                 group.future.set_exception(failure)
                 group.future.exception()  # retrieved: nobody may await a dead group
         if close and self.transport is not None:

@@ -21,6 +21,7 @@ import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from email.message import Message
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,7 @@ from pool.metrics import PoolMetrics
 from pool.ratelimit import RateLimiter, SharedLimiter
 from pool.results import SendResult
 from pool.retry import backoff_delay, is_permanent
+from pool.tls import check_ca_file
 from pool.transaction import Outcome, Transaction
 
 if TYPE_CHECKING:
@@ -113,6 +115,11 @@ class SMTPPool:
             raise ValueError("max_messages_per_connection must be at least 1")
         if relay_down_timeout <= 0:
             raise ValueError("relay_down_timeout must be positive")
+        if ca_file is not None and tls_context is None:
+            try:
+                check_ca_file(ca_file)
+            except ValueError as exc:
+                raise ValueError(f"ca_file: {exc}") from None
         self.size = size
         self.queue_size = queue_size
         self.max_messages_per_connection = max_messages_per_connection
@@ -163,6 +170,7 @@ class SMTPPool:
         self._drained.set()
         self._closing = False  # no new submissions
         self._stopped: PoolError | None = None  # why waiting jobs fail: closed, crashed
+        self._halted = asyncio.Event()  # set with _stopped
         self._relay_error: RelayError | None = None
         self._down_since: float | None = None  # first failed connect while no session was up
         self._connect_failures = 0  # in a row
@@ -273,6 +281,7 @@ class SMTPPool:
         it is the relay's (which may recover), the pool stops retrying for good."""
         if self._stopped is None and not isinstance(error, RelayError):
             self._stopped = error
+            self._halted.set()  # workers holding a job for the rate limiter give it up
         while self._retry:
             self._finish(self._retry.popleft(), stopped=error)
         while not self._queue.empty():
@@ -370,9 +379,15 @@ class SMTPPool:
                     if inflight is not None:
                         await self._complete(inflight, slot, bound)
                         inflight = None
-                    await self.rate.acquire()
-                    if self._shared_limiter is not None:
-                        await self._shared_limiter.acquire()
+                    # Taken but not on the wire: a stop (close without drain, a
+                    # permanent refusal) must not wait for the limiter, nor send after it.
+                    paced = await self._unless_halted(self.rate.acquire())
+                    if paced and self._shared_limiter is not None:
+                        paced = await self._unless_halted(self._shared_limiter.acquire())
+                    if not paced or self._stopped is not None:
+                        held, job = job, None
+                        self._finish(held, stopped=self._stopped or PoolClosedError("the pool closed"))
+                        continue
                 if inflight is not None and not slot.is_connected:
                     # The server closed the session behind the message on the wire: the
                     # next one gets a new session instead of spending an attempt on this one.
@@ -410,6 +425,24 @@ class SMTPPool:
                 if stranded is not None:
                     self._finish(stranded, stopped=stopped)
             raise
+
+    async def _unless_halted(self, wait: Coroutine[Any, Any, None]) -> bool:
+        """Await ``wait`` (a rate limiter's) unless the pool stops sending first: False then."""
+        if self._halted.is_set():
+            wait.close()
+            return False
+        pacing = asyncio.ensure_future(wait)
+        halted = asyncio.ensure_future(self._halted.wait())
+        try:
+            await asyncio.wait((pacing, halted), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pacing, halted):
+                task.cancel()  # no-op for the one that is done; awaited below either way
+            await asyncio.gather(pacing, halted, return_exceptions=True)
+        if pacing.cancelled():
+            return False
+        pacing.result()  # a limiter's own error (Redis gone for good) is the worker's to raise
+        return True
 
     async def _next_job(self, slot: Connection, bound: EventLogger) -> _Job:
         """The next queued job. An idle session is QUIT after ``idle_timeout``; while

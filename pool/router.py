@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Iterator, Mapping
 from email.message import Message
 from typing import Any
@@ -107,6 +108,7 @@ class SMTPRouter:
                 exc.relay = relay
                 raise
             return dataclasses.replace(result, relay=relay)
+        started = time.monotonic()
         tried: set[str] = set()
         last: RelayError | None = None
         earlier: Refusals = {}  # permanent refusals met on a relay that then failed
@@ -130,7 +132,8 @@ class SMTPRouter:
                 raise
             if earlier:
                 result = dataclasses.replace(result, refused={**earlier, **result.refused})
-            return dataclasses.replace(result, relay=name)
+            # From this submit, through every relay tried (SPEC: submit to result).
+            return dataclasses.replace(result, relay=name, elapsed=time.monotonic() - started)
         if last is not None:
             raise last
         errors = [pool.relay_error for pool in self.pools.values() if pool.relay_error is not None]

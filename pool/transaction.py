@@ -71,7 +71,7 @@ def lost(recipients: tuple[str, ...], exc: ConnectionFailed) -> Outcome:
         reply=(exc.code, exc.reason),
         ambiguous=exc.ambiguous,
         session_lost=True,
-        throttled=exc.code is not None and is_throttling(exc.code, exc.reason),
+        throttled=exc.code is not None and is_throttling(exc.code, exc.text if exc.text is not None else exc.reason),
     )
 
 
@@ -120,7 +120,7 @@ def _checked(code: int, text: str) -> Reply:
     if code == SERVICE_CLOSING:
         # 421 (RFC 5321 section 3.8): the server is closing the channel. A 421 to the
         # end of DATA is a refusal of the message, not an ambiguity.
-        raise ConnectionFailed(f"{code} {text}", code=code)
+        raise ConnectionFailed(f"{code} {readable(text)}", code=code, text=readable(text))
     return code, readable(text)
 
 

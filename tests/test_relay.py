@@ -251,7 +251,8 @@ if sys.argv[2] == "structlog-stdout":
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stdout))
 
 async def main():
-    async with SMTPPool("127.0.0.1", int(sys.argv[1]), size=2, idle_timeout=0.01) as pool:
+    # validate_certs=False: a warning, which an unconfigured application must not see either
+    async with SMTPPool("127.0.0.1", int(sys.argv[1]), size=2, idle_timeout=0.01, validate_certs=False) as pool:
         for i in range(20):
             await pool.submit(b"Subject: x\\r\\n\\r\\nhi\\r\\n", sender="a@example.org", recipients=[f"r{i}@example.net"])
             await asyncio.sleep(0.002)  # let idle sessions close: more log lines
@@ -270,9 +271,10 @@ async def test_library_logs_nothing_on_stdout_and_survives_a_closed_stdout(
         proc = await asyncio.create_subprocess_exec(sys.executable, str(script), str(server.port), logging_setup,
                                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         async with asyncio.timeout(20):
-            out, _ = await proc.communicate()
+            out, err = await proc.communicate()
         assert proc.returncode == 0
         assert out == b"", "the library printed on the application's stdout"
+        assert err == b"", "the library printed on stderr through logging's last resort"
     else:
         read, write = os.pipe()
         os.close(read)  # `python send.py | head -0`: stdout is a closed pipe
@@ -482,3 +484,48 @@ async def test_close_without_drain_never_connects_again_to_a_silent_relay() -> N
         writer.close()
     listener.close()
     await listener.wait_closed()
+
+
+async def test_421_with_enhanced_status_4_7_halves_the_rate(server: FaultyServer, mode: str) -> None:
+    """SPEC 12: a 421 that ends the session is a throttling reply by its 4.7.x status
+    too, not only by its words (Gmail: "421 4.7.0 Try again later, closing connection")."""
+    server.faults.mail_code = "421 4.7.0 Try again later, closing connection."
+    server.faults.mail_code_times = 1
+    async with SMTPPool(**options(server, mode, size=1, rate_limit=100.0)) as pool:
+        result = await pool.submit(make_message(1))
+        assert result.attempts == 2  # transient: retried on a new session
+        assert pool.rate.current == pytest.approx(50.0, rel=0.2)
+
+
+async def test_close_without_drain_does_not_send_a_message_waiting_for_the_rate(server: FaultyServer,
+                                                                               mode: str) -> None:
+    """SPEC 8 and the first signal of `dispatcher run`: a message a worker holds while it
+    waits for the rate limiter is not on the wire; close(drain=False) fails it at once."""
+    pool = SMTPPool(**options(server, mode, size=1, rate_limit=0.5))  # one message every 2 s
+    async with pool:
+        assert (await pool.submit(make_message(1))).attempts == 1
+        second = asyncio.ensure_future(pool.submit(make_message(2)))
+        async with asyncio.timeout(5):
+            # Queued, then taken by the worker, which now waits for the limiter.
+            while pool._unfinished < 1 or pool.queue_depth():
+                await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await pool.close(drain=False)
+        assert loop.time() - started < 1.0, "close(drain=False) waited for the rate limiter"
+        (outcome,) = await asyncio.gather(second, return_exceptions=True)
+    assert isinstance(outcome, PoolClosedError), outcome
+    assert [m.message_id for m in server.messages] == ["<m1@test.local>"], "sent after close(drain=False)"
+
+
+async def test_a_username_for_a_relay_without_auth_is_a_permanent_session_failure(server: FaultyServer,
+                                                                                  mode: str) -> None:
+    """Not "unreachable" for relay_down_timeout: the relay answers, it just takes no login."""
+    async with SMTPPool(**options(server, mode, username="me", password="secret", start_tls=False,
+                                  relay_down_timeout=30.0)) as pool:
+        async with asyncio.timeout(5):
+            with pytest.raises(RelayError) as raised:
+                await pool.submit(make_message(1))
+    assert raised.value.transient is False
+    assert "does not offer AUTH" in str(raised.value) and "secret" not in str(raised.value)
+    assert len(server.sessions) == 1  # one try, not one per message or per probe

@@ -127,11 +127,20 @@ async def test_results_file_that_cannot_be_written_stops_the_run_at_once(
     code, err = await finish(proc)
     assert code == EXIT_ERROR, err
     message = [line for line in err.splitlines() if line.startswith("dispatcher:")]
-    assert len(message) == 1 and "cannot write the results file" in message[0] and "File too large" in message[0]
+    assert "cannot write the results file" in message[0] and "File too large" in message[0]
     assert "Traceback" not in err
-    recorded = [json.loads(line) for line in (tmp_path / "jobs.results.jsonl").read_bytes().splitlines()[:-1]]
+    written = (tmp_path / "jobs.results.jsonl").read_bytes()
+    assert written.endswith(b"\n"), "a torn line was left behind"
+    recorded = [json.loads(line) for line in written.splitlines()]  # every line whole
     assert 0 < len(recorded) < count
     assert len(server.messages) < count, "it stopped, it did not go on sending"
+    # Every delivered message is either recorded or named on stderr: none is forgotten.
+    unrecorded = len(server.messages) - len(recorded)
+    if unrecorded:
+        assert len(message) == 2 and message[1].startswith(f"dispatcher: {unrecorded} message(s) were delivered "
+                                                           "but their results could not be written"), message
+    else:
+        assert len(message) == 1, message
     code, _, err = await dispatcher("run", str(jobs), "--config", str(config), cwd=tmp_path)
     assert code == 0, err
     ids = delivered_ids(server)
@@ -511,3 +520,9 @@ def test_retry_state_follows_the_last_result_of_each_recipient(tmp_path: Path) -
     assert journal.to_retry("healed", ["a@x.org"]) == [] and not journal.may_retry("healed")
     assert journal.to_retry("bad", everyone) == []
     journal.close()
+
+
+async def test_sink_refuses_a_port_out_of_range(tmp_path: Path) -> None:
+    code, _, err = await dispatcher("sink", "--port", "99999", "--maildir", str(tmp_path / "box"), cwd=tmp_path)
+    assert code == 2 and "99999 is not a port number" in err, err
+    assert not (tmp_path / "box").exists()

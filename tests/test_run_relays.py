@@ -347,3 +347,19 @@ async def test_check_config_lists_the_relays_and_run_refuses_smtp_with_relays(tm
     assert code == 2
     assert err.strip() == f"dispatcher: config error: {both}: relays: smtp and relays are both set; keep one " \
                           "(relays: a list of smtp sections, each with a name)", err
+
+
+async def test_a_ca_file_that_cannot_be_loaded_is_a_config_error_at_once(server: FaultyServer, tmp_path: Path) -> None:
+    """Not a relay "down" for relay_down_timeout, then exit 3: exit 2 naming the key."""
+    (tmp_path / "broken.pem").write_text("not a certificate\n")
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(1)])
+    for ca_file, why in ((tmp_path / "nope.pem", "no such file"), (tmp_path / "broken.pem", "not a PEM file")):
+        config = write_yaml(tmp_path / "c.yaml", {"smtp": smtp(server.port, use_tls=True, ca_file=str(ca_file))})
+        code, _, err = await dispatcher("run", str(jobs), "--config", str(config), "--no-progress", cwd=tmp_path)
+        assert code == 2, err
+        assert f"smtp.ca_file: {ca_file}: {why}" in err, err
+        assert "Value error" not in err
+    assert not server.messages and not (tmp_path / "jobs.results.jsonl").exists()
+    with pytest.raises(ValueError, match=r"ca_file: .*no such file"):
+        from pool import SMTPPool
+        SMTPPool(hostname="127.0.0.1", port=server.port, ca_file=str(tmp_path / "nope.pem"))
