@@ -57,6 +57,7 @@ from dispatcher.redis_store import (
 )
 from dispatcher.signals import signal_handlers
 from dispatcher.sink import DEFAULT_MAILDIR, CaptureServer
+from dispatcher.templates import SETTINGS_FIELDS
 from pool import DeliveryError, PoolClosedError, PoolError, RelayError, SMTPPool
 from pool.config import SMTPSettings
 
@@ -384,6 +385,12 @@ class Worker:
     async def _handle(self, entry: Entry, ready: Outgoing | JobError) -> None:
         assert self.pool is not None
         if isinstance(ready, JobError):
+            if ready.field in SETTINGS_FIELDS:  # this worker's configuration: hand the job back, stop
+                self._settle(b"R", entry)
+                if self.broken is None:
+                    self.broken = str(ready)
+                    self._stop()
+                return
             self._finished(entry, "invalid", error=f"line {entry.line}: {ready}")
             return
         if self.stopping.is_set():

@@ -46,6 +46,7 @@ from dispatcher.progress import LiveDisplay
 from dispatcher.relays import Sender, build_router
 from dispatcher.signals import signal_handlers
 from dispatcher.sink import DEFAULT_MAILDIR, CaptureServer
+from dispatcher.templates import SETTINGS_FIELDS
 from pool import DeliveryError, PoolClosedError, RelayError, SMTPPool
 
 log = structlog.get_logger("dispatcher")
@@ -426,6 +427,9 @@ class Run:
         return _Item(number, job_id, size, outcome.outgoing, retry=retry)
 
     def _invalid(self, number: int, job_id: str | None, exc: JobError, size: int) -> None:
+        if exc.field in SETTINGS_FIELDS:  # every job would fail alike: stop, record nothing
+            self._halt(EXIT_USAGE, f"{exc}; nothing recorded, fix the configuration and run the same command")
+            return
         message = f"line {number}: {exc}"
         log.warning("job.invalid", line=number, id=job_id, field=exc.field, error=str(exc))
         self._record(number, job_id, "invalid", size, error=message)

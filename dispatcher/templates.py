@@ -51,6 +51,11 @@ class TemplateError(ValueError):
         self.message = message
 
 
+#: Fields of a job error that name a setting, not a field of the job: every job would
+#: fail alike, so ``run`` and ``worker`` stop (exit 2, nothing recorded) instead.
+SETTINGS_FIELDS = frozenset({"templates.dir"})
+
+
 @dataclass(frozen=True, slots=True)
 class Rendered:
     """A template's parts for one job; None where the file does not exist or the
@@ -342,8 +347,9 @@ class Templates:
             raise TemplateError("template", f"{name!r} is not a template name")
         if all(self._template(f"{name}.{part}") is None for part in PARTS):
             if not self.directory.is_dir():
-                raise TemplateError("template", f"the templates directory {str(self.directory)!r} does not exist "
-                                                "(templates.dir)")
+                # The configuration's fault, not the job's: the run stops (SETTINGS_FIELDS).
+                raise TemplateError("templates.dir", f"{str(self.directory)!r} does not exist (a relative "
+                                                     f"directory is taken from {str(Path.cwd())!r})")
             raise TemplateError("template", f"no template {name!r} in {self.directory} "
                                             f"({name}.subject, {name}.text or {name}.html)")
         out: dict[str, str | None] = dict.fromkeys(PARTS)

@@ -198,12 +198,22 @@ async def test_a_missing_template_is_invalid_naming_template(server: FaultyServe
     assert not server.messages
 
 
-async def test_templates_dir_that_does_not_exist_is_named(server: FaultyServer, tmp_path: Path) -> None:
+async def test_templates_dir_that_does_not_exist_stops_the_run_and_records_nothing(
+    server: FaultyServer, tmp_path: Path
+) -> None:
+    """The configuration's mistake, not the jobs': exit 2 naming templates.dir, nothing
+    recorded, so that the same command sends every job once the path is fixed."""
+    jobs = [{"id": "t", "template": "welcome", "to": ["a@example.net"]}, {"id": "u", "template": "welcome",
+                                                                       "to": ["b@example.net"]}]
     config = campaign_config(tmp_path, server, templates={"dir": "nowhere"}, jobs={"default_from": "a@example.org"})
-    code, _, rows = await run(tmp_path, [{"id": "t", "template": "welcome", "to": ["a@example.net"]}], config)
-    assert code == 1
-    assert rows["t"]["error"] == ("line 1: template: the templates directory 'nowhere' does not exist "
-                                  "(templates.dir)")
+    code, err, rows = await run(tmp_path, jobs, config)
+    assert code == 2, err
+    assert f"dispatcher: templates.dir: 'nowhere' does not exist (a relative directory is taken from {str(tmp_path)!r})" in err
+    assert rows == {} and not server.messages
+    templates(tmp_path / "nowhere", **WELCOME)
+    code, err, rows = await run(tmp_path, [{**j, "data": {"name": "N", "plan": "P"}} for j in jobs], config)
+    assert code == 0, err
+    assert {r["status"] for r in rows.values()} == {"sent"} and len(server.messages) == 2
 
 
 # -- unsubscribe ------------------------------------------------------------------

@@ -358,5 +358,5 @@ def test_a_bad_template_name_or_directory_is_one_clear_line(tmp_path: Path) -> N
         templated(template="a/../b")
     assert caught.value.errors()[0]["loc"] == ("template",)
     assert "'a/../b' is not a template name" in caught.value.errors()[0]["msg"]
-    with pytest.raises(TemplateError, match=r"^template: the templates directory .*nowhere' does not exist"):
+    with pytest.raises(TemplateError, match=r"^templates.dir: '.*nowhere' does not exist"):
         Templates(tmp_path / "nowhere").render("welcome", {})
