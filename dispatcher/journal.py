@@ -270,6 +270,7 @@ class Journal:
         # --retry-failed: id -> (state of the recipients not listed, state of those listed),
         # kept only for ids with a recipient to send again.
         self._retry: dict[str, tuple[int, dict[str, int]]] | None = {} if retry_failed else None
+        self._unsent: set[bytes] = set()  # digests of keys whose last earlier row was failed or invalid
         self.resumed = 0  # rows of earlier runs that mark an id or a line done
         self._line_keys = 0
         self._base = KeyIndex.MAX_LOCATION + 1  # below: offsets in the results file; from it: the spill
@@ -322,6 +323,11 @@ class Journal:
                 key = _key_of(row) if row is not None else None
                 if row is not None and self._retry is not None:
                     self._fold_retry(row)
+                if key is not None:  # the last row of a key says whether it was sent
+                    if row is not None and row.get("status") != "sent":
+                        self._unsent.add(hashlib.blake2b(key, digest_size=8).digest())
+                    elif self._unsent:
+                        self._unsent.discard(hashlib.blake2b(key, digest_size=8).digest())
                 if key is not None and self._index.add(key, offset):
                     self.resumed += 1
                     self._line_keys += key.startswith(b"l")
@@ -389,6 +395,16 @@ class Journal:
             return []
         rest, listed = self._retry[job_id]
         return [rcpt for rcpt in recipients if listed.get(rcpt, rest) == TRANSIENT]
+
+    def unsent_before(self, job_id: str | None, number: int) -> bool:
+        """The last result an earlier run recorded for this id (or, without one, for
+        this line) was ``failed`` or ``invalid``: skipping it now is no success (exit 1).
+        Kept as 8-byte digests of those keys only; a digest collision can only turn an
+        exit 0 into 1, never skip or send a job."""
+        if not self._unsent:
+            return False
+        key = id_key(job_id) if job_id is not None else line_key(number)
+        return hashlib.blake2b(key, digest_size=8).digest() in self._unsent
 
     def line_done(self, number: int) -> bool:
         """An earlier run recorded line ``number`` without an id."""

@@ -96,6 +96,7 @@ class Tally:
     bytes_total: int | None = None  # the jobs file's size, when it is a regular file
     jobs_read: int = 0  # lines read (blank ones apart), whatever became of them
     bytes_read: int = 0  # of the jobs file, read so far
+    unsent_before: int = 0  # skipped lines whose earlier result was failed or invalid
 
     def rate(self) -> float:
         elapsed = time.monotonic() - self.started
@@ -156,6 +157,13 @@ class Run:
                 f"cannot write the results file {self.options.results}: {exc.strerror or exc}; run stopped "
                 "(jobs without a result are sent again by the next run)") from exc
         self._count(status, size)
+
+    def _skip(self, size: int, job_id: str | None, number: int) -> None:
+        """A line an earlier run finished. If that run recorded it failed or invalid,
+        this run cannot end with "every job sent" (exit 1)."""
+        self._count("skipped", size)
+        if self.journal.unsent_before(job_id, number):
+            self.tally.unsent_before += 1
 
     def _count(self, status: str, size: int) -> None:
         self.tally.counts[status] += 1
@@ -263,10 +271,10 @@ class Run:
         counts = self.tally.counts
         elapsed = time.monotonic() - self.tally.started
         log.info("run.summary", **counts, elapsed_s=round(elapsed, 3), rate=round(self.tally.rate(), 1),
-                 stopped_by_signal=self.signalled)
+                 skipped_not_sent=self.tally.unsent_before, stopped_by_signal=self.signalled)
         if self._stop_code is not None:
             return self._stop_code
-        return EXIT_SOME_FAILED if counts["failed"] or counts["invalid"] else EXIT_OK
+        return EXIT_SOME_FAILED if counts["failed"] or counts["invalid"] or self.tally.unsent_before else EXIT_OK
 
     async def _pump(self, pool: Sender) -> None:
         # One sender per message the pool can hold (its sessions and its queue).
@@ -384,12 +392,12 @@ class Run:
         if job_id is not None:
             claim, _ = self.journal.claim(job_id, number)
             if claim is Claim.DONE:
-                self._count("skipped", size)
+                self._skip(size, job_id, number)
                 return
             if claim is Claim.DUPLICATE:
                 job_id = None
         if job_id is None and self.journal.line_done(number):
-            self._count("skipped", size)  # recorded by line number by an earlier run
+            self._skip(size, None, number)  # recorded by line number by an earlier run
             return
         self._invalid(number, job_id, exc, size)
 
@@ -399,11 +407,11 @@ class Run:
         is a ``--retry-failed`` retry of an earlier result."""
         claim, first = self.journal.claim(job_id, number)
         if claim is Claim.DONE and not self.journal.may_retry(job_id):
-            self._count("skipped", size)
+            self._skip(size, job_id, number)
             return None
         if claim is Claim.DUPLICATE:
             if self.journal.line_done(number):
-                self._count("skipped", size)
+                self._skip(size, None, number)
             else:
                 self._invalid(number, None, JobError("id", f"duplicate of line {first}'s id {job_id!r}"), size)
             return None

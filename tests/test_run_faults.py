@@ -83,7 +83,7 @@ async def test_reply_that_is_not_utf8_and_an_id_with_a_lone_surrogate_are_record
     assert invalid["status"] == "invalid" and invalid["id"] == "bad-\ud800" and invalid["line"] == 2
     raw.decode("utf-8")  # every line is valid UTF-8 JSON
     code, _, err = await dispatcher("run", str(jobs), "--config", str(config), cwd=tmp_path)
-    assert code == 0, err  # both recorded: the re-run skips them (ids matched on resume)
+    assert code == 1, err  # both recorded: the re-run skips them (ids matched on resume); one is invalid
     assert (tmp_path / "jobs.results.jsonl").read_bytes() == raw
     assert delivered_ids(server) == {"job-1": 1}
 
@@ -214,7 +214,7 @@ async def test_a_duplicate_id_never_marks_the_first_line_done(server: FaultyServ
     assert "duplicate of line 1's id 'job-x'" in row["error"]
     server.gate = None
     code, _, err = await dispatcher("run", str(jobs), "--config", str(config), cwd=tmp_path)
-    assert code == 0, err
+    assert code == 1, err  # line 1 sent now; the duplicate on line 2 never is
     rows = lines_of(tmp_path / "jobs.results.jsonl")
     assert [(r["line"], r["status"]) for r in rows] == [(2, "invalid"), (1, "sent")]
     assert [m.header("Subject") for m in server.messages] == ["message x"]
@@ -224,16 +224,16 @@ async def test_a_line_without_a_readable_id_is_recorded_once(server: FaultyServe
     jobs = write_jobs(tmp_path / "jobs.jsonl", [
         job(1), "not json", {"from": "a@example.org"}, job(2, id=""), {"id": "y" * 2000}, job(1)])
     config = write_config(tmp_path / "c.yaml", server)
-    for expected in (1, 0):
+    for _ in range(2):  # the re-run records nothing again, and still says not everything was sent
         code, _, err = await dispatcher("run", str(jobs), "--config", str(config), cwd=tmp_path)
-        assert code == expected, err
+        assert code == 1, err
     rows = lines_of(tmp_path / "jobs.results.jsonl")
     assert sorted(r["line"] for r in rows) == [1, 2, 3, 4, 5, 6]
     assert all(r["id"] is None for r in rows if r["line"] != 1)
     # A line fixed since is judged by its id, not skipped by its number.
     write_jobs(jobs, [job(1), job("fixed"), {"from": "a@example.org"}, job(2, id=""), {"id": "y" * 2000}, job(1)])
     code, _, err = await dispatcher("run", str(jobs), "--config", str(config), cwd=tmp_path)
-    assert code == 0, err
+    assert code == 1, err  # lines 3-6 are still invalid
     assert [(r["line"], r["status"]) for r in lines_of(tmp_path / "jobs.results.jsonl")[6:]] == [(2, "sent")]
     assert sorted(delivered_ids(server)) == ["job-1", "job-fixed"]
 
@@ -479,11 +479,12 @@ async def test_retry_failed_sends_only_the_transiently_refused_recipients_again(
     accepted_before = sorted(r for m in server.messages for r in m.rcpt_tos)
     # Without the flag a re-run sends nothing; with it, only the 4xx recipients, once.
     code, _, err = await dispatcher("run", str(jobs), "--config", str(config), cwd=tmp_path)
-    assert code == 0 and sorted(r for m in server.messages for r in m.rcpt_tos) == accepted_before
+    assert code == 1 and sorted(r for m in server.messages for r in m.rcpt_tos) == accepted_before
     del server.faults.rcpt["busy@example.net"]
     count = len(server.messages)
     code, _, err = await dispatcher("run", str(jobs), "--config", str(config), "--retry-failed", cwd=tmp_path)
-    assert code == 0, err
+    assert code == 1, err  # job-permanent failed for good: the batch is not all sent
+    assert '"skipped_not_sent": 1' in err
     retried = sorted((m.header("X-Job-Id"), tuple(m.rcpt_tos)) for m in server.messages[count:])
     assert retried == [("job-partial", ("busy@example.net",)), ("job-transient", ("busy@example.net",))]
     rows = results(tmp_path / "jobs.results.jsonl")[4:]
@@ -491,7 +492,7 @@ async def test_retry_failed_sends_only_the_transiently_refused_recipients_again(
         ("job-partial", "sent", ("busy@example.net",)), ("job-transient", "sent", ("busy@example.net",))]
     # Everything is accepted or refused permanently now: nothing left to retry.
     code, _, err = await dispatcher("run", str(jobs), "--config", str(config), "--retry-failed", cwd=tmp_path)
-    assert code == 0, err
+    assert code == 1, err
     assert len(server.messages) == count + 2 and len(results(tmp_path / "jobs.results.jsonl")) == 6
 
 
