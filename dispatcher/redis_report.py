@@ -25,10 +25,13 @@ class Status:
     consumers: list[dict[str, Any]] = field(default_factory=list)  # name, pending, idle_s
     dead: int = 0
     finished_last_minute: int = 0
+    window_s: int = 60  # seconds of the last minute since the first job finished in it
 
     @property
     def rate(self) -> float:
-        return self.finished_last_minute / 60.0
+        """Jobs finished per second over the last minute, or since the first of them
+        finished when that was less than a minute ago (a run seconds old is not /60)."""
+        return self.finished_last_minute / max(1, self.window_s)
 
     def as_dict(self) -> dict[str, Any]:
         return {"stream": self.stream, "group": self.group, "enqueued": self.enqueued, "rejected": self.rejected,
@@ -49,7 +52,8 @@ class Status:
         lines += [f"  {c['name']}: {c['pending']} pending, idle {c['idle_s']:.1f} s" for c in self.consumers]
         lines += [
             f"dead: {self.dead}",
-            f"rate: {self.rate:.1f}/s over the last minute ({self.finished_last_minute} finished)",
+            f"rate: {self.rate:.1f}/s over the last "
+            f"{'minute' if self.window_s >= 60 else f'{self.window_s} s'} ({self.finished_last_minute} finished)",
         ]
         return "\n".join(lines) + "\n"
 
@@ -82,6 +86,8 @@ async def status(redis: Redis, keys: Keys, group: str) -> Status:
     now = int((await redis.time())[0])
     counts = await redis.mget([f"{keys.finished}:{second}" for second in range(now - 59, now + 1)])
     result.finished_last_minute = sum(int(c) for c in counts if c is not None)
+    first = next((i for i, c in enumerate(counts) if c is not None and int(c)), None)
+    result.window_s = 60 - first if first is not None else 60
     return result
 
 

@@ -504,6 +504,10 @@ async def test_rate_limit_holds_across_three_workers(
     # Any two seconds (arrival times carry this loop's scheduling jitter): per worker it would be 3 x.
     busiest = max(sum(1 for t in arrivals if start <= t < start + 2.0) for start in arrivals)
     assert busiest <= 2 * rate * 1.1 + 2, busiest
+    # `status` reports the rate of a run seconds old as that rate, not as n / 60.
+    report = await status(url)
+    assert report["finished_last_minute"] == n
+    assert rate * 0.6 <= report["rate_per_s"] <= rate * 1.2, report
 
 
 async def test_redis_restart_mid_run_loses_nothing(
