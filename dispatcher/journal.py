@@ -57,8 +57,9 @@ class KeyIndex:
     back: ``resolve(location)`` returns the key stored there. A lookup confirms every
     digest match by reading the key back, so two keys that share a digest are never
     taken for one another; it only costs a read. Linear probing, at most half full:
-    8 to 16 bytes per key. The home slot is taken from the stored bits, so the table
-    grows without reading keys back, up to 2**28 slots (134 million keys).
+    16 to 32 bytes per key (8-byte slots, a half to a quarter of them used). The home
+    slot is taken from the stored bits, so the table grows without reading keys back,
+    up to 2**28 slots (134 million keys).
     """
 
     HASH_BITS = 28
@@ -187,7 +188,7 @@ class _Spill:
 
 
 class IdSet:
-    """A set of job ids that keeps 8-16 bytes per id in memory (``KeyIndex``) and the
+    """A set of job ids that keeps 16-32 bytes per id in memory (``KeyIndex``) and the
     ids themselves in a temporary file, so a digest collision is detected, never
     taken for a duplicate."""
 
@@ -259,7 +260,7 @@ class Journal:
     """Appends results; knows which ids and lines a previous run already finished, and
     which ids this run has seen (``claim``).
 
-    Memory: one ``KeyIndex`` for both, 8-16 bytes per id (plus 8-16 per line recorded
+    Memory: one ``KeyIndex`` for both, 16-32 bytes per id (plus 16-32 per line recorded
     without an id). The index confirms a digest match by re-reading the key: from the
     results file (ids of earlier runs, by offset) or from a temporary file holding the
     ids first seen in this run (about 13 bytes plus the id's length each).
