@@ -69,3 +69,36 @@ def write_jobs(path: Path, count: int, text_size: int = 1700, html: bool = False
         out.write("".join(chunk))
     os.replace(tmp, path)
     return path
+
+
+def write_templated_jobs(directory: Path, count: int, text_size: int = 1700) -> tuple[Path, Path]:
+    """``count`` templated jobs (``{"id", "template", "to", "data"}``) and the templates
+    directory they name: a subject and a ~2 KB text with three variables, the same size
+    as ``write_jobs``'s messages. Returns (jobs file, templates directory)."""
+    templates = directory / "templates"
+    templates.mkdir(parents=True, exist_ok=True)
+    (templates / "bench.subject").write_text("Benchmark job for {{ name }}\n")
+    body = _text(text_size - 80).replace("\r\n", "\n")
+    (templates / "bench.text").write_text("Hello {{ name }},\n\n" + body + "\nYour plan: {{ plan }} (job {{ id }}).\n")
+    path = directory / "templated.jsonl"
+    with path.open("w", encoding="ascii") as out:
+        chunk: list[str] = []
+        for i in range(count):
+            chunk.append(f'{{"id": "job-{i}", "template": "bench", "to": ["user{i % 1000}@example.net"], '
+                         f'"data": {{"name": "User {i}", "plan": "pro"}}}}\n')
+            if len(chunk) == 10_000:
+                out.write("".join(chunk))
+                chunk.clear()
+        out.write("".join(chunk))
+    return path, templates
+
+
+def write_dkim_key(path: Path) -> Path:
+    """A 2048-bit RSA key (PEM), as a DKIM signer would use."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return path
