@@ -86,18 +86,26 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-async def test_kill_9_mid_run_leaves_no_compose_process_and_the_rerun_is_not_locked_out(
-    server: FaultyServer, tmp_path: Path
-) -> None:
-    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(3000)])
+async def mid_run(server: FaultyServer, tmp_path: Path, count: int) -> tuple[Path, Path, Any, int]:
+    """A run with a compose process, its first messages held on the wire by the server's
+    gate: (jobs, config, the run's process, the compose process's pid)."""
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(count)])
     config = write_config(tmp_path / "c.yaml", server)
-    server.gate = asyncio.Event()  # the first messages stay on the wire: the run is mid-way
+    server.gate = asyncio.Event()
     proc = await spawn("run", str(jobs), "--config", str(config), "--compose-process", "--no-progress",
                        cwd=tmp_path)
     await server.wait_for(lambda: server.data_started >= 1, timeout=20)
     (child,) = children_of(proc.pid)
+    return jobs, config, proc, child
+
+
+async def test_kill_9_mid_run_leaves_no_compose_process_and_the_rerun_is_not_locked_out(
+    server: FaultyServer, tmp_path: Path
+) -> None:
+    jobs, config, proc, child = await mid_run(server, tmp_path, 3000)
     proc.kill()
     await proc.wait()
+    assert server.gate is not None
     server.gate.set()
     # The child dies on its next write to the broken pipe.
     async with asyncio.timeout(10):
@@ -110,14 +118,9 @@ async def test_kill_9_mid_run_leaves_no_compose_process_and_the_rerun_is_not_loc
 
 
 async def test_sigint_stops_the_run_and_its_compose_process(server: FaultyServer, tmp_path: Path) -> None:
-    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(3000)])
-    config = write_config(tmp_path / "c.yaml", server)
-    server.gate = asyncio.Event()
-    proc = await spawn("run", str(jobs), "--config", str(config), "--compose-process", "--no-progress",
-                       cwd=tmp_path)
-    await server.wait_for(lambda: server.data_started >= 1, timeout=20)
-    (child,) = children_of(proc.pid)
+    _, _, proc, child = await mid_run(server, tmp_path, 3000)
     proc.send_signal(signal.SIGINT)
+    assert server.gate is not None
     server.gate.set()
     code, err = await finish(proc)
     assert code == 130, err
@@ -126,14 +129,9 @@ async def test_sigint_stops_the_run_and_its_compose_process(server: FaultyServer
 
 
 async def test_a_compose_process_that_dies_stops_the_run_with_one_line(server: FaultyServer, tmp_path: Path) -> None:
-    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(5000)])
-    config = write_config(tmp_path / "c.yaml", server)
-    server.gate = asyncio.Event()
-    proc = await spawn("run", str(jobs), "--config", str(config), "--compose-process", "--no-progress",
-                       cwd=tmp_path)
-    await server.wait_for(lambda: server.data_started >= 1, timeout=20)
-    (child,) = children_of(proc.pid)
+    _, _, proc, child = await mid_run(server, tmp_path, 5000)
     os.kill(child, signal.SIGKILL)
+    assert server.gate is not None
     server.gate.set()
     code, err = await finish(proc)
     assert code == 2, err
