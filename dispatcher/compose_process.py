@@ -25,6 +25,7 @@ from typing import Any
 
 from dispatcher.compose import Composer, Invalid, Ready
 from dispatcher.jobs import JobError, LineSplitter, Outgoing
+from pool import Envelope, prepare
 
 READ_CHUNK = 1 << 18
 BATCH_LINES = 64
@@ -198,13 +199,19 @@ def _close_inherited(keep: set[int]) -> None:
 def _encode(number: int, size: int, outcome: Ready | Invalid) -> tuple[Any, ...]:
     if isinstance(outcome, Ready):
         o = outcome.outgoing
-        return (number, size, outcome.job_id, o.message, o.sender, o.recipients, o.prepared)
+        try:  # what SMTPPool.submit would do first, done here: the loop process only sends
+            e = prepare(o.message, sender=o.sender, recipients=o.recipients, prepared=o.prepared)
+        except ValueError as exc:
+            outcome = Invalid(number, JobError("", str(exc), outcome.job_id), parsed=True)
+        else:
+            return (number, size, outcome.job_id, e.sender, e.recipients, e.content, e.message_id, e.all_ascii)
     error = outcome.error
-    return (number, size, None, error.field, str(error), error.job_id, outcome.parsed)
+    return (number, size, None, error.field, str(error), error.job_id, outcome.parsed, None)
 
 
 def _decode(item: tuple[Any, ...]) -> Composed:
-    number, size, job_id, a, b, c, d = item
+    number, size, job_id, a, b, c, d, e = item
     if job_id is not None:
-        return number, size, Ready(number, job_id, Outgoing(a, b, c, prepared=d))
+        envelope = Envelope(a, b, c, d, e)
+        return number, size, Ready(number, job_id, Outgoing(b"", a, list(b), prepared=True, envelope=envelope))
     return number, size, Invalid(number, JobError.restore(a, b, c), parsed=d)

@@ -28,6 +28,7 @@ from pydantic import (
 
 from dispatcher.mime import MessageError, build_message
 from dispatcher.templates import TemplatedJob
+from pool import Envelope
 
 #: Longer lines are rejected without being held in memory.
 MAX_LINE_BYTES = 16 * 1024 * 1024
@@ -357,6 +358,7 @@ class Outgoing:
     sender: str
     recipients: list[str]
     prepared: bool = False  # CRLF only and CRLF-terminated (dispatcher.mime, DKIM): see SMTPPool.submit
+    envelope: Envelope | None = None  # made ahead by pool.prepare (the compose process): submit it as it is
 
 
 def build(job: Job) -> Outgoing:

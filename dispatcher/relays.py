@@ -12,7 +12,7 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry
 
 from dispatcher.config import Settings, relay_kwargs
-from pool import SendResult, SMTPPool, SMTPRouter
+from pool import Envelope, SendResult, SMTPPool, SMTPRouter
 
 
 class Sender(Protocol):
@@ -28,7 +28,7 @@ class Sender(Protocol):
 
     async def submit(
         self,
-        message: Message | bytes | str,
+        message: Message | bytes | str | Envelope,
         *,
         sender: str | None = None,
         recipients: list[str] | tuple[str, ...] | None = None,

@@ -48,6 +48,7 @@ from dispatcher.signals import signal_handlers
 from dispatcher.sink import DEFAULT_MAILDIR, CaptureServer
 from dispatcher.templates import SETTINGS_FIELDS
 from pool import DeliveryError, PoolClosedError, RelayError, SMTPPool
+from pool.envelope import for_recipients
 
 log = structlog.get_logger("dispatcher")
 
@@ -477,8 +478,12 @@ class Run:
         started = time.monotonic()
         retried = recipients if item.retry else None
         try:
-            result = await pool.submit(outgoing.message, sender=outgoing.sender, recipients=recipients,
-                                       prepared=outgoing.prepared)
+            if outgoing.envelope is not None:  # prepared by the compose process
+                envelope = outgoing.envelope if not item.retry else for_recipients(outgoing.envelope, recipients)
+                result = await pool.submit(envelope)
+            else:
+                result = await pool.submit(outgoing.message, sender=outgoing.sender, recipients=recipients,
+                                           prepared=outgoing.prepared)
         except DeliveryError as exc:
             self._record(number, job_id, "failed", size, attempts=exc.attempts, code=exc.code,
                          response=exc.response, refused=_refusals(exc.refused), error=str(exc),

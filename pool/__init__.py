@@ -2,6 +2,7 @@
 
 from typing import TYPE_CHECKING, Any
 
+from pool.envelope import Envelope, prepare
 from pool.errors import DeliveryError, PoolClosedError, PoolError, RelayError
 from pool.pool import SMTPPool
 from pool.results import SendResult
@@ -10,8 +11,8 @@ from pool.router import SMTPRouter
 if TYPE_CHECKING:
     from pool.dkim import DKIMSigner
 
-__all__ = ["DKIMSigner", "DeliveryError", "PoolClosedError", "PoolError", "RelayError", "SMTPPool", "SMTPRouter",
-           "SendResult"]
+__all__ = ["DKIMSigner", "DeliveryError", "Envelope", "PoolClosedError", "PoolError", "RelayError", "SMTPPool",
+           "SMTPRouter", "SendResult", "prepare"]
 
 
 def __getattr__(name: str) -> Any:

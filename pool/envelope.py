@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +63,28 @@ def wire_content(message: bytes, *, prepared: bool = False) -> bytes:
     if b"\n." in message:
         message = message.replace(b"\r\n.", b"\r\n..")
     return message + END_OF_DATA
+
+
+def prepare(
+    message: EmailMessage | Message | bytes | str,
+    *,
+    sender: str | None = None,
+    recipients: list[str] | tuple[str, ...] | None = None,
+    prepared: bool = False,
+) -> Envelope:
+    """What ``SMTPPool.submit`` does to a message before queueing it, done ahead (in
+    another thread or process): the checked envelope and the wire-ready content.
+    ``submit(envelope)`` then sends it as it is. Raises ValueError on bad input."""
+    return build_envelope(message, sender, recipients, prepared=prepared)
+
+
+def for_recipients(envelope: Envelope, recipients: list[str] | tuple[str, ...]) -> Envelope:
+    """The same message for some of its recipients (say, those to try again)."""
+    wanted = tuple(dict.fromkeys(recipients))
+    unknown = set(wanted) - set(envelope.recipients)
+    if unknown or not wanted:
+        raise ValueError("recipients: not a subset of the envelope's recipients")
+    return dataclasses.replace(envelope, recipients=wanted)
 
 
 def _header_message_id(raw: bytes) -> str | None:

@@ -296,7 +296,7 @@ class SMTPPool:
 
     async def submit(
         self,
-        message: Message | bytes | str,
+        message: Message | bytes | str | Envelope,
         *,
         sender: str | None = None,
         recipients: list[str] | tuple[str, ...] | None = None,
@@ -309,9 +309,17 @@ class SMTPPool:
         once for bad input. Waits while the queue is full. ``prepared=True`` says that
         ``message`` (bytes) has CRLF line endings only and ends with one, as
         ``dispatcher.mime`` builds it: it is not scanned for bare line ends again.
+        ``message`` may also be an ``Envelope`` that ``pool.prepare`` made ahead, off
+        the event loop (then without ``sender`` and ``recipients``).
         """
-        sign = self.dkim.sign if self.dkim is not None else None
-        envelope = build_envelope(message, sender, recipients, sign=sign, prepared=prepared)
+        if isinstance(message, Envelope):  # prepared ahead (pool.prepare): sent as it is
+            if sender is not None or recipients is not None or self.dkim is not None:
+                raise ValueError("an Envelope carries its own sender and recipients, and is sent unsigned: "
+                                 "sign the message before pool.prepare")
+            envelope = message
+        else:
+            sign = self.dkim.sign if self.dkim is not None else None
+            envelope = build_envelope(message, sender, recipients, sign=sign, prepared=prepared)
         self._check_open()
         self._start()
         loop = asyncio.get_running_loop()

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
+from pool.envelope import Envelope, for_recipients
 from pool.errors import DeliveryError, Refusals, RelayError
 from pool.pool import SMTPPool
 from pool.results import SendResult
@@ -88,7 +89,7 @@ class SMTPRouter:
 
     async def submit(
         self,
-        message: Message | bytes | str,
+        message: Message | bytes | str | Envelope,
         *,
         sender: str | None = None,
         recipients: list[str] | tuple[str, ...] | None = None,
@@ -124,7 +125,10 @@ class SMTPRouter:
                 last = exc
                 if exc.refused:
                     earlier.update(exc.refused)
-                    recipients = list(exc.recipients)
+                    if isinstance(message, Envelope):
+                        message = for_recipients(message, exc.recipients)
+                    else:
+                        recipients = list(exc.recipients)
                 continue
             except DeliveryError as exc:
                 exc.relay = name  # refused by this relay: final, never re-sent elsewhere

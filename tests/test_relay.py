@@ -437,8 +437,9 @@ async def test_a_worker_that_dies_fails_what_it_holds(server: FaultyServer) -> N
     assert server.messages == []
 
 
-async def test_router_never_sends_a_permanently_refused_recipient_through_another_relay() -> None:
-    from pool import SMTPRouter
+@pytest.mark.parametrize("prepared", [False, True], ids=["bytes", "envelope"])
+async def test_router_never_sends_a_permanently_refused_recipient_through_another_relay(prepared: bool) -> None:
+    from pool import SMTPRouter, prepare
 
     async with FaultyServer() as backup:
         first = await FaultyServer().start()
@@ -449,8 +450,11 @@ async def test_router_never_sends_a_permanently_refused_recipient_through_anothe
         router = SMTPRouter({"first": SMTPPool("127.0.0.1", first.port, **kw),
                              "backup": SMTPPool("127.0.0.1", backup.port, **kw)}, weights={"first": 100, "backup": 1})
         async with asyncio.timeout(15), router:
-            send = asyncio.create_task(router.submit(b"Subject: x\r\n\r\nhi", sender="a@example.org",
-                                                     recipients=["bad@example.net", "slow@example.net"]))
+            envelope = {"sender": "a@example.org", "recipients": ["bad@example.net", "slow@example.net"]}
+            if prepared:  # an Envelope is narrowed to the recipients left, not sent with its own
+                send = asyncio.create_task(router.submit(prepare(b"Subject: x\r\n\r\nhi", **envelope)))  # type: ignore[arg-type]
+            else:
+                send = asyncio.create_task(router.submit(b"Subject: x\r\n\r\nhi", **envelope))  # type: ignore[arg-type]
             while not (first.sessions and first.sessions[0].commands.count("RCPT") >= 2):
                 await asyncio.sleep(0.005)  # the record has no event for a refused RCPT
             await first.stop()  # the first relay goes down while slow@ backs off
@@ -529,3 +533,22 @@ async def test_a_username_for_a_relay_without_auth_is_a_permanent_session_failur
     assert raised.value.transient is False
     assert "does not offer AUTH" in str(raised.value) and "secret" not in str(raised.value)
     assert len(server.sessions) == 1  # one try, not one per message or per probe
+
+
+async def test_a_message_prepared_ahead_is_sent_as_it_is(server: FaultyServer, mode: str) -> None:
+    """``pool.prepare`` does submit's checks and wire conversion ahead (the compose
+    process of `dispatcher run` does it off the event loop); ``submit(envelope)``."""
+    from pool import Envelope, prepare
+
+    raw = b"From: a@example.org\nSubject: prepared\nMessage-ID: <p1@test.local>\n\n.a dot first\nbye\n"
+    envelope = prepare(raw, sender="a@example.org", recipients=["b@example.net", "c@example.net", "b@example.net"])
+    assert isinstance(envelope, Envelope) and envelope.recipients == ("b@example.net", "c@example.net")
+    with pytest.raises(ValueError, match="recipients"):
+        prepare(raw, sender="a@example.org", recipients=["evil@example.net>\r\nRCPT TO:<x@y"])
+    async with SMTPPool(**options(server, mode)) as pool:
+        result = await pool.submit(envelope)
+        with pytest.raises(ValueError, match="carries its own sender"):
+            await pool.submit(envelope, recipients=["b@example.net"])
+    assert result.message_id == "<p1@test.local>" and sorted(result.accepted) == ["b@example.net", "c@example.net"]
+    (message,) = server.messages
+    assert message.content.replace(b"\r\n", b"\n").endswith(b"\n.a dot first\nbye\n")  # un-stuffed by the server
