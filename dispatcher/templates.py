@@ -25,6 +25,7 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 import jinja2
+import structlog
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import new_context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -426,6 +427,11 @@ class Unsubscribe:
         """None when the section sets neither url nor mailto."""
         if settings.url is None and settings.mailto is None:
             return None
+        if settings.url is not None and not settings.url.strip().lower().startswith("https://"):
+            # RFC 8058 one-click needs https: Gmail and Yahoo show no unsubscribe button then.
+            structlog.get_logger("dispatcher").warning(
+                "unsubscribe.not_https", detail="unsubscribe.url is not an https URL: messages get no "
+                "List-Unsubscribe-Post (one-click, RFC 8058)")
         return cls(url=settings.url, mailto=settings.mailto)
 
     def headers(self, context: Mapping[str, Any]) -> dict[str, str]:

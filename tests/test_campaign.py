@@ -262,6 +262,8 @@ async def test_one_click_only_with_an_https_url(server: FaultyServer, tmp_path: 
     assert (msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click") is one_click
     if not one_click:
         assert msg["List-Unsubscribe-Post"] is None
+    # A URL that cannot give one-click is said once at start, not silently lost.
+    assert ("unsubscribe.not_https" in err) is ("url" in unsubscribe and not one_click), err
 
 
 async def test_an_unsubscribe_url_too_long_for_a_header_line_is_invalid(server: FaultyServer, tmp_path: Path) -> None:
