@@ -41,7 +41,8 @@ class MetricsError(Exception):
 
 class RunMetrics(Collector):
     """``dispatcher_jobs_total{status}``, ``dispatcher_jobs_read_total``,
-    ``dispatcher_input_bytes_read`` and ``dispatcher_input_bytes_total`` of one run.
+    ``dispatcher_input_bytes_read``, ``dispatcher_input_bytes_done`` and
+    ``dispatcher_input_bytes_total`` of one run.
 
     ``dispatcher_input_bytes_total`` is the jobs file's size; it is left out when
     the size is unknown (standard input, a pipe), so that no progress is made up."""
@@ -67,6 +68,10 @@ class RunMetrics(Collector):
                                   value=None if empty else c.jobs_read)
         yield GaugeMetricFamily("dispatcher_input_bytes_read", "Bytes of the jobs file read so far.",
                                 value=None if empty else c.bytes_read)
+        # Read runs ahead of done by what the pool holds (and what a compose process has
+        # read ahead): progress and an ETA are truest on the bytes of the jobs ended.
+        yield GaugeMetricFamily("dispatcher_input_bytes_done", "Bytes of the jobs file whose jobs have ended.",
+                                value=None if empty else c.bytes_done)
         total = GaugeMetricFamily("dispatcher_input_bytes_total",
                                   "Size of the jobs file in bytes (absent when unknown: standard input, a pipe).")
         if not empty and c.bytes_total is not None:

@@ -41,6 +41,7 @@ NEW_METRICS = {  # SPEC section 4 "Also", by type
     "dispatcher_jobs": "counter",
     "dispatcher_jobs_read": "counter",
     "dispatcher_input_bytes_read": "gauge",
+    "dispatcher_input_bytes_done": "gauge",
     "dispatcher_input_bytes_total": "gauge",
 }
 
@@ -335,6 +336,7 @@ async def test_live_scrape_has_every_new_metric_moving_and_every_name_deploy_use
     read_first = value(first, "dispatcher_jobs_read_total")
     assert 2 <= read_first < 100
     assert 0 < value(first, "dispatcher_input_bytes_read") < size
+    assert value(first, "dispatcher_input_bytes_done") == 0  # nothing has ended: the gate holds the first two
 
     # Let the two messages at the gate through, and hold the next ones again.
     server.gate.set()
@@ -346,6 +348,7 @@ async def test_live_scrape_has_every_new_metric_moving_and_every_name_deploy_use
     assert value(second, "dispatcher_jobs_read_total") >= read_first + 2
     assert value(second, "smtp_pool_transaction_seconds_count") >= 2
     assert value(second, "smtp_pool_replies_total", code="250") >= 2
+    assert 0 < value(second, "dispatcher_input_bytes_done") <= value(second, "dispatcher_input_bytes_read")
 
     server.gate.set()
     result = await run
@@ -354,6 +357,7 @@ async def test_live_scrape_has_every_new_metric_moving_and_every_name_deploy_use
     assert value(final, "dispatcher_jobs_total", status="sent") == 300
     assert value(final, "dispatcher_jobs_read_total") == 300
     assert value(final, "dispatcher_input_bytes_read") == size == value(final, "dispatcher_input_bytes_total")
+    assert value(final, "dispatcher_input_bytes_done") == size
     assert value(final, "smtp_pool_transaction_seconds_count") == 300
     assert value(final, "smtp_pool_replies_total", code="250") >= 300
     assert all(s.labels.get("code", "250").isdigit() and len(s.labels.get("code", "250")) == 3
