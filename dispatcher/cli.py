@@ -43,8 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="send again the recipients whose last result was a transient failure (4xx, "
                           "lost connection, timeout); never those accepted or refused permanently")
     run.add_argument("--compose-process", action=argparse.BooleanOptionalAction, default=None,
-                     help="read, validate and build the jobs in a second process (default: when JOBS is a "
-                          "file and this process may use more than one core)")
+                     help="read, validate and build the jobs in a second process, for a JOBS that is a "
+                          "regular file (default: when this process may use more than one core)")
     run.add_argument("--attachments-root", type=Path, metavar="DIR",
                      help="attachment paths must stay inside DIR (default: jobs.attachments_root, "
                           "else the jobs file's directory)")

@@ -21,10 +21,12 @@ import pickle
 import signal
 import struct
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from dispatcher.compose import Composer, Invalid, Ready
-from dispatcher.jobs import JobError, LineSplitter, Outgoing
+from dispatcher.jobs import JobError, Line, LineSplitter, Outgoing
+from dispatcher.journal import Journal
 from pool import Envelope, prepare
 
 READ_CHUNK = 1 << 18
@@ -38,8 +40,16 @@ class ComposeProcessError(Exception):
     """The compose process ended before the last job (a bug, or it was killed)."""
 
 
-#: One line's outcome: (line number, bytes of the line, Ready | Invalid).
-Composed = tuple[int, int, Ready | Invalid]
+@dataclass(frozen=True, slots=True)
+class Done:
+    """A line whose id an earlier run finished: parsed, not composed."""
+
+    line: int
+    job_id: str
+
+
+#: One line's outcome: (line number, bytes of the line, Ready | Invalid | Done).
+Composed = tuple[int, int, Ready | Invalid | Done]
 
 
 def usable(jobs_fd_is_regular: bool) -> bool:
@@ -54,7 +64,7 @@ def usable(jobs_fd_is_regular: bool) -> bool:
 class ComposeProcess:
     """A forked child composing the lines of ``fd``; ``outcomes()`` yields them in order."""
 
-    def __init__(self, composer: Composer, fd: int) -> None:
+    def __init__(self, composer: Composer, fd: int, journal: Journal) -> None:
         read_end, write_end = os.pipe()
         try:
             import fcntl
@@ -62,12 +72,17 @@ class ComposeProcess:
             fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
         except (ImportError, OSError):
             pass  # the default 64 KiB pipe works, a little slower
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read_end)
+            os.close(write_end)
+            raise  # the caller composes in-process; fd is still its own
         if pid == 0:  # the child: never returns
             status = 1
             try:
                 os.close(read_end)
-                _child(composer, fd, write_end)
+                _child(composer, fd, write_end, journal)
                 status = 0
             finally:
                 os._exit(status)
@@ -89,6 +104,7 @@ class ComposeProcess:
             if kind == "B":
                 yield frame[1], [_decode(item) for item in frame[2]]
             elif kind == "E":
+                self._reap(wait=False)  # it is exiting: no zombie for the rest of the run
                 yield frame[1], []
                 return
             elif kind == "O":
@@ -125,24 +141,26 @@ class ComposeProcess:
                 pass
             self._reap()
 
-    def _reap(self) -> int:
+    def _reap(self, *, wait: bool = True) -> int | None:
         if self._status is None:
             try:
-                _, status = os.waitpid(self.pid, 0)
-                self._status = os.waitstatus_to_exitcode(status)
+                pid, status = os.waitpid(self.pid, 0 if wait else os.WNOHANG)
             except ChildProcessError:
                 self._status = -1
+            else:
+                if pid:
+                    self._status = os.waitstatus_to_exitcode(status)
         return self._status
 
 
-def _child(composer: Composer, fd: int, out: int) -> None:
+def _child(composer: Composer, fd: int, out: int, journal: Journal) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C, and then kills us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a service manager's stop, too: the run ends us
     try:
         signal.set_wakeup_fd(-1)  # the parent's event loop's: never write into it
     except ValueError:
         pass
-    _close_inherited({fd, out, 0, 1, 2})
+    _close_inherited({fd, out, 0, 1, 2, journal.reader_fd()})
 
     def send(frame: tuple[Any, ...]) -> None:
         data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
@@ -163,9 +181,9 @@ def _child(composer: Composer, fd: int, out: int) -> None:
                 return
             read += len(chunk)
             for line in splitter.feed(chunk) if chunk else splitter.end():
-                item = _encode(line.number, line.size, composer.compose(line))
+                item = _compose(composer, journal, line)
                 batch.append(item)
-                held += line.size
+                held += line.size + (len(item[5]) if isinstance(item[5], bytes) else 0)
                 if len(batch) >= BATCH_LINES or held >= BATCH_BYTES:
                     send(("B", read, batch))
                     batch, held = [], 0
@@ -196,6 +214,23 @@ def _close_inherited(keep: set[int]) -> None:
                 pass
 
 
+def _compose(composer: Composer, journal: Journal, line: Line) -> tuple[Any, ...]:
+    """One line's item. A job an earlier run finished is not rendered, read or
+    signed again (the journal as loaded when the child was forked says so): it goes
+    back parsed only, for the parent to skip as it always does."""
+    try:
+        job = composer.parse(line)
+    except JobError as exc:
+        return _encode(line.number, line.size, Invalid(line.number, exc, parsed=False))
+    if journal.done_earlier(job.id):
+        return (line.number, line.size, job.id, None, None, None, None, None)
+    try:
+        outcome: Ready | Invalid = Ready(line.number, job.id, composer.finish(job))
+    except JobError as exc:
+        outcome = Invalid(line.number, exc, parsed=True)
+    return _encode(line.number, line.size, outcome)
+
+
 def _encode(number: int, size: int, outcome: Ready | Invalid) -> tuple[Any, ...]:
     if isinstance(outcome, Ready):
         o = outcome.outgoing
@@ -211,6 +246,8 @@ def _encode(number: int, size: int, outcome: Ready | Invalid) -> tuple[Any, ...]
 
 def _decode(item: tuple[Any, ...]) -> Composed:
     number, size, job_id, a, b, c, d, e = item
+    if job_id is not None and a is None:  # done by an earlier run: not composed
+        return number, size, Done(number, job_id)
     if job_id is not None:
         envelope = Envelope(a, b, c, d, e)
         return number, size, Ready(number, job_id, Outgoing(b"", a, list(b), prepared=True, envelope=envelope))

@@ -407,6 +407,18 @@ class Journal:
         key = id_key(job_id) if job_id is not None else line_key(number)
         return hashlib.blake2b(key, digest_size=8).digest() in self._unsent
 
+    def done_earlier(self, job_id: str) -> bool:
+        """An earlier run recorded ``job_id``, and ``--retry-failed`` leaves none of its
+        recipients to send: a line with it needs no composing. Reads only (the index as
+        loaded, the results file through its own descriptor), so a forked compose
+        process may ask it too."""
+        location = self._index.get(id_key(job_id))
+        return location is not None and location < self._base and not self.may_retry(job_id)
+
+    def reader_fd(self) -> int:
+        """The results file's read-only descriptor (it holds no lock)."""
+        return self._reader
+
     def line_done(self, number: int) -> bool:
         """An earlier run recorded line ``number`` without an id."""
         return self._line_keys > 0 and self._index.get(line_key(number)) is not None

@@ -35,7 +35,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from dispatcher.compose import AnyJob, Composer, Invalid, Ready
-from dispatcher.compose_process import ComposeProcess, ComposeProcessError
+from dispatcher.compose_process import ComposeProcess, ComposeProcessError, Done
 from dispatcher.compose_process import usable as compose_process_usable
 from dispatcher.config import Settings, pool_kwargs
 from dispatcher.jobs import JobError, Line, LineSplitter, Outgoing
@@ -206,10 +206,15 @@ class Run:
         except BaseException:
             os.close(fd)
             raise
+        # Only for a regular file: a pipe or terminal is read line by line as it comes.
         wanted = self.options.compose_process
-        if wanted or (wanted is None and compose_process_usable(stat.S_ISREG(mode))):
-            self._composing = ComposeProcess(self.composer, fd)  # it owns fd now
-            fd = self._composing.fileno()
+        if stat.S_ISREG(mode) and (wanted or (wanted is None and compose_process_usable(True))):
+            try:
+                self._composing = ComposeProcess(self.composer, fd, self.journal)  # it owns fd now
+            except OSError as exc:  # fork refused (memory, process limit): compose here
+                log.warning("run.compose_process_unavailable", error=str(exc))
+            else:
+                fd = self._composing.fileno()
         self._source = _ChunkReader(fd)
 
     async def execute(self) -> int:
@@ -418,10 +423,14 @@ class Run:
             return None
         return claim is Claim.DONE
 
-    def _admit_composed(self, number: int, size: int, outcome: Ready | Invalid) -> _Item | None:
+    def _admit_composed(self, number: int, size: int, outcome: Ready | Invalid | Done) -> _Item | None:
         """``_admit`` for a line the compose process already composed: the same claims,
         in the same order, with the same results (a composed job that failed after
         parsing is judged by its id first, as ``_admit`` does before finishing it)."""
+        if isinstance(outcome, Done):  # an earlier run's: skipped, or a duplicate of this file
+            if self._claim(number, outcome.job_id, size) is not None:
+                raise RuntimeError(f"line {number}: the compose process took id {outcome.job_id!r} for done")
+            return None
         if isinstance(outcome, Invalid) and not outcome.parsed:
             self._admit_unparsed(number, size, outcome.error)
             return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import signal
 from pathlib import Path
@@ -139,3 +140,49 @@ async def test_a_compose_process_that_dies_stops_the_run_with_one_line(server: F
     rows = lines_of(tmp_path / "jobs.results.jsonl")
     assert {r["status"] for r in rows} <= {"sent"}  # what was sent is recorded; the rest is for the next run
     assert len(rows) == len(set(delivered_ids(server)))
+
+
+def summary(err: str) -> dict[str, Any]:
+    return next(json.loads(line) for line in err.splitlines() if '"run.summary"' in line)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_rerun_does_not_compose_the_lines_an_earlier_run_finished(
+    server: FaultyServer, tmp_path: Path, mode: str
+) -> None:
+    """Done lines are skipped before they are rendered, read or signed, in the compose
+    process too (it asks the journal as loaded): a finished batch with big attachments
+    resumes in no time, not in seconds and a gigabyte."""
+    attachment = tmp_path / "report.pdf"
+    attachment.write_bytes(b"x" * 1024)
+    count = 150
+    jobs = write_jobs(tmp_path / "jobs.jsonl",
+                      [job(i, attachments=[{"filename": "report.pdf", "path": "report.pdf"}]) for i in range(count)])
+    config = write_config(tmp_path / "c.yaml", server)
+    code, _, err = await dispatcher("run", str(jobs), "--config", str(config), mode, "--no-progress", cwd=tmp_path)
+    assert code == 0, err
+    attachment.write_bytes(os.urandom(4 << 20))  # regenerated since: irrelevant to a batch all done
+    code, _, err = await dispatcher("run", str(jobs), "--config", str(config), mode, "--no-progress", cwd=tmp_path)
+    assert code == 0, err
+    assert len(server.messages) == count and len(lines_of(tmp_path / "jobs.results.jsonl")) == count
+    done = summary(err)
+    assert done["skipped"] == count
+    assert done["elapsed_s"] < 2.0, f"{mode}: {done['elapsed_s']} s to skip {count} done lines"
+
+
+async def test_jobs_on_standard_input_are_composed_as_they_come_even_when_asked_for_a_process(
+    server: FaultyServer, tmp_path: Path
+) -> None:
+    """A pipe is read line by line in-process: a compose process would hold a slow
+    producer's line until a batch fills."""
+    config = write_config(tmp_path / "c.yaml", server)
+    proc = await spawn("run", "-", "--config", str(config), "--results", "out.jsonl", "--compose-process",
+                       "--no-progress", cwd=tmp_path, stdin=asyncio.subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write((json.dumps(job(1)) + "\n").encode())
+    await proc.stdin.drain()
+    await server.wait_for(lambda: len(server.messages) >= 1, timeout=10)
+    proc.stdin.close()
+    code, err = await finish(proc)
+    assert code == 0, err
+    assert [r["status"] for r in lines_of(tmp_path / "out.jsonl")] == ["sent"]
