@@ -168,15 +168,19 @@ def _child(composer: Composer, fd: int, out: int, journal: Journal) -> None:
         while view:
             view = view[os.write(out, view):]  # BrokenPipeError when the parent is gone: we end
 
+    # What is composed goes out before any error: in-process, the lines before a failed
+    # read or a bug are handled too.
+    batch: list[tuple[Any, ...]] = []
+    read = 0
     try:
         splitter = LineSplitter()
-        read = 0
-        batch: list[tuple[Any, ...]] = []
         held = 0
         while True:
             try:
                 chunk = os.read(fd, READ_CHUNK)
             except OSError as exc:
+                if batch:
+                    send(("B", read, batch))
                 send(("O", exc.errno, exc.strerror or str(exc)))
                 return
             read += len(chunk)
@@ -196,6 +200,8 @@ def _child(composer: Composer, fd: int, out: int, journal: Journal) -> None:
         return
     except Exception as exc:  # noqa: BLE001  # a bug: say so, the parent stops the run with it
         try:
+            if batch:
+                send(("B", read, batch))
             send(("X", f"{type(exc).__name__}: {exc}"))
         except OSError:
             pass
