@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -94,8 +95,8 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"dispatcher: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except ValidationError as exc:
-        print(f"dispatcher: bad option: {describe_errors(exc)}", file=sys.stderr)
+    except ValidationError as exc:  # the file was valid alone: a flag's value is wrong
+        print(f"dispatcher: bad option: {_name_flags(describe_errors(exc))}", file=sys.stderr)
         return EXIT_USAGE
     if args.jobs == "-" and args.results is None:
         print("dispatcher: --results is required when JOBS is - (standard input)", file=sys.stderr)
@@ -196,6 +197,17 @@ def _campaign_lines(settings: Settings) -> list[str]:
         lines.append(f"dkim: {signer.algorithm} for {signer.domain}; publish this TXT record at {signer.dns_name}:")
         lines.append(f"  {signer.dns_record()}")
     return lines
+
+
+_FLAGS = {"pool.size": "--size", "pool.rate_limit": "--rate", "metrics.port": "--metrics-port",
+          "metrics.address": "--metrics-address", "metrics.textfile": "--metrics-textfile"}
+
+
+def _name_flags(text: str) -> str:
+    """``--size (pool.size): ...`` for the settings a flag overrides."""
+    for key, flag in _FLAGS.items():
+        text = re.sub(rf"(?<![\w.])((?:relays\.\d+\.)?{re.escape(key)}):", rf"{flag} (\1):", text)
+    return text
 
 
 def _port(text: str) -> int:

@@ -527,3 +527,11 @@ async def test_sink_refuses_a_port_out_of_range(tmp_path: Path) -> None:
     code, _, err = await dispatcher("sink", "--port", "99999", "--maildir", str(tmp_path / "box"), cwd=tmp_path)
     assert code == 2 and "99999 is not a port number" in err, err
     assert not (tmp_path / "box").exists()
+
+
+async def test_a_bad_flag_value_names_the_flag(tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(1)])
+    for flag, value, said in (("--size", "0", "--size (pool.size): "), ("--rate", "-1", "--rate (pool.rate_limit): ")):
+        code, _, err = await dispatcher("run", str(jobs), flag, value, cwd=tmp_path)
+        assert code == 2 and err.strip().startswith(f"dispatcher: bad option: {said}"), err
+        assert not (tmp_path / "jobs.results.jsonl").exists()
