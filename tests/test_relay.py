@@ -552,3 +552,23 @@ async def test_a_message_prepared_ahead_is_sent_as_it_is(server: FaultyServer, m
     assert result.message_id == "<p1@test.local>" and sorted(result.accepted) == ["b@example.net", "c@example.net"]
     (message,) = server.messages
     assert message.content.replace(b"\r\n", b"\n").endswith(b"\n.a dot first\nbye\n")  # un-stuffed by the server
+
+
+async def test_a_message_moved_to_another_relay_counts_its_time_on_the_first() -> None:
+    """SPEC: SendResult.elapsed is submit to result, through every relay tried."""
+    from pool import SMTPRouter
+
+    async with FaultyServer() as backup:
+        from test_dispatcher import free_port
+
+        router = SMTPRouter({"down": SMTPPool("127.0.0.1", free_port(), size=1, relay_down_timeout=0.5,
+                                              backoff_base=0.05, backoff_max=0.1, timeout=2),
+                             "backup": SMTPPool(**options(backup, "pipelined"))},
+                            weights={"down": 100, "backup": 1})
+        async with asyncio.timeout(10), router:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            result = await router.submit(make_message(1))  # "down" first: weight 100 to 1
+            waited = loop.time() - started
+    assert result.relay == "backup"
+    assert result.elapsed >= 0.5 and result.elapsed == pytest.approx(waited, abs=0.05), (result.elapsed, waited)
