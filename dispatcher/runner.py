@@ -129,6 +129,7 @@ class Run:
         self._composing: ComposeProcess | None = None  # the compose stage's own process, when there is one
         self._said: set[str] = set()
         self._unrecorded: list[str] = []  # ids delivered whose result could not be written
+        self._announce: list[tuple[str, dict[str, Any]]] = []  # logged once the display is up
         if options.jobs == "-":
             self.base = Path.cwd()
         else:
@@ -230,7 +231,7 @@ class Run:
                                                    self.registry)
                 except MetricsError as exc:
                     raise RunError(str(exc)) from None
-                log.info("run.metrics", url=metrics_server.url)
+                self._announce.append(("run.metrics", {"url": metrics_server.url}))
             if self.settings.smtp is None and not self.settings.relays:
                 sink = await CaptureServer(maildir=self.options.maildir).start()
                 print(
@@ -247,8 +248,8 @@ class Run:
                 kwargs = pool_kwargs(self.settings) if sink is None else _local_kwargs(self.settings, sink.port)
                 self.pool = SMTPPool(**kwargs, registry=self.registry)
                 where = {"host": kwargs["hostname"], "port": kwargs["port"]}
-            log.info("run.start", jobs=self.options.jobs, results=str(self.options.results), **where,
-                     size=self.pool.size, resumed=self.journal.resumed)
+            self._announce.append(("run.start", {"jobs": self.options.jobs, "results": str(self.options.results),
+                                                 **where, "size": self.pool.size, "resumed": self.journal.resumed}))
             with self._signals():
                 await self._pump(self.pool)
         finally:
@@ -286,6 +287,9 @@ class Run:
         # One sender per message the pool can hold (its sessions and its queue).
         self._room = asyncio.Semaphore(pool.size + pool.queue_size)
         progress = asyncio.create_task(self._progress())
+        await asyncio.sleep(0)  # the live display is up: these lines go above it, wrapped to the terminal
+        for event, fields in self._announce:
+            log.info(event, **fields)
         try:
             async with asyncio.TaskGroup() as group:
                 reader = group.create_task(self._read(pool, group))

@@ -202,6 +202,9 @@ async def test_display_fits_the_terminal_and_log_lines_print_above_it(
     lines = screen.lines()
     assert not screen.unknown, screen.unknown
     assert not [row for row in screen.wrapped if "msg/s" in row or "━" in row or "sent " in row], screen.wrapped
+    # The lines of the start, logged once the display is up, are wrapped by it at a space,
+    # never cut by the terminal inside a word.
+    assert "run.start" in output and not [row for row in screen.wrapped if "run.start" in row], screen.wrapped
     drawn = [i for i, line in enumerate(lines) if "msg/s" in line]
     assert len(drawn) == 1, "\n".join(lines)  # redraws in place: no copy scrolled up
     final = lines[drawn[0]: drawn[0] + 2]
