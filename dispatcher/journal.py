@@ -271,7 +271,7 @@ class Journal:
         # --retry-failed: id -> (state of the recipients not listed, state of those listed),
         # kept only for ids with a recipient to send again.
         self._retry: dict[str, tuple[int, dict[str, int]]] | None = {} if retry_failed else None
-        self._unsent: set[bytes] = set()  # digests of keys whose last earlier row was failed or invalid
+        self._unsent: set[int] = set()  # digests of keys whose last earlier row was failed or invalid
         self.resumed = 0  # rows of earlier runs that mark an id or a line done
         self._line_keys = 0
         self._base = KeyIndex.MAX_LOCATION + 1  # below: offsets in the results file; from it: the spill
@@ -326,9 +326,9 @@ class Journal:
                     self._fold_retry(row)
                 if key is not None:  # the last row of a key says whether it was sent
                     if row is not None and row.get("status") != "sent":
-                        self._unsent.add(hashlib.blake2b(key, digest_size=8).digest())
+                        self._unsent.add(_digest(key))
                     elif self._unsent:
-                        self._unsent.discard(hashlib.blake2b(key, digest_size=8).digest())
+                        self._unsent.discard(_digest(key))
                 if key is not None and self._index.add(key, offset):
                     self.resumed += 1
                     self._line_keys += key.startswith(b"l")
@@ -404,8 +404,7 @@ class Journal:
         exit 0 into 1, never skip or send a job."""
         if not self._unsent:
             return False
-        key = id_key(job_id) if job_id is not None else line_key(number)
-        return hashlib.blake2b(key, digest_size=8).digest() in self._unsent
+        return _digest(id_key(job_id) if job_id is not None else line_key(number)) in self._unsent
 
     def done_earlier(self, job_id: str) -> bool:
         """An earlier run recorded ``job_id``, and ``--retry-failed`` leaves none of its
