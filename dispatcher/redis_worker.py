@@ -386,10 +386,7 @@ class Worker:
         assert self.pool is not None
         if isinstance(ready, JobError):
             if ready.field in SETTINGS_FIELDS:  # this worker's configuration: hand the job back, stop
-                self._settle(b"R", entry)
-                if self.broken is None:
-                    self.broken = str(ready)
-                    self._stop()
+                self._give_up(entry, str(ready))
                 return
             self._finished(entry, "invalid", error=f"line {entry.line}: {ready}")
             return
@@ -417,16 +414,22 @@ class Worker:
         except PoolClosedError:
             self._settle(b"R", entry)  # never on the wire: the next claim sends it
         except PoolError as exc:  # the pool stopped on an internal error: hand the job back, stop
-            self._settle(b"R", entry)
             if self.broken is None:
-                self.broken = str(exc)
                 log.error("worker.pool_failed", error=str(exc))
-                self._stop()
+            self._give_up(entry, str(exc))
         except ValueError as exc:
             self._finished(entry, "invalid", error=f"line {entry.line}: {exc}")
         else:
             self._finished(entry, "sent", attempts=result.attempts, code=result.code, response=result.response,
                            refused=_refusals(result.refused), elapsed_ms=round(result.elapsed * 1000, 1))
+
+    def _give_up(self, entry: Entry, why: str) -> None:
+        """This worker cannot send (its configuration, or its pool failed): the job goes
+        back to the stream for another worker, and this one stops (exit 2)."""
+        self._settle(b"R", entry)
+        if self.broken is None:
+            self.broken = why
+            self._stop()
 
     def _finished(self, entry: Entry, status: str, **fields: Any) -> None:
         setattr(self.counts, status, getattr(self.counts, status) + 1)
