@@ -16,9 +16,10 @@ read or signed again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from pydantic import ValidationError
 
@@ -48,6 +49,14 @@ class Ready:
     line: int
     job_id: str
     outgoing: Outgoing
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """A line whose id an earlier run finished: parsed, not composed (``compose(done=)``)."""
+
+    line: int
+    job_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +92,21 @@ class Composer:
         self.unsubscribe = Unsubscribe.from_settings(settings.unsubscribe)
         self.signer = DKIMSigner.from_settings(settings.dkim) if sign and settings.dkim is not None else None
 
-    def compose(self, line: Line) -> Ready | Invalid:
-        """Everything: line -> Ready or Invalid. Never raises for what a line holds."""
+    @overload
+    def compose(self, line: Line) -> Ready | Invalid: ...
+    @overload
+    def compose(self, line: Line, done: Callable[[str], bool]) -> Ready | Invalid | Done: ...
+
+    def compose(self, line: Line, done: Callable[[str], bool] | None = None) -> Ready | Invalid | Done:
+        """Everything: line -> Ready or Invalid. Never raises for what a line holds.
+        ``done(id)`` true: an earlier run finished the job, which is then not rendered,
+        read or signed again (``Done``)."""
         try:
             job = self.parse(line)
         except JobError as exc:
             return Invalid(line.number, exc, parsed=False)
+        if done is not None and done(job.id):
+            return Done(line.number, job.id)
         try:
             return Ready(line.number, job.id, self.finish(job))
         except JobError as exc:

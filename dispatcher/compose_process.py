@@ -21,11 +21,10 @@ import pickle
 import signal
 import struct
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
-from dispatcher.compose import Composer, Invalid, Ready
-from dispatcher.jobs import JobError, Line, LineSplitter, Outgoing
+from dispatcher.compose import Composer, Done, Invalid, Ready
+from dispatcher.jobs import JobError, LineSplitter, Outgoing
 from dispatcher.journal import Journal
 from pool import Envelope, prepare
 
@@ -36,29 +35,23 @@ PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: a few batches in flight, so neither side wa
 _F_SETPIPE_SZ = 1031
 _HEAD = struct.Struct("<I")
 
+
 class ComposeProcessError(Exception):
     """The compose process ended before the last job (a bug, or it was killed)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Done:
-    """A line whose id an earlier run finished: parsed, not composed."""
-
-    line: int
-    job_id: str
 
 
 #: One line's outcome: (line number, bytes of the line, Ready | Invalid | Done).
 Composed = tuple[int, int, Ready | Invalid | Done]
 
 
-def usable(jobs_fd_is_regular: bool) -> bool:
-    """A second process pays off: the jobs are a regular file and we may use 2+ cores."""
+def usable() -> bool:
+    """A second process pays off: this process may use 2+ cores (the caller checks that
+    the jobs are a regular file)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return jobs_fd_is_regular and cores > 1
+    return cores > 1
 
 
 class ComposeProcess:
@@ -185,7 +178,9 @@ def _child(composer: Composer, fd: int, out: int, journal: Journal) -> None:
                 return
             read += len(chunk)
             for line in splitter.feed(chunk) if chunk else splitter.end():
-                item = _compose(composer, journal, line)
+                # A job an earlier run finished is not composed again (the journal as
+                # loaded when this process was forked says which).
+                item = _encode(line.number, line.size, composer.compose(line, journal.done_earlier))
                 batch.append(item)
                 held += line.size + (len(item[5]) if isinstance(item[5], bytes) else 0)
                 if len(batch) >= BATCH_LINES or held >= BATCH_BYTES:
@@ -220,24 +215,9 @@ def _close_inherited(keep: set[int]) -> None:
                 pass
 
 
-def _compose(composer: Composer, journal: Journal, line: Line) -> tuple[Any, ...]:
-    """One line's item. A job an earlier run finished is not rendered, read or
-    signed again (the journal as loaded when the child was forked says so): it goes
-    back parsed only, for the parent to skip as it always does."""
-    try:
-        job = composer.parse(line)
-    except JobError as exc:
-        return _encode(line.number, line.size, Invalid(line.number, exc, parsed=False))
-    if journal.done_earlier(job.id):
-        return (line.number, line.size, job.id, None, None, None, None, None)
-    try:
-        outcome: Ready | Invalid = Ready(line.number, job.id, composer.finish(job))
-    except JobError as exc:
-        outcome = Invalid(line.number, exc, parsed=True)
-    return _encode(line.number, line.size, outcome)
-
-
-def _encode(number: int, size: int, outcome: Ready | Invalid) -> tuple[Any, ...]:
+def _encode(number: int, size: int, outcome: Ready | Invalid | Done) -> tuple[Any, ...]:
+    if isinstance(outcome, Done):  # parsed, not composed: the parent skips it as it always does
+        return (number, size, outcome.job_id, None, None, None, None, None)
     if isinstance(outcome, Ready):
         o = outcome.outgoing
         try:  # what SMTPPool.submit would do first, done here: the loop process only sends

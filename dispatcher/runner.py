@@ -34,8 +34,8 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from dispatcher.compose import AnyJob, Composer, Invalid, Ready
-from dispatcher.compose_process import ComposeProcess, ComposeProcessError, Done
+from dispatcher.compose import AnyJob, Composer, Done, Invalid, Ready
+from dispatcher.compose_process import ComposeProcess, ComposeProcessError
 from dispatcher.compose_process import usable as compose_process_usable
 from dispatcher.config import Settings, pool_kwargs
 from dispatcher.jobs import JobError, Line, LineSplitter, Outgoing
@@ -209,7 +209,7 @@ class Run:
             raise
         # Only for a regular file: a pipe or terminal is read line by line as it comes.
         wanted = self.options.compose_process
-        if stat.S_ISREG(mode) and (wanted or (wanted is None and compose_process_usable(True))):
+        if stat.S_ISREG(mode) and (wanted or (wanted is None and compose_process_usable())):
             try:
                 self._composing = ComposeProcess(self.composer, fd, self.journal)  # it owns fd now
             except OSError as exc:  # fork refused (memory, process limit): compose here
@@ -330,8 +330,10 @@ class Run:
                 await self._read_composed(pool, group)
             else:
                 await self._read_lines(pool, group)
-        except (_ResultsUnwritable, ComposeProcessError) as exc:
-            self._halt(EXIT_ERROR, f"{exc}; run stopped" if isinstance(exc, ComposeProcessError) else str(exc))
+        except _ResultsUnwritable as exc:
+            self._halt(EXIT_ERROR, str(exc))
+        except ComposeProcessError as exc:
+            self._halt(EXIT_ERROR, f"{exc}; run stopped")
         except OSError as exc:
             self._halt(EXIT_ERROR, f"{self.options.jobs}: cannot read the jobs file: {exc.strerror or exc}")
         except Exception as exc:  # a bug: stop the run, never hang
