@@ -13,11 +13,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dispatcher import redis_cli
 from dispatcher.config import ConfigError, Settings, describe_errors, load_settings, with_pool_overrides
 from dispatcher.journal import default_results_path
 from dispatcher.logs import configure_logging, protect_stderr
 from dispatcher.runner import EXIT_OK, EXIT_SIGNAL, EXIT_USAGE, RunError, RunOptions
+from dispatcher.stream import commands as stream_commands
 
 # argparse exits with 2 on a usage error, as SPEC section 2 wants.
 
@@ -58,12 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file", type=Path)
 
-    # SPEC section 5: jobs on a Redis Stream (dispatcher/redis_cli.py).
+    # SPEC section 5: jobs on a Redis Stream (dispatcher/stream/commands.py).
     for name, text in (("enqueue", "validate a jobs file and append its jobs to a Redis stream"),
                        ("worker", "send the jobs of a Redis stream, in its consumer group"),
                        ("status", "what a Redis stream holds: enqueued, done, pending, dead, rate"),
                        ("results", "write the results of a Redis stream to stdout (results file format)")):
-        redis_cli.add_arguments(name, commands.add_parser(name, help=text))
+        stream_commands.add_arguments(name, commands.add_parser(name, help=text))
     return parser
 
 
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     protect_stderr()  # a closed or full stderr drops log lines; it never stops a command
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    handlers = {"run": _run, "sink": _sink, "check-config": _check_config, **redis_cli.HANDLERS}
+    handlers = {"run": _run, "sink": _sink, "check-config": _check_config, **stream_commands.HANDLERS}
     return handlers[args.command](args)
 
 

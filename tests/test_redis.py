@@ -20,8 +20,10 @@ import redis.asyncio as aioredis
 from redisserver import RedisServer, free_port, require_redis
 from smtpserver import FaultyServer
 
-from dispatcher import redis_report, redis_store
-from dispatcher.redis_enqueue import Enqueuer
+from dispatcher.stream import keys as stream_keys
+from dispatcher.stream import report as redis_report
+from dispatcher.stream import store as redis_store
+from dispatcher.stream.enqueue import Enqueuer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -155,7 +157,7 @@ async def status(url: str, cwd: Path | None = None) -> dict[str, Any]:
         return dict(json.loads(out))
     client = redis_store.client(url)
     try:
-        return (await redis_report.status(client, redis_store.Keys(redis_store.DEFAULT_STREAM), "dispatcher")).as_dict()
+        return (await redis_report.status(client, stream_keys.Keys(stream_keys.DEFAULT_STREAM), "dispatcher")).as_dict()
     finally:
         await client.aclose()
 
@@ -168,7 +170,7 @@ async def results(url: str, cwd: Path | None = None) -> list[dict[str, Any]]:
     client = redis_store.client(url)
     buffer = io.BytesIO()
     try:
-        await redis_report.write_results(client, redis_store.Keys(redis_store.DEFAULT_STREAM), buffer)
+        await redis_report.write_results(client, stream_keys.Keys(stream_keys.DEFAULT_STREAM), buffer)
     finally:
         await client.aclose()
     return [json.loads(line) for line in buffer.getvalue().splitlines()]
@@ -178,7 +180,7 @@ async def enqueue(url: str, jobs: Path) -> None:
     client = redis_store.client(url)
     try:
         with jobs.open("rb") as stream:
-            counts = await Enqueuer(client, redis_store.Keys(redis_store.DEFAULT_STREAM), "dispatcher").enqueue(stream)
+            counts = await Enqueuer(client, stream_keys.Keys(stream_keys.DEFAULT_STREAM), "dispatcher").enqueue(stream)
     finally:
         await client.aclose()
     assert counts.rejected == 0

@@ -8,7 +8,7 @@ from typing import IO, Any
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from dispatcher.redis_store import Keys
+from dispatcher.stream.keys import Keys
 
 RESULTS_CHUNK = 1000
 

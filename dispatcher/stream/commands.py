@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from dispatcher.config import ConfigError, Settings, load_settings
+from dispatcher.exit import ExitCode
 from dispatcher.logs import configure_logging
-
-EXIT_OK, EXIT_SOME_INVALID, EXIT_USAGE, EXIT_SIGNAL = 0, 1, 2, 130
 
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
@@ -54,18 +53,19 @@ def _settings(args: argparse.Namespace, command: str) -> tuple[Settings, str, st
         settings = load_settings(args.config) if args.config else Settings()
     except ConfigError as exc:
         print(f"dispatcher {command}: config error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     url = args.redis or settings.redis.url
     if not url:
         print(f"dispatcher {command}: --redis URL is required (or redis.url in --config)", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     return settings, url, args.stream or settings.redis.stream
 
 
 def _run(command: str, args: argparse.Namespace,
          body: Callable[[Any, Any, Settings, str], Awaitable[int]]) -> int:
     """Connect (exit 2 with one line naming the URL when Redis cannot be used), then run."""
-    from dispatcher.redis_store import Keys, RedisUnavailable, check, client
+    from dispatcher.stream.keys import Keys
+    from dispatcher.stream.store import RedisUnavailable, check, client
 
     prepared = _settings(args, command)
     if isinstance(prepared, int):
@@ -85,43 +85,43 @@ def _run(command: str, args: argparse.Namespace,
         return _loop_runner()(main())
     except RedisUnavailable as exc:
         print(f"dispatcher {command}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except KeyboardInterrupt:
-        return EXIT_SIGNAL
+        return ExitCode.SIGNAL
 
 
 def enqueue(args: argparse.Namespace) -> int:
     from dispatcher.compose import Composer
-    from dispatcher.redis_enqueue import Enqueuer, open_jobs
+    from dispatcher.stream.enqueue import Enqueuer, open_jobs
 
     if args.jobs != "-" and not Path(args.jobs).is_file():
         print(f"dispatcher enqueue: {args.jobs}: no such jobs file", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
 
     async def body(redis: Any, keys: Any, settings: Settings, url: str) -> int:
         try:
             stream = open_jobs(args.jobs)
         except OSError as exc:
             print(f"dispatcher enqueue: {args.jobs}: {exc.strerror or exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return ExitCode.USAGE
         here = Path.cwd()
         try:
             composer = Composer(settings, base_dir=here, attachments_root=here, sign=False)
         except ValueError as exc:
             stream.close()
             print(f"dispatcher enqueue: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return ExitCode.USAGE
         with stream:
             counts = await Enqueuer(redis, keys, settings.redis.group, composer).enqueue(stream)
         print(f"dispatcher enqueue: {counts.added} jobs added to {keys.stream}, {counts.rejected} invalid "
               f"(in {keys.results}), {counts.already} already enqueued", file=sys.stderr)
-        return EXIT_SOME_INVALID if counts.rejected else EXIT_OK
+        return ExitCode.FAILED if counts.rejected else ExitCode.OK
 
     return _run("enqueue", args, body)
 
 
 def worker(args: argparse.Namespace) -> int:
-    from dispatcher.redis_worker import (
+    from dispatcher.stream.worker import (
         Worker,
         WorkerOptions,
         default_claim_after,
@@ -146,7 +146,7 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    from dispatcher.redis_report import status as read_status
+    from dispatcher.stream.report import status as read_status
 
     async def body(redis: Any, keys: Any, settings: Settings, url: str) -> int:
         report = await read_status(redis, keys, settings.redis.group)
@@ -154,21 +154,21 @@ def status(args: argparse.Namespace) -> int:
             sys.stdout.write(json.dumps(report.as_dict()) + "\n")
         else:
             sys.stdout.write(report.render())
-        return EXIT_OK
+        return ExitCode.OK
 
     return _run("status", args, body)
 
 
 def results(args: argparse.Namespace) -> int:
-    from dispatcher.redis_report import write_results
+    from dispatcher.stream.report import write_results
 
     async def body(redis: Any, keys: Any, settings: Settings, url: str) -> int:
         try:
             await write_results(redis, keys, sys.stdout.buffer)
             sys.stdout.flush()
         except BrokenPipeError:
-            return EXIT_OK  # `dispatcher results | head`
-        return EXIT_OK
+            return ExitCode.OK  # `dispatcher results | head`
+        return ExitCode.OK
 
     return _run("results", args, body)
 

@@ -22,7 +22,9 @@ from redis.asyncio import Redis
 from dispatcher.compose import Composer, reads_files
 from dispatcher.jobs import JobError, Line, parse_line, read_lines
 from dispatcher.journal import IdSet
-from dispatcher.redis_store import ENQUEUE, Keys, ensure_group, result_row, retrying
+from dispatcher.stream.keys import Keys
+from dispatcher.stream.scripts import ENQUEUE
+from dispatcher.stream.store import ensure_group, result_row, retrying
 from dispatcher.templates import TemplatedJob
 
 log = structlog.get_logger("dispatcher.enqueue")

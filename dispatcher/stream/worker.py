@@ -40,30 +40,20 @@ from redis.asyncio import Redis
 
 from dispatcher.compose import Composer, Ready
 from dispatcher.config import Settings
+from dispatcher.exit import ExitCode
 from dispatcher.jobs import JobError, Line, Outgoing
-from dispatcher.redis_ratelimit import RedisRateLimiter
-from dispatcher.redis_store import (
-    FORGET,
-    PRUNE,
-    SETTLE,
-    TAKE,
-    TOUCH,
-    Keys,
-    Stopped,
-    ensure_group,
-    redact,
-    result_row,
-    retrying,
-)
 from dispatcher.signals import signal_handlers
 from dispatcher.sink import DEFAULT_MAILDIR, CaptureServer
+from dispatcher.stream.keys import Keys
+from dispatcher.stream.ratelimit import RedisRateLimiter
+from dispatcher.stream.scripts import FORGET, PRUNE, SETTLE, TAKE, TOUCH
+from dispatcher.stream.store import Stopped, ensure_group, redact, result_row, retrying
 from dispatcher.templates import SETTINGS_FIELDS
 from pool import DeliveryError, PoolClosedError, PoolError, RelayError, SMTPPool
 from pool.config import SMTPSettings
 
 log = structlog.get_logger("dispatcher.worker")
 
-EXIT_OK, EXIT_USAGE, EXIT_RELAY_DOWN, EXIT_SIGNAL = 0, 2, 3, 130
 MAX_BATCH = 256  # entries per read or claim, and settles per script call
 COMMITS = 4  # settle scripts in flight at once
 PRUNE_EVERY = 60.0
@@ -186,13 +176,13 @@ class Worker:
             # Not silently the capture server: a worker sends through one relay (smtp:).
             print("dispatcher worker: relays: is not supported by workers yet; give each worker one smtp: relay",
                   file=sys.stderr)
-            return 2
+            return ExitCode.USAGE
         root = self.options.attachments_root
         try:  # the compose stage of `run`: templates, unsubscribe headers, DKIM, attachments under root
             self.composer = Composer(settings, base_dir=root, attachments_root=root)
         except ValueError as exc:
             print(f"dispatcher worker: {exc}", file=sys.stderr)
-            return 2
+            return ExitCode.USAGE
         try:
             if settings.smtp is None:
                 sink = await CaptureServer(maildir=self.options.maildir).start()
@@ -231,14 +221,14 @@ class Worker:
         log.info("worker.summary", consumer=self.consumer, **self.counts.as_dict(),
                  elapsed_s=round(time.monotonic() - self._ticks.started, 3), stopped_by_signal=self.signalled)
         if self.signalled:
-            return EXIT_SIGNAL
+            return ExitCode.SIGNAL
         if self.fatal is not None:
             print(f"dispatcher worker: relay {self.fatal.relay}: {self.fatal}", file=sys.stderr)
-            return EXIT_RELAY_DOWN if self.fatal.transient else EXIT_USAGE
+            return ExitCode.RELAY_DOWN if self.fatal.transient else ExitCode.USAGE
         if self.broken is not None:
             print(f"dispatcher worker: stopped: {self.broken} (its jobs were handed back)", file=sys.stderr)
-            return EXIT_USAGE
-        return EXIT_OK
+            return ExitCode.USAGE
+        return ExitCode.OK
 
     async def _run(self) -> None:
         assert self.pool is not None

@@ -6,7 +6,8 @@ import asyncio
 
 from redis.asyncio import Redis
 
-from dispatcher.redis_store import RATE, retrying
+from dispatcher.stream.scripts import RATE
+from dispatcher.stream.store import retrying
 
 
 class RedisRateLimiter:

@@ -1,0 +1,185 @@
+"""The Lua scripts that make each step on the stream atomic.
+
+Each runs atomically in Redis and, with AOF on, is persisted whole: a result is never
+recorded without its id being marked done and its entry acknowledged, nor the reverse.
+Every script is idempotent: a script whose reply was lost to a dropped connection can
+be run again without recording or sending anything twice.
+"""
+
+#: ARGV: rows of (kind, key, mark_id, line, payload). kind J: a job (key: its id, in
+#: the ids hash, with its line); I: an invalid line whose id is its own (the same, and
+#: the id is marked done); L: an invalid line keyed by line number and digest (lines
+#: set). A row whose key is already there adds nothing. Returns {added, rejected, already}.
+ENQUEUE = """
+local added, rejected, already = 0, 0, 0
+for i = 1, #ARGV, 5 do
+  local kind, key, id, line, payload = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
+  local new
+  if kind == 'L' then
+    new = redis.call('SADD', KEYS[4], key)
+  else
+    new = redis.call('HSETNX', KEYS[3], key, line)
+  end
+  if new == 1 then
+    if kind == 'J' then
+      redis.call('XADD', KEYS[1], '*', 'id', id, 'line', line, 'job', payload)
+      added = added + 1
+    else
+      redis.call('XADD', KEYS[2], '*', 'r', payload)
+      if id ~= '' then redis.call('HSETNX', KEYS[5], id, 'invalid') end
+      rejected = rejected + 1
+    end
+  else
+    already = already + 1
+  end
+end
+if added > 0 then redis.call('HINCRBY', KEYS[6], 'enqueued', added) end
+if rejected > 0 then
+  redis.call('HINCRBY', KEYS[6], 'rejected', rejected)
+  redis.call('HINCRBY', KEYS[6], 'invalid', rejected)
+end
+return {added, rejected, already}
+"""
+
+#: ARGV: group, consumer, release_idle_ms, then rows of (kind, entry, id, status, payload).
+#: F: finished — record the result unless the id is already done, then XACK and XDEL
+#: (status '' acknowledges an id found done). D: deferred (a transient failure) — keep
+#: it pending and remember why. R: released (never sent) — still ours? then make it look
+#: idle so that the next claim takes it at once. Returns the number newly done.
+SETTLE = """
+local group, consumer = ARGV[1], ARGV[2]
+local finished = 0
+for i = 4, #ARGV, 5 do
+  local kind, entry, id, status, payload = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
+  if kind == 'F' then
+    if status ~= '' and redis.call('HSETNX', KEYS[3], id, status) == 1 then
+      redis.call('XADD', KEYS[2], '*', 'r', payload)
+      redis.call('HINCRBY', KEYS[4], status, 1)
+      finished = finished + 1
+    end
+    redis.call('HDEL', KEYS[5], id)
+    redis.call('XACK', KEYS[1], group, entry)
+    redis.call('XDEL', KEYS[1], entry)
+  elseif kind == 'D' then
+    redis.call('HSET', KEYS[5], id, payload)
+  elseif kind == 'R' then
+    local p = redis.call('XPENDING', KEYS[1], group, entry, entry, 1)
+    if p[1] and p[1][2] == consumer then
+      redis.call('XCLAIM', KEYS[1], group, consumer, 0, entry, 'IDLE', ARGV[3], 'JUSTID')
+    end
+  end
+end
+if finished > 0 then
+  local key = KEYS[6] .. ':' .. redis.call('TIME')[1]
+  redis.call('INCRBY', key, finished)
+  redis.call('EXPIRE', key, 120)
+end
+return finished
+"""
+
+#: ARGV: group, consumer, mode, min_idle_ms, count, max_deliveries, start.
+#: mode 'own': this consumer's pending entries after ``start`` (a restarted worker takes
+#: them back); 'idle': XAUTOCLAIM of anyone's entries idle longer than min_idle_ms.
+#: An entry now delivered more than max_deliveries times goes to the dead stream with
+#: its last error, and is acknowledged. Returns {next start ('' when done), {{entry id,
+#: fields, deliveries}, ...}}.
+TAKE = """
+local stream, group, consumer, mode = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local count, max = tonumber(ARGV[5]), tonumber(ARGV[6])
+local claimed, out, nextid = {}, {}, ''
+if mode == 'own' then
+  local pending = redis.call('XPENDING', stream, group, ARGV[7], '+', count, consumer)
+  for _, p in ipairs(pending) do
+    local got = redis.call('XCLAIM', stream, group, consumer, 0, p[1])
+    if got[1] then
+      claimed[#claimed + 1] = {got[1], p[4] + 1}
+    else
+      redis.call('XACK', stream, group, p[1])
+    end
+    nextid = '(' .. p[1]
+  end
+  if #pending < count then nextid = '' end
+else
+  local r = redis.call('XAUTOCLAIM', stream, group, consumer, ARGV[4], ARGV[7], 'COUNT', count)
+  nextid = r[1]
+  if nextid == '0-0' then nextid = '' end
+  for _, entry in ipairs(r[2]) do
+    local p = redis.call('XPENDING', stream, group, entry[1], entry[1], 1)
+    claimed[#claimed + 1] = {entry, p[1][4]}
+  end
+end
+for _, c in ipairs(claimed) do
+  local entry, n = c[1], c[2]
+  if n > max then
+    local f = {}
+    for j = 1, #entry[2], 2 do f[entry[2][j]] = entry[2][j + 1] end
+    local id = f['id'] or ''
+    local reason = redis.call('HGET', KEYS[3], id)
+    if not reason then
+      reason = 'delivered ' .. (n - 1) .. ' times without a result (its worker stopped or died while sending it)'
+    end
+    redis.call('XADD', KEYS[2], '*', 'id', id, 'line', f['line'] or '', 'job', f['job'] or '',
+               'reason', reason, 'deliveries', n - 1)
+    redis.call('XACK', stream, group, entry[1])
+    redis.call('XDEL', stream, entry[1])
+    redis.call('HDEL', KEYS[3], id)
+    redis.call('HINCRBY', KEYS[4], 'dead', 1)
+  else
+    out[#out + 1] = {entry[1], entry[2], n}
+  end
+end
+return {nextid, out}
+"""
+
+#: ARGV: group, consumer, entry ids. Resets the idle time of the entries this consumer
+#: still owns (XCLAIM JUSTID does not count a delivery), so that no other worker claims
+#: what a live worker is still sending. Returns the ids it no longer owns.
+TOUCH = """
+local lost = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+return lost
+"""
+
+#: ARGV: group, consumer (kept), idle_ms. Forgets consumers with nothing pending that
+#: have not read for idle_ms (workers that exited or died), so status stays readable.
+PRUNE = """
+local removed = 0
+local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+for _, c in ipairs(consumers) do
+  local f = {}
+  for j = 1, #c, 2 do f[c[j]] = c[j + 1] end
+  if f['name'] ~= ARGV[2] and f['pending'] == 0 and f['idle'] > tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
+#: ARGV: group, consumer. A worker leaving with nothing pending removes its consumer.
+FORGET = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+"""
+
+#: GCRA (virtual scheduling, burst of one): reserve the next slot ARGV[1] microseconds
+#: after the previous one, never before now; return how many microseconds to wait for
+#: it. Times come from Redis's clock, so workers' clocks do not matter.
+RATE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local start = math.max(tat, now)
+local nexttat = start + tonumber(ARGV[1])
+redis.call('SET', KEYS[1], string.format('%d', nexttat), 'PX', math.floor((nexttat - now) / 1000) + 1000)
+return start - now
+"""
