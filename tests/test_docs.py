@@ -1,0 +1,65 @@
+"""The paper around the code: the README's first lines, links that resolve, a docs tree
+that stands alone (a clone has nothing outside the repository to point to)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+
+# Outside tools read these two commands from the README's first lines: keep them as they are.
+COMMANDS = [
+    "./dev dispatcher run examples/jobs.jsonl    # send the example jobs (to ./outbox when no relay is configured)",
+    "./dev pytest                                # run the tests",
+]
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _pages() -> list[Path]:
+    return [README, ROOT / "CHANGELOG.md", *sorted(DOCS.rglob("*.md"))]
+
+
+def test_readme_starts_with_the_name_a_sentence_and_the_two_commands() -> None:
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "# smtp-dispatcher"
+    assert lines[1] == ""
+    assert lines[2] and not lines[2].startswith(("#", "`", "-"))  # one sentence saying what it is
+    assert lines[3] == ""
+    assert lines[4].startswith("```")
+    assert lines[5:7] == COMMANDS
+    assert lines[7] == "```"
+
+
+def test_readme_is_a_front_door_under_200_lines() -> None:
+    assert len(README.read_text(encoding="utf-8").splitlines()) < 200
+
+
+def test_every_relative_link_resolves() -> None:
+    broken = []
+    for page in _pages():
+        for target in _LINK.findall(page.read_text(encoding="utf-8")):
+            if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+                continue
+            path = target.split("#", 1)[0]
+            if not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert broken == []
+
+
+def test_nothing_points_outside_the_repository() -> None:
+    offenders = []
+    for page in [*_pages(), ROOT / "mkdocs.yml", ROOT / "config.example.yaml"]:
+        text = page.read_text(encoding="utf-8")
+        if "SPEC.md" in text or "../shared" in text or "SPEC section" in text:
+            offenders.append(str(page.relative_to(ROOT)))
+    assert offenders == []
+
+
+def test_every_docs_page_is_in_the_navigation() -> None:
+    nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    missing = [p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md") if p.relative_to(DOCS).as_posix() not in nav]
+    assert missing == []
