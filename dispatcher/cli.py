@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from dispatcher import __version__
 from dispatcher.config import ConfigError, Settings, describe_errors, load_settings, with_pool_overrides
 from dispatcher.journal import default_results_path
 from dispatcher.logs import configure_logging, protect_stderr
@@ -24,6 +25,7 @@ from dispatcher.stream import commands as stream_commands
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dispatcher", description="Send a lot of email through an SMTP relay.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="send every job of a JSON Lines file")

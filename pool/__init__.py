@@ -1,5 +1,6 @@
 """A pool of long-lived SMTP connections: ``result = await pool.submit(message)``."""
 
+import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
 from pool.envelope import Envelope, prepare
@@ -8,11 +9,16 @@ from pool.pool import SMTPPool
 from pool.results import SendResult
 from pool.router import SMTPRouter
 
+try:  # one source: the version in pyproject.toml, as installed
+    __version__ = importlib.metadata.version("smtp-dispatcher")
+except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
 if TYPE_CHECKING:
     from pool.dkim import DKIMSigner
 
 __all__ = ["DKIMSigner", "DeliveryError", "Envelope", "PoolClosedError", "PoolError", "RelayError", "SMTPPool",
-           "SMTPRouter", "SendResult", "prepare"]
+           "SMTPRouter", "SendResult", "__version__", "prepare"]
 
 
 def __getattr__(name: str) -> Any:

@@ -3,8 +3,13 @@ that stands alone (a clone has nothing outside the repository to point to)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pool
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -63,3 +68,18 @@ def test_every_docs_page_is_in_the_navigation() -> None:
     nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     missing = [p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md") if p.relative_to(DOCS).as_posix() not in nav]
     assert missing == []
+
+
+def test_one_version_for_the_command_and_the_library() -> None:
+    installed = importlib.metadata.version("smtp-dispatcher")  # pyproject.toml's, as installed
+    out = subprocess.run([sys.executable, "-m", "dispatcher", "--version"], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    assert out == f"dispatcher {installed}\n"
+    assert pool.__version__ == installed
+
+
+def test_licence_and_changelog_are_there() -> None:
+    assert (ROOT / "LICENSE").read_text(encoding="utf-8").startswith("MIT License")
+    assert 'license = "MIT"' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    assert "## Unreleased" in changelog
