@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from dispatcher import __version__
 from dispatcher.config import ConfigError, Settings, describe_errors, load_settings, with_pool_overrides
 from dispatcher.journal import default_results_path
-from dispatcher.logs import configure_logging, protect_stderr
+from dispatcher.logs import configure_logging, protect_stderr, standard_descriptors
 from dispatcher.runner import EXIT_OK, EXIT_SIGNAL, EXIT_USAGE, RunError, RunOptions
 from dispatcher.stream import commands as stream_commands
 
@@ -224,11 +224,15 @@ def _port(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    standard_descriptors()  # first: a closed stdin, stdout or stderr becomes /dev/null
     args = _parser().parse_args(argv)
-    protect_stderr()  # a closed or full stderr drops log lines; it never stops a command
+    stderr = protect_stderr()  # a closed, full or unread stderr drops log lines; it never stops a command
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     handlers = {"run": _run, "sink": _sink, "check-config": _check_config, **stream_commands.HANDLERS}
-    return handlers[args.command](args)
+    try:
+        return handlers[args.command](args)
+    finally:
+        stderr.finish()
 
 
 if __name__ == "__main__":
