@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file", type=Path)
+    check.add_argument("--connect", action="store_true",
+                       help="also open one session with each relay (TLS, EHLO, AUTH), show what it offers "
+                            "and QUIT; nothing is sent")
 
     # SPEC section 5: jobs on a Redis Stream (dispatcher/stream/commands.py).
     for name, text in (("enqueue", "validate a jobs file and append its jobs to a Redis stream"),
@@ -175,7 +178,33 @@ def _check_config(args: argparse.Namespace) -> int:
         print(f"{args.file}: ok (relay {relay}, pool size {settings.pool.size})")
     for line in campaign:
         print(f"  {line}")
-    return EXIT_OK
+    return _connect(settings) if args.connect else EXIT_OK
+
+
+def _connect(settings: Settings) -> int:
+    # The session's info lines (smtp.connect) would repeat what is printed; warnings stay.
+    level = settings.logging.level if settings.logging.level in ("debug", "error") else "warning"
+    configure_logging(level, settings.logging.format)
+    return _event_loop_runner()(_connect_relays(settings))
+
+
+async def _connect_relays(settings: Settings) -> int:
+    """``check-config --connect``: 0 when every relay accepts the session, else 2 with
+    each relay's reason on stderr, worded as ``run`` would stop with it."""
+    from dispatcher.relay_check import check_relays, describe
+
+    checked = await check_relays(settings)
+    if not checked:
+        print("  connect: no relay configured; run delivers to the built-in capture server")
+        return EXIT_OK
+    for relay in checked:
+        for line in describe(relay):
+            print(f"  {line}")
+    failed = [relay.error for relay in checked if relay.error is not None]
+    print("  nothing was sent" + ("" if not failed else f"; {len(failed)} of {len(checked)} relays refused"))
+    for error in failed:
+        print(f"dispatcher: {error}", file=sys.stderr)
+    return EXIT_USAGE if failed else EXIT_OK
 
 
 def _campaign_lines(settings: Settings) -> list[str]:

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from pool.dkim import DKIMSigner
+    from pool.probe import RelayInfo
 
 
 @dataclass(slots=True, eq=False)
@@ -185,6 +186,14 @@ class SMTPPool:
         if settings.smtp is None:
             raise ValueError("smtp: no relay configured")
         return cls(**{**pool_kwargs(settings.smtp, settings.pool, settings.retry), **overrides})
+
+    async def probe(self) -> RelayInfo:
+        """Open one session as this pool would (TLS, EHLO, AUTH), report what the relay
+        offers and QUIT, sending nothing. The pool need not be started. Raises
+        ``RelayError`` (``transient=False``: the relay refuses the session for good)."""
+        from pool.probe import probe_session
+
+        return await probe_session(self._options)
 
     def __repr__(self) -> str:
         states = [slot.state for slot in self._slots]
