@@ -15,10 +15,12 @@ id's first line and an unreadable line is not recorded again on every re-run.
 from __future__ import annotations
 
 import enum
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import stat
 import struct
 import tempfile
 import time
@@ -294,8 +296,12 @@ class Journal:
         Raises JournalBusy when another run holds the lock, OSError when the file
         cannot be read or created."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # Non-blocking: a FIFO in its place must not block the open (it is refused below).
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            os.set_blocking(fd, True)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)

@@ -195,8 +195,12 @@ class Run:
                 raise RunError(f"{self.options.jobs}: is a directory, not a jobs file")
             if stat.S_ISREG(mode):
                 self.tally.bytes_total = os.fstat(fd).st_size
-            if self.options.jobs != "-":
+            # A FIFO stays non-blocking: it was opened before its writer, and a read then
+            # would see the end of the file at once. The reader waits for data first.
+            fifo = stat.S_ISFIFO(mode) and self.options.jobs != "-"
+            if self.options.jobs != "-" and not fifo:
                 os.set_blocking(fd, True)  # the open was non-blocking only so that a FIFO opens at once
+            _check_results_file(self.options.results, os.fstat(fd))
             self.journal.open()
         except JournalBusy as exc:
             os.close(fd)
@@ -216,7 +220,7 @@ class Run:
                 log.warning("run.compose_process_unavailable", error=str(exc))
             else:
                 fd = self._composing.fileno()
-        self._source = _ChunkReader(fd)
+        self._source = _ChunkReader(fd, wait_for_data=fifo)
 
     async def execute(self) -> int:
         """Run to the end; returns the exit status. Raises RunError before anything is sent."""
@@ -561,8 +565,9 @@ class _ChunkReader:
     a read blocked on an idle pipe cannot delay the end of the run, and the descriptor
     is closed by the thread once it is out of ``read`` (never under it)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, wait_for_data: bool = False) -> None:
         self._fd = fd
+        self._wait = wait_for_data  # a FIFO opened before its writer: a read waits until it comes
         self._requests: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, asyncio.Future[bytes], int] | None] = (
             queue.SimpleQueue())
         self._thread = threading.Thread(target=self._serve, name="dispatcher-jobs-reader", daemon=True)
@@ -583,7 +588,7 @@ class _ChunkReader:
             while (request := self._requests.get()) is not None:
                 loop, future, size = request
                 try:
-                    outcome: bytes | OSError = _read_blocking(self._fd, size)
+                    outcome: bytes | OSError = _read_blocking(self._fd, size, self._wait)
                 except OSError as exc:
                     outcome = exc
                 try:
@@ -594,8 +599,12 @@ class _ChunkReader:
             os.close(self._fd)
 
 
-def _read_blocking(fd: int, size: int) -> bytes:
+def _read_blocking(fd: int, size: int, wait: bool = False) -> bytes:
     while True:
+        if wait:
+            # Readable once data is there or a writer has come and gone (a FIFO's end):
+            # until its first writer, a non-blocking read of a FIFO is a false end.
+            select.select([fd], [], [])
         try:
             return os.read(fd, size)
         except BlockingIOError:  # a descriptor left non-blocking by whoever gave it to us
@@ -609,6 +618,21 @@ def _settle(future: asyncio.Future[bytes], outcome: bytes | OSError) -> None:
         future.set_exception(outcome)
     else:
         future.set_result(outcome)
+
+
+def _check_results_file(results: Path, jobs: os.stat_result) -> None:
+    """The results file is a regular file, not the jobs file (it would be appended to
+    the jobs being read). Raises RunError naming it."""
+    try:
+        found = os.stat(results)
+    except OSError:
+        return  # not there yet (created by the journal), or the journal says why not
+    if not stat.S_ISREG(found.st_mode):
+        kind = "a directory" if stat.S_ISDIR(found.st_mode) else "a pipe or FIFO" if stat.S_ISFIFO(found.st_mode) else (
+            "a device or socket")
+        raise RunError(f"{results}: the results file must be a regular file, not {kind}")
+    if (found.st_dev, found.st_ino) == (jobs.st_dev, jobs.st_ino):
+        raise RunError(f"{results}: the results file is the jobs file; name another one with --results")
 
 
 def _local_kwargs(settings: Settings, port: int) -> dict[str, Any]:
