@@ -17,6 +17,7 @@ from dispatcher import __version__
 from dispatcher.config import ConfigError, Settings, describe_errors, load_settings, with_pool_overrides
 from dispatcher.journal import default_results_path
 from dispatcher.logs import configure_logging, protect_stderr, standard_descriptors
+from dispatcher.loop import commands as loop_commands
 from dispatcher.runner import EXIT_OK, EXIT_SIGNAL, EXIT_USAGE, RunError, RunOptions
 from dispatcher.stream import commands as stream_commands
 
@@ -69,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                        ("status", "what a Redis stream holds: enqueued, done, pending, dead, rate"),
                        ("results", "write the results of a Redis stream to stdout (results file format)")):
         stream_commands.add_arguments(name, commands.add_parser(name, help=text))
+    loop_commands.add_arguments(commands)  # suppress, bounces, unsubscribe-server (dispatcher/loop/)
     return parser
 
 
@@ -257,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     stderr = protect_stderr()  # a closed, full or unread stderr drops log lines; it never stops a command
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    handlers = {"run": _run, "sink": _sink, "check-config": _check_config, **stream_commands.HANDLERS}
+    handlers = {"run": _run, "sink": _sink, "check-config": _check_config, **stream_commands.HANDLERS,
+                **loop_commands.HANDLERS}
     try:
         return handlers[args.command](args)
     finally:

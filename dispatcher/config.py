@@ -11,6 +11,7 @@ import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from dispatcher.loop.settings import BouncesSettings, SuppressionSettings
 from dispatcher.templates import TemplatesSettings, UnsubscribeSettings
 from pool.config import PoolSettings, RetrySettings, Section, SMTPSettings
 from pool.config import pool_kwargs as _pool_kwargs
@@ -76,6 +77,8 @@ class Settings(_Section):
     templates: TemplatesSettings = TemplatesSettings()  # SPEC section 6 (dispatcher.compose)
     unsubscribe: UnsubscribeSettings = UnsubscribeSettings()
     dkim: DKIMSettings | None = None
+    suppression: SuppressionSettings = SuppressionSettings()  # the suppression list (dispatcher.loop)
+    bounces: BouncesSettings = BouncesSettings()  # dispatcher bounces
 
     @field_validator("relays")
     @classmethod

@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-DONE_STATUSES = frozenset({"sent", "failed", "invalid"})
+DONE_STATUSES = frozenset({"sent", "failed", "invalid", "suppressed"})
 FSYNC_INTERVAL = 1.0
 
 
@@ -331,7 +331,7 @@ class Journal:
                 if row is not None and self._retry is not None:
                     self._fold_retry(row)
                 if key is not None:  # the last row of a key says whether it was sent
-                    if row is not None and row.get("status") != "sent":
+                    if row is not None and row.get("status") not in ("sent", "suppressed"):
                         self._unsent.add(_digest(key))
                     elif self._unsent:
                         self._unsent.discard(_digest(key))

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, start_http_server, write_to_tex
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-STATUSES = ("sent", "failed", "invalid", "skipped")
+STATUSES = ("sent", "failed", "invalid", "suppressed", "skipped")
 
 
 class Counts(Protocol):

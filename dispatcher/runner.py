@@ -40,6 +40,7 @@ from dispatcher.compose_process import usable as compose_process_usable
 from dispatcher.config import Settings, pool_kwargs
 from dispatcher.jobs import JobError, Line, LineSplitter, Outgoing
 from dispatcher.journal import Claim, Journal, JournalBusy
+from dispatcher.loop.suppression import Admission, StoreError, SuppressionStore
 from dispatcher.metrics import MetricsError, RunMetrics, write_textfile
 from dispatcher.metrics import serve as serve_metrics
 from dispatcher.progress import LiveDisplay
@@ -56,7 +57,7 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_RELAY_DOWN, EXIT_SIGNAL = 0, 1, 2, 3
 #: The run stopped on an error of its environment (results file unwritable, jobs
 #: unreadable) or a bug: like a usage error, fix the cause and run the same command.
 EXIT_ERROR = EXIT_USAGE
-STATUSES = ("sent", "failed", "invalid", "skipped")
+STATUSES = ("sent", "failed", "invalid", "suppressed", "skipped")
 LOG_PROGRESS_EVERY = 10.0
 TTY_PROGRESS_EVERY = 0.25
 READ_CHUNK = 1 << 18  # a chunk's lines are split at once: keep it small
@@ -136,6 +137,8 @@ class Run:
             self.base = Path(os.path.abspath(options.jobs)).parent
         self.attachments_root = options.attachments_root or settings.jobs.attachments_root or self.base
         self.composer: Composer | None = None  # the compose stage, made by _open (it reads the DKIM key)
+        self.admission = Admission(SuppressionStore(settings.suppression.path), auto=settings.suppression.auto,
+                                   refresh=settings.suppression.refresh, registry=self.registry)
 
     # -- results --
 
@@ -144,6 +147,7 @@ class Run:
             "id": job_id, "line": line, "status": status,
             "attempts": fields.get("attempts", 0), "code": fields.get("code"),
             "response": _text(fields.get("response")), "refused": fields.get("refused", {}),
+            "suppressed": fields.get("suppressed", []),
             "error": _text(fields.get("error")), "elapsed_ms": fields.get("elapsed_ms", 0),
         }
         if fields.get("recipients") is not None:
@@ -178,6 +182,10 @@ class Run:
         root = self.attachments_root
         if not root.is_dir():
             raise RunError(f"attachments root {root}: not a directory")
+        try:
+            self.admission.load()
+        except StoreError as exc:
+            raise RunError(str(exc)) from None
         try:
             self.composer = Composer(self.settings, base_dir=self.base, attachments_root=root)
         except ValueError as exc:
@@ -291,6 +299,7 @@ class Run:
         # One sender per message the pool can hold (its sessions and its queue).
         self._room = asyncio.Semaphore(pool.size + pool.queue_size)
         progress = asyncio.create_task(self._progress())
+        watch = asyncio.create_task(self.admission.watch())  # the suppression list, changed by others
         await asyncio.sleep(0)  # the live display is up: these lines go above it, wrapped to the terminal
         for event, fields in self._announce:
             log.info(event, **fields)
@@ -312,7 +321,8 @@ class Run:
             await pool.close()  # every result is in: QUIT the sessions
         finally:
             progress.cancel()
-            await asyncio.gather(progress, return_exceptions=True)
+            watch.cancel()
+            await asyncio.gather(progress, watch, return_exceptions=True)
 
     def _halt(self, code: int, message: str | None = None) -> None:
         """Stop the run early (the first reason gives the exit status)."""
@@ -492,13 +502,19 @@ class Run:
             if not recipients:
                 self._count("skipped", size)
                 return
+        recipients, suppressed = self.admission.admit(recipients)
+        if not recipients:  # every recipient is on the suppression list: nothing to send
+            self._record(number, job_id, "suppressed", size, suppressed=suppressed)
+            return
         if self._stop.is_set():
             return  # not submitted: the next run sends it
         started = time.monotonic()
         retried = recipients if item.retry else None
         try:
             if outgoing.envelope is not None:  # prepared by the compose process
-                envelope = outgoing.envelope if not item.retry else for_recipients(outgoing.envelope, recipients)
+                envelope = outgoing.envelope
+                if len(recipients) != len(envelope.recipients):
+                    envelope = for_recipients(envelope, recipients)
                 result = await pool.submit(envelope)
             else:
                 result = await pool.submit(outgoing.message, sender=outgoing.sender, recipients=recipients,
@@ -506,8 +522,9 @@ class Run:
         except DeliveryError as exc:
             self._record(number, job_id, "failed", size, attempts=exc.attempts, code=exc.code,
                          response=exc.response, refused=_refusals(exc.refused), error=str(exc),
-                         elapsed_ms=_ms(started), recipients=retried,
+                         elapsed_ms=_ms(started), recipients=retried, suppressed=suppressed,
                          relay=getattr(exc, "relay", None))  # set by SMTPRouter once DeliveryError carries it
+            await self.admission.refused(job_id, exc.refused)
         except RelayError as exc:
             # Not the message's fault: not recorded, so the next run sends it.
             self._halt(EXIT_RELAY_DOWN if exc.transient else EXIT_USAGE, str(exc))
@@ -517,8 +534,9 @@ class Run:
             self._invalid(number, job_id, JobError("", str(exc)), size)
         else:
             self._record(number, job_id, "sent", size, attempts=result.attempts, code=result.code,
-                         response=result.response, refused=_refusals(result.refused),
+                         response=result.response, refused=_refusals(result.refused), suppressed=suppressed,
                          elapsed_ms=round(result.elapsed * 1000, 1), recipients=retried, relay=result.relay)
+            await self.admission.refused(job_id, result.refused)
 
     async def _progress(self) -> None:
         """The live display on a terminal (``--progress`` forces it), else a

@@ -30,8 +30,10 @@ from jinja2.exceptions import SecurityError
 from jinja2.runtime import new_context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import missing
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from dispatcher.loop.settings import UnsubscribeServerSettings
+from dispatcher.loop.tokens import first_recipient, make_token
 from pool.config import Section
 
 Part = Literal["subject", "text", "html"]
@@ -83,6 +85,9 @@ class UnsubscribeSettings(Section):
 
     url: str | None = None
     mailto: str | None = None
+    # Signs {{ token }} in url (the job id and recipient, checked by dispatcher unsubscribe-server).
+    secret: SecretStr | None = Field(default=None, min_length=16)
+    server: UnsubscribeServerSettings = UnsubscribeServerSettings()
 
     @field_validator("url")
     @classmethod
@@ -402,10 +407,13 @@ class Unsubscribe:
     """``List-Unsubscribe`` (and ``List-Unsubscribe-Post``) for each job, from a URL
     template and/or a mailto address; both compiled once."""
 
-    def __init__(self, *, url: str | None = None, mailto: str | None = None) -> None:
-        """Raises ValueError (naming ``unsubscribe.url`` or ``.mailto``) on a syntax error."""
+    def __init__(self, *, url: str | None = None, mailto: str | None = None, secret: str | None = None) -> None:
+        """Raises ValueError (naming ``unsubscribe.url`` or ``.mailto``) on a syntax error.
+        With ``secret``, ``{{ token }}`` is the signed token of the job id and its first
+        recipient (``dispatcher.loop.tokens``)."""
         if url is None and mailto is None:
             raise ValueError("unsubscribe: give url, mailto or both")
+        self._secret = secret
         env = _environment()
         self._globals = env.globals
         self._url = self._compile(env, url, "url")
@@ -432,7 +440,8 @@ class Unsubscribe:
             structlog.get_logger("dispatcher").warning(
                 "unsubscribe.not_https", detail="unsubscribe.url is not an https URL: messages get no "
                 "List-Unsubscribe-Post (one-click, RFC 8058)")
-        return cls(url=settings.url, mailto=settings.mailto)
+        secret = settings.secret.get_secret_value() if settings.secret is not None else None
+        return cls(url=settings.url, mailto=settings.mailto, secret=secret)
 
     def headers(self, context: Mapping[str, Any]) -> dict[str, str]:
         """The headers for one job (``job_context``). ``List-Unsubscribe-Post:
@@ -442,6 +451,10 @@ class Unsubscribe:
         uris = []
         one_click = False
         variables = {**self._globals, **context}
+        if self._secret is not None:
+            recipient = first_recipient(context.get("to") or context.get("cc") or context.get("bcc"))
+            if recipient is not None:
+                variables["token"] = make_token(self._secret, str(context.get("id")), recipient)
         if self._url is not None:
             url = quote(_render(self._url, variables, context, lambda: "unsubscribe.url", None).strip(), safe=_URL_SAFE)
             scheme = url[:8].lower()

@@ -1,0 +1,1 @@
+"""After sending: the suppression list, bounce and complaint reports, one-click unsubscribes."""
