@@ -4,7 +4,7 @@ import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
 from pool.envelope import Envelope, prepare
-from pool.errors import DeliveryError, PoolClosedError, PoolError, RelayError
+from pool.errors import DeliveryError, PoolClosedError, PoolError, RelayError, Withdrawn
 from pool.pool import SMTPPool
 from pool.results import SendResult
 from pool.router import SMTPRouter
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from pool.dkim import DKIMSigner
 
 __all__ = ["DKIMSigner", "DeliveryError", "Envelope", "PoolClosedError", "PoolError", "RelayError", "SMTPPool",
-           "SMTPRouter", "SendResult", "__version__", "prepare"]
+           "SMTPRouter", "SendResult", "Withdrawn", "__version__", "prepare"]
 
 
 def __getattr__(name: str) -> Any:

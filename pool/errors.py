@@ -14,6 +14,11 @@ class PoolClosedError(PoolError):
     """The pool is closed (or closing without drain) and will not send this message."""
 
 
+class Withdrawn(PoolError):
+    """The submitter's ``admit()`` said no as the message was about to go on the wire
+    (its lease on the job had lapsed, for instance): it was not sent."""
+
+
 class DeliveryError(PoolError):
     """The message was delivered to no recipient.
 

@@ -21,7 +21,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from email.message import Message
 from typing import TYPE_CHECKING, Any
@@ -36,6 +36,7 @@ from pool.errors import (
     Refusals,
     RelayError,
     SessionRefused,
+    Withdrawn,
 )
 from pool.log import EventLogger, log
 from pool.metrics import PoolMetrics
@@ -68,6 +69,7 @@ class _Job:
     stop_reason: PoolError | None = None  # why its backoff timer was cancelled
     deferred: Refusals = field(default_factory=dict)  # the 4xx each pending recipient last got
     maybe_delivered: bool = False  # an attempt was lost after the end of DATA (ambiguous)
+    admit: Callable[[], bool] | None = None  # asked right before each attempt goes on the wire
 
 
 class SMTPPool:
@@ -310,6 +312,7 @@ class SMTPPool:
         sender: str | None = None,
         recipients: list[str] | tuple[str, ...] | None = None,
         prepared: bool = False,
+        admit: Callable[[], bool] | None = None,
     ) -> SendResult:
         """Send one message. Returns a SendResult when at least one recipient accepted.
 
@@ -320,6 +323,10 @@ class SMTPPool:
         ``dispatcher.mime`` builds it: it is not scanned for bare line ends again.
         ``message`` may also be an ``Envelope`` that ``pool.prepare`` made ahead, off
         the event loop (then without ``sender`` and ``recipients``).
+        ``admit()``, when given, is called right before each attempt goes on the wire
+        (a slot has taken the message, it has waited for the rate limit): False raises
+        Withdrawn and the message is not sent, for a caller whose right to send it can
+        lapse while it waits in the queue (a Redis worker that was paused).
         """
         if isinstance(message, Envelope):  # prepared ahead (pool.prepare): sent as it is
             if sender is not None or recipients is not None or self.dkim is not None:
@@ -332,7 +339,7 @@ class SMTPPool:
         self._check_open()
         self._start()
         loop = asyncio.get_running_loop()
-        job = _Job(envelope, loop.create_future(), time.monotonic(), envelope.recipients)
+        job = _Job(envelope, loop.create_future(), time.monotonic(), envelope.recipients, admit=admit)
         self._unfinished += 1
         self._drained.clear()
         try:
@@ -405,6 +412,10 @@ class SMTPPool:
                         held, job = job, None
                         self._finish(held, stopped=self._stopped or PoolClosedError("the pool closed"))
                         continue
+                if job.admit is not None and not job.admit():
+                    withdrawn, job = job, None
+                    self._finish(withdrawn, stopped=Withdrawn("withdrawn by its submitter before it was sent"))
+                    continue
                 if inflight is not None and not slot.is_connected:
                     # The server closed the session behind the message on the wire: the
                     # next one gets a new session instead of spending an attempt on this one.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from email.message import Message
 from typing import Any
 
@@ -95,6 +95,7 @@ class SMTPRouter:
         recipients: list[str] | tuple[str, ...] | None = None,
         relay: str | None = None,
         prepared: bool = False,
+        admit: Callable[[], bool] | None = None,
     ) -> SendResult:
         """Send through one relay (``relay`` pins one); same results and errors as
         ``SMTPPool.submit``, plus ``SendResult.relay``. RelayError only when every
@@ -104,7 +105,7 @@ class SMTPRouter:
                 raise ValueError(f"relay: no relay named {relay!r}")
             try:
                 result = await self.pools[relay].submit(message, sender=sender, recipients=recipients,
-                                                        prepared=prepared)
+                                                        prepared=prepared, admit=admit)
             except DeliveryError as exc:
                 exc.relay = relay
                 raise
@@ -117,7 +118,7 @@ class SMTPRouter:
             tried.add(name)
             try:
                 result = await self.pools[name].submit(message, sender=sender, recipients=recipients,
-                                                       prepared=prepared)
+                                                       prepared=prepared, admit=admit)
             except RelayError as exc:
                 # Not delivered through this relay (or, if maybe_delivered, perhaps: the
                 # next relay makes it at-least-once). A recipient it refused for good is

@@ -17,7 +17,7 @@ from conftest import make_message
 from prometheus_client import CollectorRegistry
 from smtpserver import FaultyServer
 
-from pool import DeliveryError, PoolClosedError, RelayError, SendResult, SMTPPool
+from pool import DeliveryError, PoolClosedError, RelayError, SendResult, SMTPPool, Withdrawn
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -68,6 +68,23 @@ async def test_messages_reuse_at_most_size_connections(server: FaultyServer, mak
     assert len(server.messages) == 200
     assert server.connections_made <= 4
     assert all(s.quit for s in server.sessions), "close() ends every session with QUIT"
+
+
+async def test_a_message_its_submitter_no_longer_admits_is_not_sent(server: FaultyServer, make_pool: Any) -> None:
+    """``admit`` is asked as the message is about to go on the wire, not at submit: a
+    lease that lapses while the message waits in the queue withdraws it."""
+    server.gate = asyncio.Event()
+    lease = {"valid": True}
+    async with make_pool(size=1, pipelining=False) as pool:
+        first = asyncio.ensure_future(pool.submit(make_message(1)))
+        await server.wait_for(lambda: server.data_started == 1)
+        queued = asyncio.ensure_future(pool.submit(make_message(2), admit=lambda: lease["valid"]))
+        lease["valid"] = False  # while the first message holds the only session
+        server.gate.set()
+        assert (await first).attempts == 1
+        with pytest.raises(Withdrawn):
+            await queued
+    assert len(server.messages) == 1
 
 
 # 2. Never more than size open, reconnects included

@@ -611,3 +611,41 @@ async def test_enqueue_renders_templates_when_their_directory_is_here(redis_serv
     assert "1 jobs added" in err and "2 invalid" in err, err
     rows = {row["id"]: row for row in await results(redis_server.url)}
     assert "data.name" in rows["b"]["error"] and rows["c"]["error"].startswith("line 3: template:"), rows
+
+
+# -- the defects of a paused, stopped or crowded worker ----------------------------------
+
+
+async def test_a_paused_worker_never_sends_what_another_worker_claimed_and_recorded_meanwhile(
+    redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    """SIGSTOP past claim_after, then SIGCONT: the other worker has claimed and recorded
+    every job; the resumed one sends none of them (only what was already on its wire)."""
+    n = 30
+    async with FaultyServer() as first_relay, FaultyServer() as second_relay:
+        first_relay.gate = asyncio.Event()  # the first worker's two sessions stop at the end of DATA
+        url = redis_server.url
+        await enqueue(url, write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(n)]))
+        paused = await WorkerProcess.start(
+            workers, "--redis", url, "--config",
+            str(write_config(tmp_path / "a.yaml", first_relay, redis={"claim_after": 1.0})),
+            "--name", "paused", "--until-empty", cwd=tmp_path)
+        await first_relay.wait_for(lambda: first_relay.data_started >= 2, timeout=20)
+        paused.proc.send_signal(signal.SIGSTOP)
+        try:
+            other = await WorkerProcess.start(
+                workers, "--redis", url, "--config",
+                str(write_config(tmp_path / "b.yaml", second_relay, redis={"claim_after": 1.0})),
+                "--name", "other", "--until-empty", cwd=tmp_path)
+            assert await other.wait(timeout=30) == 0
+        finally:
+            paused.proc.send_signal(signal.SIGCONT)
+        first_relay.gate.set()
+        assert await paused.wait(timeout=30) == 0
+
+    assert set(delivered(second_relay)) == {f"job-{i}" for i in range(n)}
+    # What was on the paused worker's wire before the pause: one message per session and
+    # the envelope pipelined behind it, at most.
+    assert len(first_relay.messages) <= 4, sorted(delivered(first_relay))
+    assert paused.summary()["lost"] >= n - 4
+    assert_one_row_per_id(await results(url), {f"job-{i}" for i in range(n)})

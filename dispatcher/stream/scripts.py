@@ -147,6 +147,18 @@ end
 return lost
 """
 
+#: ARGV: group, consumer, entry id, job id. Right before a job goes on the wire after its
+#: worker's lease lapsed (a pause): is the entry still this consumer's, and its id not
+#: done? Then reset its idle time (the lease starts again). Returns 1 (go on), 0 (another
+#: worker claimed it: leave it alone), 2 (its id is done: acknowledge it unsent).
+CONFIRM = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not (p[1] and p[1][2] == ARGV[2]) then return 0 end
+if redis.call('HEXISTS', KEYS[2], ARGV[4]) == 1 then return 2 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+return 1
+"""
+
 #: ARGV: group, consumer (kept), idle_ms. Forgets consumers with nothing pending that
 #: have not read for idle_ms (workers that exited or died), so status stays readable.
 PRUNE = """

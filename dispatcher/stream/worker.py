@@ -7,6 +7,12 @@ An entry is *held* from the moment this worker reads or claims it until its sett
 committed; the worker holds at most ``slots`` entries and keeps their idle time fresh
 (TOUCH), so that no other worker claims what a live worker is still sending. Entries
 of a dead worker go idle and are claimed (XAUTOCLAIM) after ``redis.claim_after``.
+
+Each held entry carries a *lease*: half of ``claim_after`` from the moment the request
+that last reset its idle time was sent. The pool asks the lease right before the job
+goes on the wire (``admit``); a worker that was paused (SIGSTOP, a long GC) finds its
+leases lapsed and asks Redis (CONFIRM) whether each entry is still its own and its id
+not done before sending it, so it never sends what another worker claimed meanwhile.
 Outcomes:
 
 - sent, permanently failed, invalid: recorded and acknowledged (F);
@@ -46,10 +52,10 @@ from dispatcher.signals import signal_handlers
 from dispatcher.sink import DEFAULT_MAILDIR, CaptureServer
 from dispatcher.stream.keys import Keys
 from dispatcher.stream.ratelimit import RedisRateLimiter
-from dispatcher.stream.scripts import FORGET, PRUNE, SETTLE, TAKE, TOUCH
+from dispatcher.stream.scripts import CONFIRM, FORGET, PRUNE, SETTLE, TAKE, TOUCH
 from dispatcher.stream.store import Stopped, ensure_group, redact, result_row, retrying
 from dispatcher.templates import SETTINGS_FIELDS
-from pool import DeliveryError, PoolClosedError, PoolError, RelayError, SMTPPool
+from pool import DeliveryError, PoolClosedError, PoolError, RelayError, SMTPPool, Withdrawn
 from pool.config import SMTPSettings
 
 log = structlog.get_logger("dispatcher.worker")
@@ -100,7 +106,12 @@ class Entry:
     line: int
     job: bytes | None
     deliveries: int
+    lease_until: float = 0.0  # monotonic: until then no other worker can have claimed it
+    lost: bool = False  # a touch found it claimed by another worker
     settling: bool = False  # its settle is queued: no longer touched
+
+    def admitted(self) -> bool:
+        return not self.lost and time.monotonic() < self.lease_until
 
 
 @dataclass(slots=True)
@@ -119,6 +130,7 @@ class WorkerCounts:
     skipped: int = 0  # already done when read
     deferred: int = 0
     released: int = 0
+    lost: int = 0  # claimed by another worker while this one was paused: not sent
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -157,12 +169,14 @@ class Worker:
         self._ticks = _Ticks()
         claim_ms = max(1, round(options.claim_after * 1000))
         self._claim_ms = claim_ms
+        self._lease = options.claim_after / 2
         self._claim_every = min(max(options.claim_after / 2, 0.05), 10.0)
         self._touch_every = min(max(options.claim_after / 3, 0.05), 10.0)
         self._take = redis.register_script(TAKE)
         self._settle_script = redis.register_script(SETTLE)
         self._touch = redis.register_script(TOUCH)
         self._prune = redis.register_script(PRUNE)
+        self._confirm_script = redis.register_script(CONFIRM)
 
     # -- the run --
 
@@ -298,14 +312,16 @@ class Worker:
         keys = [self.keys.stream, self.keys.dead, self.keys.errors, self.keys.stats]
         args: list[Any] = [self.options.group, self.consumer, mode, self._claim_ms, self._room_left(),
                 self.options.max_deliveries, start]
+        sent = time.monotonic()
         cursor, raw = await self._redis(lambda: self._take(keys=keys, args=args), f"claim ({mode})")
-        entries = [_entry(entry_id, fields, int(n)) for entry_id, fields, n in raw]
+        entries = [_entry(entry_id, fields, int(n), sent + self._lease) for entry_id, fields, n in raw]
         if entries:
             log.info("worker.claimed" if mode == "idle" else "worker.took_back", consumer=self.consumer,
                      entries=len(entries))
         return cursor.decode() if isinstance(cursor, bytes) else str(cursor), entries
 
     async def _read_new(self, block_ms: int) -> list[Entry]:
+        sent = time.monotonic()
         try:
             reply = await self._redis(
                 lambda: self.redis.xreadgroup(self.options.group, self.consumer, {self.keys.stream: ">"},
@@ -321,7 +337,7 @@ class Worker:
         entries: list[Entry] = []
         for _stream, items in reply or []:
             for entry_id, fields in items:
-                entries.append(_entry(entry_id, _flat(fields), 1))
+                entries.append(_entry(entry_id, _flat(fields), 1, sent + self._lease))
         return entries
 
     async def _empty(self) -> bool:
@@ -385,8 +401,14 @@ class Worker:
             return
         started = time.monotonic()
         try:
-            result = await self.pool.submit(ready.message, sender=ready.sender, recipients=ready.recipients,
-                                            prepared=ready.prepared)
+            while True:
+                try:
+                    result = await self.pool.submit(ready.message, sender=ready.sender, recipients=ready.recipients,
+                                                    prepared=ready.prepared, admit=entry.admitted)
+                    break
+                except Withdrawn:
+                    if not await self._confirm(entry):
+                        return
         except DeliveryError as exc:
             if exc.permanent:
                 self._finished(entry, "failed", attempts=exc.attempts, code=exc.code, response=exc.response,
@@ -412,6 +434,38 @@ class Worker:
         else:
             self._finished(entry, "sent", attempts=result.attempts, code=result.code, response=result.response,
                            refused=_refusals(result.refused), elapsed_ms=round(result.elapsed * 1000, 1))
+
+    async def _confirm(self, entry: Entry) -> bool:
+        """The entry's lease lapsed before it went on the wire: True when it is still
+        ours and its id not done (its lease starts again); otherwise it is settled or
+        dropped here and False is returned."""
+        if entry.lost:
+            self._drop(entry)
+            return False
+        sent = time.monotonic()
+        keys = [self.keys.stream, self.keys.done]
+        args: list[Any] = [self.options.group, self.consumer, entry.entry_id, entry.job_id]
+        try:
+            verdict = int(await self._redis(lambda: self._confirm_script(keys=keys, args=args), "confirm"))
+        except Stopped:
+            self._settle(b"R", entry)
+            return False
+        if verdict == 1:
+            entry.lease_until = sent + self._lease
+            return True
+        if verdict == 2:
+            self.counts.skipped += 1
+            self._settle(b"F", entry)  # done meanwhile, still ours: acknowledge only
+        else:
+            self._drop(entry)
+        return False
+
+    def _drop(self, entry: Entry) -> None:
+        """Another worker claimed the entry while this one was paused: leave it to them."""
+        self.counts.lost += 1
+        log.warning("job.claimed_by_another", id=entry.job_id, consumer=self.consumer)
+        self.held.pop(entry.entry_id, None)
+        self._room.set()
 
     def _give_up(self, entry: Entry, why: str) -> None:
         """This worker cannot send (its configuration, or its pool failed): the job goes
@@ -491,12 +545,21 @@ class Worker:
             try:
                 if ids:
                     args: list[Any] = [self.options.group, self.consumer, *ids]
-                    lost = await retrying(partial(self._touch, keys=[self.keys.stream], args=args),
-                                          what="touch", stop=self._finishing, on_back=self._redis_back)
-                    # Settled while the script ran (a commit races the touch): not lost.
-                    lost = [e for e in lost if e in self.held and not self.held[e].settling]
-                    if lost:
-                        log.warning("worker.entries_claimed_by_others", consumer=self.consumer, entries=len(lost))
+                    sent = time.monotonic()
+                    lost = set(await retrying(partial(self._touch, keys=[self.keys.stream], args=args),
+                                              what="touch", stop=self._finishing, on_back=self._redis_back))
+                    for entry_id in ids:
+                        entry = self.held.get(entry_id)
+                        if entry is None or entry.settling:
+                            continue  # settled while the script ran (a commit races the touch): not lost
+                        if entry_id in lost:
+                            entry.lost = True  # never sent now: the pool asks entry.admitted()
+                        else:
+                            entry.lease_until = sent + self._lease
+                    lost_held = [e for e in lost if e in self.held and not self.held[e].settling]
+                    if lost_held:
+                        log.warning("worker.entries_claimed_by_others", consumer=self.consumer,
+                                    entries=len(lost_held))
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + PRUNE_EVERY
                     await retrying(lambda: self._prune(keys=[self.keys.stream],
@@ -550,7 +613,7 @@ def _flat(fields: Any) -> list[Any]:
     return list(fields or [])
 
 
-def _entry(entry_id: bytes, fields: list[Any], deliveries: int) -> Entry:
+def _entry(entry_id: bytes, fields: list[Any], deliveries: int, lease_until: float) -> Entry:
     values = dict(zip(fields[::2], fields[1::2], strict=True))
     raw_line = values.get(b"line", b"0")
     try:
@@ -558,7 +621,7 @@ def _entry(entry_id: bytes, fields: list[Any], deliveries: int) -> Entry:
     except ValueError:
         line = 0
     job_id = values.get(b"id", b"").decode("utf-8", "replace")
-    return Entry(entry_id, job_id, line, values.get(b"job"), deliveries)
+    return Entry(entry_id, job_id, line, values.get(b"job"), deliveries, lease_until)
 
 
 def _prepare(entries: list[Entry], composer: Composer) -> list[Outgoing | JobError]:
