@@ -429,7 +429,8 @@ async def test_a_relay_refusing_the_login_stops_the_worker_with_exit_2_and_relea
     assert "hunter2-wrong" not in "".join(worker.text) + json.dumps(worker.events)
     assert worker.summary()["released"] == 10
     report = await status(url)
-    assert report["done"]["sent"] == 0 and report["dead"] == 0 and report["pending"] == 10
+    # Handed back to the stream at once, for any worker.
+    assert report["done"]["sent"] == 0 and report["dead"] == 0 and (report["waiting"], report["pending"]) == (10, 0)
 
 
 async def test_poison_job_goes_to_the_dead_stream_and_attachments_stay_under_the_root(
@@ -649,3 +650,50 @@ async def test_a_paused_worker_never_sends_what_another_worker_claimed_and_recor
     assert len(first_relay.messages) <= 4, sorted(delivered(first_relay))
     assert paused.summary()["lost"] >= n - 4
     assert_one_row_per_id(await results(url), {f"job-{i}" for i in range(n)})
+
+
+async def test_jobs_handed_back_unsent_never_end_up_dead(
+    redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    """Three workers in a row stop on a refused login and hand every job back: handing
+    back is not a delivery, so none reaches :dead (max_deliveries 2); the next worker
+    with the right password sends them all."""
+    n = 10
+    async with FaultyServer(credentials=("user", "right")) as server:
+        url = redis_server.url
+        await enqueue(url, write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(n)]))
+        for password in ("wrong1", "wrong2", "wrong3", "right"):
+            config = write_config(tmp_path / "c.yaml", server, redis={"claim_after": 0.3, "max_deliveries": 2})
+            config.write_text(config.read_text().replace(
+                "  timeout: 5\n", f"  timeout: 5\n  start_tls: false\n  username: user\n  password: {password}\n"))
+            worker = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--until-empty",
+                                               cwd=tmp_path)
+            assert await worker.wait() == (0 if password == "right" else 2), worker.text
+            assert (await status(url))["dead"] == 0
+    assert set(delivered(server)) == {f"job-{i}" for i in range(n)}
+    assert (await status(url))["done"]["sent"] == n
+
+
+async def test_a_job_refused_4xx_every_time_goes_back_at_once_and_reaches_dead_without_waiting_for_a_claim(
+    redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    """claim_after is 120 s: a transient give-up goes back to the stream at once
+    (counting one delivery), so three deliveries take well under a claim."""
+    async with FaultyServer() as server:
+        server.faults.rcpt["busy@example.net"] = "450 4.2.1 Mailbox busy, try later"  # always
+        config = write_config(tmp_path / "c.yaml", server, max_attempts=1,
+                              redis={"claim_after": 120, "max_deliveries": 3})
+        url = redis_server.url
+        await enqueue(url, write_jobs(tmp_path / "jobs.jsonl", [job(1), job("busy", to=["busy@example.net"])]))
+        worker = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--until-empty",
+                                           cwd=tmp_path)
+        assert await worker.wait(timeout=20) == 0
+    assert worker.summary()["deferred"] == 3
+    report = await status(url)
+    assert report["dead"] == 1 and report["done"]["sent"] == 1
+    client = aioredis.Redis.from_url(url)
+    try:
+        [(_, dead)] = await client.xrange("dispatcher:jobs:dead")
+    finally:
+        await client.aclose()
+    assert dead[b"id"] == b"job-busy" and dead[b"deliveries"] == b"3" and b"450" in dead[b"reason"]

@@ -41,13 +41,20 @@ end
 return {added, rejected, already}
 """
 
-#: ARGV: group, consumer, release_idle_ms, then rows of (kind, entry, id, status, payload).
+#: Entries carry {id, line, job} and, once handed back, ``tries``: the deliveries that
+#: counted before that entry was added. A delivery counts when it ended in a transient
+#: failure or its worker died (the entry was claimed); handing an entry back unsent (a
+#: signal, the relay down, a configuration error) does not count.
+
+#: ARGV: group, consumer, max_deliveries, then rows of (kind, entry, id, status, payload).
 #: F: finished — record the result unless the id is already done, then XACK and XDEL
-#: (status '' acknowledges an id found done). D: deferred (a transient failure) — keep
-#: it pending and remember why. R: released (never sent) — still ours? then make it look
-#: idle so that the next claim takes it at once. Returns the number newly done.
+#: (status '' acknowledges an id found done). D: deferred (a transient failure; payload:
+#: why) — this delivery counts; at max_deliveries the job goes to the dead stream with
+#: that reason, otherwise back to the end of the stream at once. R: released (never
+#: sent) — back to the end of the stream, this delivery not counted. D and R act only on
+#: an entry still this consumer's. Returns the number newly done.
 SETTLE = """
-local group, consumer = ARGV[1], ARGV[2]
+local group, consumer, max = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local finished = 0
 for i = 4, #ARGV, 5 do
   local kind, entry, id, status, payload = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
@@ -60,12 +67,25 @@ for i = 4, #ARGV, 5 do
     redis.call('HDEL', KEYS[5], id)
     redis.call('XACK', KEYS[1], group, entry)
     redis.call('XDEL', KEYS[1], entry)
-  elseif kind == 'D' then
-    redis.call('HSET', KEYS[5], id, payload)
-  elseif kind == 'R' then
+  else
     local p = redis.call('XPENDING', KEYS[1], group, entry, entry, 1)
-    if p[1] and p[1][2] == consumer then
-      redis.call('XCLAIM', KEYS[1], group, consumer, 0, entry, 'IDLE', ARGV[3], 'JUSTID')
+    local e = redis.call('XRANGE', KEYS[1], entry, entry)
+    if p[1] and p[1][2] == consumer and e[1] then
+      local f = {}
+      for j = 1, #e[1][2], 2 do f[e[1][2][j]] = e[1][2][j + 1] end
+      local n = tonumber(f['tries'] or '0') + p[1][4]
+      if kind == 'R' then n = n - 1 end
+      if kind == 'D' then redis.call('HSET', KEYS[5], id, payload) end
+      if kind == 'D' and n >= max then
+        redis.call('XADD', KEYS[7], '*', 'id', id, 'line', f['line'] or '', 'job', f['job'] or '',
+                   'reason', payload, 'deliveries', n)
+        redis.call('HDEL', KEYS[5], id)
+        redis.call('HINCRBY', KEYS[4], 'dead', 1)
+      else
+        redis.call('XADD', KEYS[1], '*', 'id', id, 'line', f['line'] or '', 'job', f['job'] or '', 'tries', n)
+      end
+      redis.call('XACK', KEYS[1], group, entry)
+      redis.call('XDEL', KEYS[1], entry)
     end
   end
 end
@@ -80,9 +100,9 @@ return finished
 #: ARGV: group, consumer, mode, min_idle_ms, count, max_deliveries, start.
 #: mode 'own': this consumer's pending entries after ``start`` (a restarted worker takes
 #: them back); 'idle': XAUTOCLAIM of anyone's entries idle longer than min_idle_ms.
-#: An entry now delivered more than max_deliveries times goes to the dead stream with
-#: its last error, and is acknowledged. Returns {next start ('' when done), {{entry id,
-#: fields, deliveries}, ...}}.
+#: An entry whose deliveries (its tries plus this one) pass max_deliveries goes to the
+#: dead stream with its last error, and is acknowledged. Returns {next start ('' when
+#: done), {{entry id, fields, deliveries}, ...}}.
 TAKE = """
 local stream, group, consumer, mode = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
 local count, max = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -109,10 +129,11 @@ else
   end
 end
 for _, c in ipairs(claimed) do
-  local entry, n = c[1], c[2]
+  local entry = c[1]
+  local f = {}
+  for j = 1, #entry[2], 2 do f[entry[2][j]] = entry[2][j + 1] end
+  local n = tonumber(f['tries'] or '0') + c[2]
   if n > max then
-    local f = {}
-    for j = 1, #entry[2], 2 do f[entry[2][j]] = entry[2][j + 1] end
     local id = f['id'] or ''
     local reason = redis.call('HGET', KEYS[3], id)
     if not reason then

@@ -16,11 +16,11 @@ not done before sending it, so it never sends what another worker claimed meanwh
 Outcomes:
 
 - sent, permanently failed, invalid: recorded and acknowledged (F);
-- a transient failure (4xx outlasting ``retry.max_attempts``): left pending with its
-  reason (D); it is claimed again after ``claim_after``, and after ``max_deliveries``
-  deliveries it goes to the dead stream with that reason;
-- never sent (stopping, pool closed, relay refused): released (R) — left pending but
-  made to look idle, so that the next claim by any worker takes it at once.
+- a transient failure (4xx outlasting ``retry.max_attempts``): deferred (D) — back to
+  the end of the stream at once with its reason, this delivery counted; after
+  ``max_deliveries`` such deliveries it goes to the dead stream with that reason;
+- never sent (stopping, pool closed, relay refused): released (R) — back to the end of
+  the stream at once, for any worker, without counting a delivery.
 """
 
 from __future__ import annotations
@@ -337,7 +337,7 @@ class Worker:
         entries: list[Entry] = []
         for _stream, items in reply or []:
             for entry_id, fields in items:
-                entries.append(_entry(entry_id, _flat(fields), 1, sent + self._lease))
+                entries.append(_entry(entry_id, _flat(fields), None, sent + self._lease))
         return entries
 
     async def _empty(self) -> bool:
@@ -363,8 +363,11 @@ class Worker:
         for entry in fresh:
             self.held[entry.entry_id] = entry
         if self.stopping.is_set():
+            # A read in flight when the stop began (it may return what this worker has
+            # just handed back): straight back again, not counted as released twice.
             for entry in fresh:
-                self._settle(b"R", entry)
+                entry.settling = True
+                self._settles.put_nowait(_Settle(b"R", entry))
             return
         try:
             done = await self._redis(lambda: self.redis.hmget(self.keys.done, [e.job_id for e in fresh]), "check")
@@ -517,8 +520,8 @@ class Worker:
 
     async def _commit(self, batch: list[_Settle], room: asyncio.Semaphore) -> None:
         keys = [self.keys.stream, self.keys.results, self.keys.done, self.keys.stats, self.keys.errors,
-                self.keys.finished]
-        args: list[Any] = [self.options.group, self.consumer, self._claim_ms * 2 + 1000]  # R: idle enough
+                self.keys.finished, self.keys.dead]
+        args: list[Any] = [self.options.group, self.consumer, self.options.max_deliveries]
         for s in batch:
             args += [s.kind, s.entry.entry_id, s.entry.job_id, s.status, s.payload]
         try:
@@ -613,7 +616,9 @@ def _flat(fields: Any) -> list[Any]:
     return list(fields or [])
 
 
-def _entry(entry_id: bytes, fields: list[Any], deliveries: int, lease_until: float) -> Entry:
+def _entry(entry_id: bytes, fields: list[Any], deliveries: int | None, lease_until: float) -> Entry:
+    """``deliveries`` None: read (XREADGROUP), this entry's first delivery, after the
+    ``tries`` of the entries it was handed back from."""
     values = dict(zip(fields[::2], fields[1::2], strict=True))
     raw_line = values.get(b"line", b"0")
     try:
@@ -621,6 +626,8 @@ def _entry(entry_id: bytes, fields: list[Any], deliveries: int, lease_until: flo
     except ValueError:
         line = 0
     job_id = values.get(b"id", b"").decode("utf-8", "replace")
+    if deliveries is None:
+        deliveries = 1 + int(values.get(b"tries", b"0") or 0)
     return Entry(entry_id, job_id, line, values.get(b"job"), deliveries, lease_until)
 
 
