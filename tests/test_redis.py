@@ -47,9 +47,9 @@ async def workers() -> AsyncIterator[list[WorkerProcess]]:
         await worker.kill()
 
 
-async def cli(*args: str, cwd: Path, timeout: float = 30) -> tuple[int, str, str]:
+async def cli(*args: str, cwd: Path, timeout: float = 30, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        *DISPATCHER, *args, cwd=cwd, env=ENV, stdin=asyncio.subprocess.DEVNULL,
+        *DISPATCHER, *args, cwd=cwd, env={**ENV, **(env or {})}, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     async with asyncio.timeout(timeout):
@@ -257,6 +257,26 @@ async def test_redis_unavailable_at_start_is_one_line_naming_the_url_without_its
         assert f"127.0.0.1:{port}" in err and "hunter2secret" not in err and "Traceback" not in err
     code, _, err = await cli("worker", cwd=tmp_path)
     assert code == 2 and "--redis URL is required" in err
+
+
+@pytest.mark.parametrize("url", [
+    "redis://:hunter2secret@127.0.0.1:6379/0", "redis://hunter2secret@127.0.0.1:6379/0",
+    "redis://user:hunter2secret@127.0.0.1/0", "redis:/:hunter2secret@127.0.0.1", "rediss//:hunter2secret@h:1/0",
+    "redis://127.0.0.1/0?password=hunter2secret&db=1", "redis://u:p@hunter2secret@127.0.0.1:1/0",
+])
+def test_redact_never_shows_the_password_whatever_the_urls_shape(url: str) -> None:
+    shown = redis_store.redact(url)
+    assert "hunter2secret" not in shown and "***" in shown
+
+
+async def test_the_redis_url_may_come_from_the_environment_so_that_ps_never_shows_its_password(
+    tmp_path: Path,
+) -> None:
+    require_redis()
+    async with RedisServer(tmp_path / "redis", password="hunter2secret") as server:
+        code, out, err = await cli("status", "--json", cwd=tmp_path, env={"DISPATCHER_REDIS_URL": server.url})
+    assert code == 0, err
+    assert json.loads(out)["enqueued"] == 0
 
 
 # -- workers ------------------------------------------------------------------------------
@@ -700,3 +720,82 @@ async def test_a_job_refused_4xx_every_time_goes_back_at_once_and_reaches_dead_w
     finally:
         await client.aclose()
     assert dead[b"id"] == b"job-busy" and dead[b"deliveries"] == b"3" and b"450" in dead[b"reason"]
+
+
+async def test_redis_out_of_memory_while_recording_is_waited_out_and_nothing_is_sent_twice(
+    redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    n = 10
+    async with FaultyServer() as server:
+        server.gate = asyncio.Event()
+        config = write_config(tmp_path / "c.yaml", server)
+        url = redis_server.url
+        await enqueue(url, write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(n)]))
+        worker = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--until-empty",
+                                           cwd=tmp_path)
+        await server.wait_for(lambda: server.data_started >= 2, timeout=20)
+        client = aioredis.Redis.from_url(url)
+        try:
+            await client.config_set("maxmemory", 1)  # every write that may grow memory is refused (OOM)
+            server.gate.set()
+            event = await worker.wait_event("redis.unavailable")
+            assert "maxmemory" in event["error"]
+            code, _, err = await cli("enqueue", str(tmp_path / "jobs.jsonl"), "--redis", url, cwd=tmp_path)
+            assert code == 2 and len(err.strip().splitlines()) == 1 and "out of memory" in err, err
+            await client.config_set("maxmemory", 0)
+        finally:
+            await client.aclose()
+        assert await worker.wait(timeout=30) == 0
+    assert not any("Traceback" in line for line in worker.text), worker.text
+    counts = delivered(server)
+    assert set(counts) == {f"job-{i}" for i in range(n)} and max(counts.values()) == 1
+    assert_one_row_per_id(await results(url), set(counts))
+
+
+async def test_a_deleted_stream_stops_the_worker_with_one_line_and_what_it_sent_is_recorded(
+    redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    async with FaultyServer() as server:
+        server.gate = asyncio.Event()
+        config = write_config(tmp_path / "c.yaml", server)
+        url = redis_server.url
+        await enqueue(url, write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(10)]))
+        worker = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), cwd=tmp_path)
+        await server.wait_for(lambda: server.data_started >= 2, timeout=20)
+        client = aioredis.Redis.from_url(url)
+        try:
+            await client.flushall()
+        finally:
+            await client.aclose()
+        server.gate.set()
+        assert await worker.wait(timeout=30) == 2
+    assert not any("Traceback" in line for line in worker.text), worker.text
+    said = [line for line in worker.text if line.startswith("dispatcher worker:")]
+    assert len(said) == 1 and "dispatcher:jobs" in said[0] and "gone" in said[0], worker.text
+    sent = set(delivered(server))
+    assert sent and {row["id"] for row in await results(url)} == sent  # recorded, so never sent again
+
+
+async def test_wrong_type_keys_and_a_user_without_scripting_are_one_line_exit_2(
+    redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    url = redis_server.url
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(1)])
+    client = aioredis.Redis.from_url(url)
+    try:
+        await client.set("dispatcher:jobs:done", "not a hash")
+        for args in (("enqueue", str(jobs)), ("status",), ("results",), ("worker", "--until-empty")):
+            code, _, err = await cli(*args, "--redis", url, cwd=tmp_path)
+            assert code == 2, (args, err)
+            assert len(err.strip().splitlines()) == 1 and "dispatcher:jobs:done" in err, (args, err)
+        await client.delete("dispatcher:jobs:done")
+        await client.execute_command("ACL", "SETUSER", "noscript", "on", ">pw", "~*", "&*", "+@all", "-@scripting")
+    finally:
+        await client.aclose()
+    limited = url.replace("redis://", "redis://noscript:pw@")
+    for args in (("enqueue", str(jobs)), ("worker", "--until-empty")):
+        code, _, err = await cli(*args, "--redis", limited, cwd=tmp_path)
+        assert code == 2, (args, err)
+        said = [line for line in err.splitlines() if line.startswith("dispatcher ")]  # a worker also logs
+        assert "permission" in said[-1] and "evalsha" in said[-1] and "Traceback" not in err, (args, err)
+        assert ":pw@" not in err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -18,12 +19,15 @@ from dispatcher.config import ConfigError, Settings, load_settings
 from dispatcher.exit import ExitCode
 from dispatcher.logs import configure_logging
 
+URL_VARIABLE = "DISPATCHER_REDIS_URL"
+
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     """The options of ``command`` (enqueue, worker, status, results)."""
     if command == "enqueue":
         parser.add_argument("jobs", metavar="JOBS", help="JSON Lines file of jobs, or - for standard input")
-    parser.add_argument("--redis", metavar="URL", help="redis://[:password@]host:port/db (default: redis.url)")
+    parser.add_argument("--redis", metavar="URL", help="redis://[:password@]host:port/db (default: redis.url, "
+                        "else $DISPATCHER_REDIS_URL; both keep a password off the command line)")
     parser.add_argument("--stream", metavar="NAME", help="the jobs stream (default: redis.stream, dispatcher:jobs)")
     parser.add_argument("--config", type=Path, help="YAML configuration (see config.example.yaml)")
     if command == "worker":
@@ -54,18 +58,24 @@ def _settings(args: argparse.Namespace, command: str) -> tuple[Settings, str, st
     except ConfigError as exc:
         print(f"dispatcher {command}: config error: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    url = args.redis or settings.redis.url
+    # The URL may hold a password: from the config or the environment it is not on the
+    # command line, where `ps` shows it to every user of the machine.
+    url = args.redis or settings.redis.url or os.environ.get(URL_VARIABLE)
     if not url:
-        print(f"dispatcher {command}: --redis URL is required (or redis.url in --config)", file=sys.stderr)
+        print(f"dispatcher {command}: --redis URL is required (or redis.url in --config, or {URL_VARIABLE})",
+              file=sys.stderr)
         return ExitCode.USAGE
     return settings, url, args.stream or settings.redis.stream
 
 
 def _run(command: str, args: argparse.Namespace,
          body: Callable[[Any, Any, Settings, str], Awaitable[int]]) -> int:
-    """Connect (exit 2 with one line naming the URL when Redis cannot be used), then run."""
+    """Connect (exit 2 with one line naming the URL when Redis cannot be used), then run.
+    A Redis error that waiting will not cure is one line too, exit 2."""
+    from redis.exceptions import RedisError
+
     from dispatcher.stream.keys import Keys
-    from dispatcher.stream.store import RedisUnavailable, check, client
+    from dispatcher.stream.store import RedisUnavailable, check, check_types, client, describe
 
     prepared = _settings(args, command)
     if isinstance(prepared, int):
@@ -77,6 +87,7 @@ def _run(command: str, args: argparse.Namespace,
         redis = client(url)
         try:
             await check(redis, url)
+            await check_types(redis, Keys(stream))
             return await body(redis, Keys(stream), settings, url)
         finally:
             await redis.aclose()
@@ -86,13 +97,19 @@ def _run(command: str, args: argparse.Namespace,
     except RedisUnavailable as exc:
         print(f"dispatcher {command}: {exc}", file=sys.stderr)
         return ExitCode.USAGE
+    except RedisError as exc:
+        print(f"dispatcher {command}: {describe(exc, Keys(stream), settings.redis.group)}", file=sys.stderr)
+        return ExitCode.USAGE
     except KeyboardInterrupt:
         return ExitCode.SIGNAL
 
 
 def enqueue(args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisError
+
     from dispatcher.compose import Composer
     from dispatcher.stream.enqueue import Enqueuer, open_jobs
+    from dispatcher.stream.store import describe
 
     if args.jobs != "-" and not Path(args.jobs).is_file():
         print(f"dispatcher enqueue: {args.jobs}: no such jobs file", file=sys.stderr)
@@ -111,8 +128,14 @@ def enqueue(args: argparse.Namespace) -> int:
             stream.close()
             print(f"dispatcher enqueue: {exc}", file=sys.stderr)
             return ExitCode.USAGE
-        with stream:
-            counts = await Enqueuer(redis, keys, settings.redis.group, composer).enqueue(stream)
+        enqueuer = Enqueuer(redis, keys, settings.redis.group, composer)
+        try:
+            with stream:
+                counts = await enqueuer.enqueue(stream)
+        except RedisError as exc:
+            print(f"dispatcher enqueue: {describe(exc, keys, settings.redis.group)}; {enqueuer.counts.added} jobs "
+                  f"were added before it, enqueue the same file again to add the rest", file=sys.stderr)
+            return ExitCode.USAGE
         print(f"dispatcher enqueue: {counts.added} jobs added to {keys.stream}, {counts.rejected} invalid "
               f"(in {keys.results}), {counts.already} already enqueued", file=sys.stderr)
         return ExitCode.FAILED if counts.rejected else ExitCode.OK

@@ -59,7 +59,8 @@ class Enqueuer:
         self._script = redis.register_script(ENQUEUE)
 
     async def enqueue(self, stream: IO[bytes]) -> EnqueueCounts:
-        await retrying(lambda: ensure_group(self.redis, self.keys, self.group), what="create group")
+        await retrying(lambda: ensure_group(self.redis, self.keys, self.group), what="create group",
+                       wait_out_of_memory=False)
         self._batch = []
         for line in read_lines(stream):
             row = await self.admit(line)  # may flush, replacing self._batch
@@ -119,7 +120,9 @@ class Enqueuer:
         args = [part for row in batch for part in row]
         keys = [self.keys.stream, self.keys.results, self.keys.ids, self.keys.lines, self.keys.done,
                 self.keys.stats]
-        added, rejected, already = await retrying(lambda: self._script(keys=keys, args=args), what="enqueue")
+        # At maxmemory: an error at once, not a wait (what is added stays; enqueuing again adds the rest).
+        added, rejected, already = await retrying(lambda: self._script(keys=keys, args=args), what="enqueue",
+                                                  wait_out_of_memory=False)
         self.counts.added += int(added)
         self.counts.rejected += int(rejected)
         self.counts.already += int(already)

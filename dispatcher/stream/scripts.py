@@ -52,7 +52,9 @@ return {added, rejected, already}
 #: why) — this delivery counts; at max_deliveries the job goes to the dead stream with
 #: that reason, otherwise back to the end of the stream at once. R: released (never
 #: sent) — back to the end of the stream, this delivery not counted. D and R act only on
-#: an entry still this consumer's. Returns the number newly done.
+#: an entry still this consumer's. With the group gone (the stream deleted, FLUSHALL),
+#: results are still recorded: what was sent is never sent again. Returns the number
+#: newly done.
 SETTLE = """
 local group, consumer, max = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local finished = 0
@@ -65,10 +67,11 @@ for i = 4, #ARGV, 5 do
       finished = finished + 1
     end
     redis.call('HDEL', KEYS[5], id)
-    redis.call('XACK', KEYS[1], group, entry)
+    redis.pcall('XACK', KEYS[1], group, entry)
     redis.call('XDEL', KEYS[1], entry)
   else
-    local p = redis.call('XPENDING', KEYS[1], group, entry, entry, 1)
+    local p = redis.pcall('XPENDING', KEYS[1], group, entry, entry, 1)
+    if p['err'] then p = {} end
     local e = redis.call('XRANGE', KEYS[1], entry, entry)
     if p[1] and p[1][2] == consumer and e[1] then
       local f = {}

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import structlog
 from redis import exceptions as redis_errors
@@ -36,21 +36,43 @@ class Stopped(Exception):
     """Raised instead of waiting any longer for Redis once the caller is stopping."""
 
 
+#: What each key must hold; "none" (not there yet) is always fine.
+KEY_TYPES = {"stream": "stream", "results": "stream", "dead": "stream", "ids": "hash", "lines": "set",
+             "done": "hash", "stats": "hash", "errors": "hash", "rate": "string"}
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Redis refused a write at ``maxmemory`` (OOM): it frees memory only when someone
+    deletes something, but it will take writes again then, like a Redis come back."""
+    # redis-py takes the "OOM" prefix off the reply (OutOfMemoryError); a script's error keeps it.
+    return isinstance(exc, redis_errors.OutOfMemoryError) or (
+        isinstance(exc, redis_errors.ResponseError) and "command not allowed when used memory" in str(exc))
+
+
+def describe(exc: redis_errors.RedisError, keys: Keys, group: str) -> str:
+    """One line for a Redis error that waiting will not cure (a deleted stream or group,
+    a key of another type, missing permissions), naming the key or the command."""
+    text = one_line(exc)
+    if "NOGROUP" in text or "UNBLOCKED" in text:
+        return (f"the stream {keys.stream} or its group {group} is gone (deleted, FLUSHALL, or Redis restarted "
+                f"without its AOF): {text}")
+    if out_of_memory(exc):
+        return f"Redis is out of memory (maxmemory): {text}"
+    if isinstance(exc, redis_errors.NoPermissionError):
+        return f"the Redis user lacks a permission dispatcher needs (scripting, streams, hashes): {text}"
+    return f"Redis refused: {text}"
+
+
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (userinfo and ``?password=``)."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            host = netloc.rpartition("@")[2]
-            netloc = f"{parts.username or ''}:***@{host}"
-        query = parts.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode([(k, "***" if "password" in k.lower() else v) for k, v in pairs], safe="*")
-        return urlunsplit(parts._replace(netloc=netloc, query=query))
-    except ValueError:
-        return "<the Redis URL>"
+    """``url`` with everything before its host's ``@`` (user and password) and any
+    ``password=`` parameter replaced by ``***``. Whatever the URL's shape (no colon before
+    the password, a typo in the scheme), it errs on hiding too much."""
+    scheme = re.match(r"[A-Za-z][A-Za-z0-9+.\-]*:/*", url)
+    head = scheme.group(0) if scheme else ""
+    rest = url[len(head):]
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    return head + re.sub(r"(?i)(password=)[^&#]*", r"\1***", rest)
 
 
 def one_line(exc: BaseException) -> str:
@@ -82,6 +104,21 @@ async def check(redis: Redis, url: str) -> None:
         raise RedisUnavailable(f"cannot use Redis at {redact(url)}: {one_line(exc)}") from None
 
 
+async def check_types(redis: Redis, keys: Keys) -> None:
+    """Raise RedisUnavailable naming the first key that holds another type than ours
+    (another program uses the name)."""
+    names = {field: getattr(keys, field) for field in KEY_TYPES}
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in names.values():
+            pipe.type(name)
+        found = await pipe.execute()
+    for (field, name), kind in zip(names.items(), found, strict=True):
+        kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+        if kind not in ("none", KEY_TYPES[field]):
+            raise RedisUnavailable(f"{name} holds a {kind}, not a {KEY_TYPES[field]}: another program uses this "
+                                   f"name; pick another --stream")
+
+
 async def ensure_group(redis: Redis, keys: Keys, group: str) -> None:
     """Create the stream and its consumer group (from the first entry) unless they exist."""
     try:
@@ -93,18 +130,20 @@ async def ensure_group(redis: Redis, keys: Keys, group: str) -> None:
 
 async def retrying(
     op: Callable[[], Awaitable[T]], *, what: str, stop: asyncio.Event | None = None, max_delay: float = 2.0,
-    on_back: Callable[[], None] | None = None,
+    on_back: Callable[[], None] | None = None, wait_out_of_memory: bool = True,
 ) -> T:
     """Run ``op`` until Redis answers, backing off (full jitter, 50 ms doubling to
-    ``max_delay``) while it is unavailable; ``on_back()`` runs when it answers again.
-    With ``stop`` set, raises Stopped instead of waiting again. Other Redis errors
-    propagate."""
+    ``max_delay``) while it is unavailable or, with ``wait_out_of_memory``, refusing
+    writes at ``maxmemory``; ``on_back()`` runs when it answers again. With ``stop``
+    set, raises Stopped instead of waiting again. Other Redis errors propagate."""
     delay = 0.05
     down_since: float | None = None
     while True:
         try:
             result = await op()
-        except UNAVAILABLE as exc:
+        except (*UNAVAILABLE, redis_errors.ResponseError) as exc:
+            if isinstance(exc, redis_errors.ResponseError) and not (wait_out_of_memory and out_of_memory(exc)):
+                raise
             if down_since is None:
                 down_since = time.monotonic()
                 log.warning("redis.unavailable", doing=what, error=one_line(exc))

@@ -53,7 +53,7 @@ from dispatcher.sink import DEFAULT_MAILDIR, CaptureServer
 from dispatcher.stream.keys import Keys
 from dispatcher.stream.ratelimit import RedisRateLimiter
 from dispatcher.stream.scripts import CONFIRM, FORGET, PRUNE, SETTLE, TAKE, TOUCH
-from dispatcher.stream.store import Stopped, ensure_group, redact, result_row, retrying
+from dispatcher.stream.store import Stopped, describe, ensure_group, redact, result_row, retrying
 from dispatcher.templates import SETTINGS_FIELDS
 from pool import DeliveryError, PoolClosedError, PoolError, RelayError, SMTPPool, Withdrawn
 from pool.config import SMTPSettings
@@ -158,6 +158,7 @@ class Worker:
         self.signalled = False
         self.fatal: RelayError | None = None
         self.broken: str | None = None  # the pool failed (a bug): why
+        self.refused: str | None = None  # Redis refused a command for good (one line): why
         self.pool: SMTPPool | None = None
         self.composer: Composer | None = None  # made by execute (it reads the DKIM key)
         self.limiter: RedisRateLimiter | None = None
@@ -183,7 +184,11 @@ class Worker:
     async def execute(self) -> int:
         """Work until stopped (or, with ``until_empty``, until the stream is empty).
         Returns the exit status. Redis must have answered a PING already."""
-        await retrying(lambda: ensure_group(self.redis, self.keys, self.options.group), what="create group")
+        try:
+            await retrying(lambda: ensure_group(self.redis, self.keys, self.options.group), what="create group")
+        except redis_errors.RedisError as exc:
+            print(f"dispatcher worker: {describe(exc, self.keys, self.options.group)}", file=sys.stderr)
+            return ExitCode.USAGE
         sink: CaptureServer | None = None
         settings = self.settings
         if settings.relays:
@@ -239,6 +244,9 @@ class Worker:
         if self.fatal is not None:
             print(f"dispatcher worker: relay {self.fatal.relay}: {self.fatal}", file=sys.stderr)
             return ExitCode.RELAY_DOWN if self.fatal.transient else ExitCode.USAGE
+        if self.refused is not None:
+            print(f"dispatcher worker: {self.refused}; stopped", file=sys.stderr)
+            return ExitCode.USAGE
         if self.broken is not None:
             print(f"dispatcher worker: stopped: {self.broken} (its jobs were handed back)", file=sys.stderr)
             return ExitCode.USAGE
@@ -322,18 +330,10 @@ class Worker:
 
     async def _read_new(self, block_ms: int) -> list[Entry]:
         sent = time.monotonic()
-        try:
-            reply = await self._redis(
-                lambda: self.redis.xreadgroup(self.options.group, self.consumer, {self.keys.stream: ">"},
-                                              count=self._room_left(), block=block_ms),
-                "read")
-        except redis_errors.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            # The group is gone: Redis lost its data (no AOF?) or someone deleted the stream.
-            log.error("worker.group_missing", stream=self.keys.stream, group=self.options.group)
-            await self._redis(lambda: ensure_group(self.redis, self.keys, self.options.group), "create group")
-            return []
+        reply = await self._redis(
+            lambda: self.redis.xreadgroup(self.options.group, self.consumer, {self.keys.stream: ">"},
+                                          count=self._room_left(), block=block_ms),
+            "read")
         entries: list[Entry] = []
         for _stream, items in reply or []:
             for entry_id, fields in items:
@@ -346,7 +346,21 @@ class Worker:
         return int(await self._redis(lambda: self.redis.xlen(self.keys.stream), "length")) == 0
 
     async def _redis(self, op: Any, what: str) -> Any:
-        return await retrying(op, what=what, stop=self.stopping, on_back=self._redis_back)
+        """``op`` through ``retrying``; Stopped when stopping while Redis is away, or when
+        Redis refuses it for good (then the worker stops, exit 2)."""
+        try:
+            return await retrying(op, what=what, stop=self.stopping, on_back=self._redis_back)
+        except redis_errors.ResponseError as exc:
+            self._refuse(exc, what)
+            raise Stopped from None
+
+    def _refuse(self, exc: redis_errors.RedisError, what: str) -> None:
+        """Redis refused a command for good (a deleted stream or group, a key of another
+        type, a permission): stop. What is held is handed back (if Redis lets us)."""
+        if self.refused is None:
+            self.refused = describe(exc, self.keys, self.options.group)
+            log.error("worker.redis_refused", doing=what, error=self.refused)
+        self._stop()
 
     def _redis_back(self) -> None:
         """Redis was away (restarting?): every worker's touches failed meanwhile, so the
@@ -527,6 +541,8 @@ class Worker:
         try:
             await retrying(partial(self._settle_script, keys=keys, args=args), what="record results",
                            on_back=self._redis_back)
+        except redis_errors.ResponseError as exc:
+            self._refuse(exc, "record results")  # not recorded: these jobs may be sent again
         finally:
             room.release()
         for s in batch:
@@ -570,6 +586,9 @@ class Worker:
                                    what="prune", stop=self._finishing)
             except Stopped:
                 return
+            except redis_errors.ResponseError as exc:
+                self._refuse(exc, "touch")
+                return
 
     async def _forget(self) -> None:
         """Leave the group's consumer list when nothing of ours is pending (one try)."""
@@ -579,7 +598,7 @@ class Worker:
         try:
             await retrying(partial(script, keys=[self.keys.stream], args=[self.options.group, self.consumer]),
                            what="leave the group", stop=gone)
-        except Stopped:
+        except (Stopped, redis_errors.ResponseError):
             pass
 
     # -- signals --
