@@ -85,6 +85,7 @@ class ComposeProcess:
         self._fd = read_end
         self._buffer = bytearray()
         self._status: int | None = None
+        self.blank = 0  # blank lines of the jobs file, known at its end
 
     async def outcomes(self, read: Any) -> AsyncIterator[tuple[int, list[Composed]]]:
         """(bytes of the jobs file read so far, a batch of outcomes) until the end.
@@ -97,7 +98,12 @@ class ComposeProcess:
             if kind == "B":
                 yield frame[1], [_decode(item) for item in frame[2]]
             elif kind == "E":
-                self._reap(wait=False)  # it is exiting: no zombie for the rest of the run
+                self.blank = frame[2]
+                # The child exits next: its end of the pipe closes when it does, and then it
+                # is reaped, not left a zombie for the rest of the run.
+                while await read(PIPE_SIZE):
+                    pass
+                self._reap()
                 yield frame[1], []
                 return
             elif kind == "O":
@@ -189,7 +195,7 @@ def _child(composer: Composer, fd: int, out: int, journal: Journal) -> None:
             if not chunk:
                 if batch:
                     send(("B", read, batch))
-                send(("E", read))
+                send(("E", read, splitter.blank))
                 return
     except BrokenPipeError:
         return

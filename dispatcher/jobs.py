@@ -169,6 +169,7 @@ class LineSplitter:
     def __init__(self, max_bytes: int = MAX_LINE_BYTES) -> None:
         self.max_bytes = max_bytes
         self._number = 0
+        self.blank = 0  # blank lines skipped so far
         self._parts: list[bytes] = []  # the line being read, when a chunk ended inside it
         self._held = 0
         self._overlong = False
@@ -213,6 +214,7 @@ class LineSplitter:
             if self._number == 1 and content.startswith(_BOM):
                 content = content[len(_BOM):]
             if not content.strip():
+                self.blank += 1
                 return None
         return Line(self._number, content, size)
 

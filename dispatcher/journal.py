@@ -39,6 +39,11 @@ class JournalBusy(Exception):
     """Another run holds the results file's lock."""
 
 
+class TempFileError(OSError):
+    """The temporary file of the job ids seen in this run cannot be written (a full
+    TMPDIR): ``strerror`` says so in one line."""
+
+
 def _digest(key: bytes) -> int:
     """64 bits of BLAKE2b. Tests replace it to force collisions."""
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
@@ -171,11 +176,17 @@ class _Spill:
         return os.pread(self._fd, length, offset + size), line
 
     def _flush(self) -> None:
-        if self._fd < 0:
-            fd, name = tempfile.mkstemp(prefix="dispatcher-ids-")
-            os.unlink(name)
-            self._fd = fd
-        _write_all(self._fd, self._pending)
+        where = os.environ.get("TMPDIR") or tempfile.gettempdir()  # TMPDIR itself, never a fallback
+        try:
+            if self._fd < 0:
+                fd, name = tempfile.mkstemp(prefix="dispatcher-ids-", dir=where)
+                os.unlink(name)
+                self._fd = fd
+            _write_all(self._fd, self._pending)
+        except OSError as exc:
+            raise TempFileError(exc.errno, f"cannot write the job ids' temporary file in {where}: "
+                                f"{exc.strerror or exc} (it needs about 21 bytes per job id; "
+                                "TMPDIR names the directory)") from exc
         self._flushed += len(self._pending)
         self._pending = bytearray()
 
@@ -281,6 +292,8 @@ class Journal:
         self._index = KeyIndex(self._resolve)
         self._fd = -1
         self._reader = -1
+        self.created = False  # by this run's open
+        self.recorded = 0  # rows written by this run
         self._broken: OSError | None = None
         self._last_sync = 0.0
         self._dirty = False
@@ -296,6 +309,7 @@ class Journal:
         Raises JournalBusy when another run holds the lock, OSError when the file
         cannot be read or created."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = not self.path.exists()
         # Non-blocking: a FIFO in its place must not block the open (it is refused below).
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
         try:
@@ -446,6 +460,7 @@ class Journal:
             raise self._broken
         try:
             _write_all(self._fd, encode_result(result))
+            self.recorded += 1
             self._dirty = True
             now = time.monotonic()
             if now - self._last_sync >= FSYNC_INTERVAL:
@@ -460,8 +475,14 @@ class Journal:
             self._dirty = False
         self._last_sync = now if now is not None else time.monotonic()
 
-    def close(self) -> None:
-        """Fsync and close (which releases the lock). Raises OSError if the fsync fails."""
+    def close(self, *, discard_unused: bool = False) -> None:
+        """Fsync and close (which releases the lock). Raises OSError if the fsync fails.
+        ``discard_unused``: remove the file when this run created it and wrote nothing."""
+        if discard_unused and self.created and not self.recorded and self._fd >= 0:
+            try:
+                os.unlink(self.path)  # under the lock: no other run is using it
+            except OSError:
+                pass
         try:
             if self._fd >= 0 and self._broken is None:
                 self.sync()

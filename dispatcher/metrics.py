@@ -66,7 +66,7 @@ class RunMetrics(Collector):
             for status in STATUSES:
                 jobs.add_metric([status], c.counts.get(status, 0))
         yield jobs
-        yield CounterMetricFamily("dispatcher_jobs_read", "Lines of the jobs file read so far (blank ones apart).",
+        yield CounterMetricFamily("dispatcher_jobs_read", "Lines of the jobs file read so far (blank ones too).",
                                   value=None if empty else c.jobs_read)
         yield GaugeMetricFamily("dispatcher_input_bytes_read", "Bytes of the jobs file read so far.",
                                 value=None if empty else c.bytes_read)

@@ -39,7 +39,7 @@ from dispatcher.compose_process import ComposeProcess, ComposeProcessError
 from dispatcher.compose_process import usable as compose_process_usable
 from dispatcher.config import Settings, pool_kwargs
 from dispatcher.jobs import JobError, Line, LineSplitter, Outgoing
-from dispatcher.journal import Claim, Journal, JournalBusy
+from dispatcher.journal import Claim, Journal, JournalBusy, TempFileError
 from dispatcher.loop.suppression import Admission, StoreError, SuppressionStore
 from dispatcher.metrics import MetricsError, RunMetrics, write_textfile
 from dispatcher.metrics import serve as serve_metrics
@@ -47,7 +47,7 @@ from dispatcher.progress import LiveDisplay
 from dispatcher.relays import Sender, build_router
 from dispatcher.signals import signal_handlers
 from dispatcher.sink import DEFAULT_MAILDIR, CaptureServer
-from dispatcher.templates import SETTINGS_FIELDS
+from dispatcher.templates import SETTINGS_FIELDS, TemplatesSettings
 from pool import DeliveryError, PoolClosedError, RelayError, SMTPPool
 from pool.envelope import for_recipients
 
@@ -96,7 +96,8 @@ class Tally:
     started: float = field(default_factory=time.monotonic)
     bytes_done: int = 0  # of lines whose job has ended: what the bar shows
     bytes_total: int | None = None  # the jobs file's size, when it is a regular file
-    jobs_read: int = 0  # lines read (blank ones apart), whatever became of them
+    jobs_read: int = 0  # lines read, whatever became of them (blank ones too: they are lines of the file)
+    blank: int = 0  # blank lines: read, and neither a job nor a result
     bytes_read: int = 0  # of the jobs file, read so far
     unsent_before: int = 0  # skipped lines whose earlier result was failed or invalid
 
@@ -182,6 +183,11 @@ class Run:
         root = self.attachments_root
         if not root.is_dir():
             raise RunError(f"attachments root {root}: not a directory")
+        where = self.settings.templates.dir
+        if where != TemplatesSettings().dir and not where.is_dir():  # configured (the default may be absent)
+            # Every templated job would fail alike: say it before anything is sent or recorded.
+            raise RunError(f"templates.dir: {str(where)!r} does not exist (a relative directory is "
+                           f"taken from {str(Path.cwd())!r})")
         try:
             self.admission.load()
         except StoreError as exc:
@@ -232,18 +238,23 @@ class Run:
 
     async def execute(self) -> int:
         """Run to the end; returns the exit status. Raises RunError before anything is sent."""
-        self._open()
+        metrics_server = None
+        if self.settings.metrics.port is not None:  # first: a busy port is the only line said, no file made
+            try:
+                metrics_server = serve_metrics(self.settings.metrics.address, self.settings.metrics.port,
+                                               self.registry)
+            except MetricsError as exc:
+                raise RunError(str(exc)) from None
+            self._announce.append(("run.metrics", {"url": metrics_server.url}))
+        try:
+            self._open()
+        except BaseException:
+            if metrics_server is not None:
+                metrics_server.stop()
+            raise
         assert self._source is not None
         sink: CaptureServer | None = None
-        metrics_server = None
         try:
-            if self.settings.metrics.port is not None:  # first: a busy port is the only line said
-                try:
-                    metrics_server = serve_metrics(self.settings.metrics.address, self.settings.metrics.port,
-                                                   self.registry)
-                except MetricsError as exc:
-                    raise RunError(str(exc)) from None
-                self._announce.append(("run.metrics", {"url": metrics_server.url}))
             if self.settings.smtp is None and not self.settings.relays:
                 sink = await CaptureServer(maildir=self.options.maildir).start()
                 print(
@@ -269,7 +280,9 @@ class Run:
                 self._composing.close()
             self._source.close()
             try:
-                self.journal.close()
+                # A run that stopped on its configuration or the relay before its first
+                # result leaves no empty results file of its own behind.
+                self.journal.close(discard_unused=self._stop_code in (EXIT_USAGE, EXIT_RELAY_DOWN))
             except OSError as exc:  # the last fsync: results of this run may not be on disk
                 self._error(f"cannot write the results file {self.options.results}: {exc.strerror or exc}")
                 if self._stop_code is None:
@@ -290,7 +303,8 @@ class Run:
         counts = self.tally.counts
         elapsed = time.monotonic() - self.tally.started
         log.info("run.summary", **counts, elapsed_s=round(elapsed, 3), rate=round(self.tally.rate(), 1),
-                 skipped_not_sent=self.tally.unsent_before, stopped_by_signal=self.signalled)
+                 skipped_not_sent=self.tally.unsent_before, blank_lines=self.tally.blank,
+                 stopped_by_signal=self.signalled)
         if self._stop_code is not None:
             return self._stop_code
         return EXIT_SOME_FAILED if counts["failed"] or counts["invalid"] or self.tally.unsent_before else EXIT_OK
@@ -348,6 +362,8 @@ class Run:
             self._halt(EXIT_ERROR, str(exc))
         except ComposeProcessError as exc:
             self._halt(EXIT_ERROR, f"{exc}; run stopped")
+        except TempFileError as exc:
+            self._halt(EXIT_ERROR, f"{exc.strerror}; run stopped")
         except OSError as exc:
             self._halt(EXIT_ERROR, f"{self.options.jobs}: cannot read the jobs file: {exc.strerror or exc}")
         except Exception as exc:  # a bug: stop the run, never hang
@@ -364,6 +380,7 @@ class Run:
             for line in splitter.feed(chunk) if chunk else splitter.end():
                 await self._launch(pool, group, self._admit(line))
             if not chunk:
+                self._blank(splitter.blank)
                 return
 
     async def _read_composed(self, pool: Sender, group: asyncio.TaskGroup) -> None:
@@ -373,6 +390,12 @@ class Run:
             self.tally.bytes_read = read
             for number, size, outcome in batch:
                 await self._launch(pool, group, self._admit_composed(number, size, outcome))
+        self._blank(self._composing.blank)
+
+    def _blank(self, lines: int) -> None:
+        """The blank lines of the jobs file, counted once it has been read to its end."""
+        self.tally.blank = lines
+        self.tally.jobs_read += lines
 
     async def _launch(self, pool: Sender, group: asyncio.TaskGroup, item: _Item | None) -> None:
         """One sender for a job to send, once the pool has room for it."""
@@ -465,8 +488,11 @@ class Run:
         return _Item(number, job_id, size, outcome.outgoing, retry=retry)
 
     def _invalid(self, number: int, job_id: str | None, exc: JobError, size: int) -> None:
-        if exc.field in SETTINGS_FIELDS:  # every job would fail alike: stop, record nothing
-            self._halt(EXIT_USAGE, f"{exc}; nothing recorded, fix the configuration and run the same command")
+        if self._stop.is_set():
+            return  # not recorded: the run stopped before this line, the next run judges it
+        if exc.field in SETTINGS_FIELDS:  # every job would fail alike: stop, record nothing more
+            self._halt(EXIT_USAGE, f"{exc}; the run stopped at line {number} (nothing recorded from it on): fix "
+                                   "the configuration and run the same command")
             return
         message = f"line {number}: {exc}"
         log.warning("job.invalid", line=number, id=job_id, field=exc.field, error=str(exc))

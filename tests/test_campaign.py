@@ -51,8 +51,9 @@ async def run(tmp_path: Path, jobs: list[dict[str, Any] | str], config: Path) ->
     """Run the jobs; returns (exit status, stderr, results by id or line)."""
     write_jobs(tmp_path / "jobs.jsonl", jobs)
     code, _, err = await dispatcher("run", "jobs.jsonl", "--config", str(config), "--no-progress", cwd=tmp_path)
+    written = tmp_path / "jobs.results.jsonl"  # absent after a run that stopped before its first job
     rows = {row["id"] if row["id"] is not None else f"line {row['line']}": row
-            for row in results(tmp_path / "jobs.results.jsonl")}
+            for row in (results(written) if written.exists() else [])}
     return code, err, rows
 
 

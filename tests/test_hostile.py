@@ -8,13 +8,21 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from smtpserver import FaultyServer
 from test_dispatcher import job, results, write_config, write_jobs
 from test_run_faults import finish, spawn
+
+import dispatcher.compose_process as compose_module
+import dispatcher.journal as journal_module
+from dispatcher.config import load_settings
+from dispatcher.runner import EXIT_ERROR, Run, RunOptions
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -138,3 +146,119 @@ async def test_a_results_file_that_is_a_fifo_or_a_pipe_is_refused_at_once(
     code, err = await finish(proc, timeout=15)
     assert code == 2 and "/dev/stdout: the results file must be a regular file" in err
     assert server.messages == []
+
+
+# -- 4. a full TMPDIR ----------------------------------------------------------------
+
+
+async def test_a_tmpdir_that_cannot_be_written_is_named_not_the_jobs_file(
+    server: FaultyServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(journal_module._Spill, "FLUSH_AT", 256)  # the ids reach the file after a few jobs
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "gone"))  # honoured, not replaced by /tmp
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(200)])
+    settings = load_settings(write_config(tmp_path / "c.yaml", server))
+    run = Run(RunOptions(jobs=str(jobs), results=tmp_path / "r.jsonl", progress=False, compose_process=False),
+              settings)
+    async with asyncio.timeout(20):
+        code = await run.execute()
+    assert code == EXIT_ERROR
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dispatcher:")]
+    assert said == [f"dispatcher: cannot write the job ids' temporary file in {tmp_path / 'gone'}: No such file "
+                    "or directory (it needs about 21 bytes per job id; TMPDIR names the directory); run stopped"]
+
+
+# -- 6. a missing templates.dir ------------------------------------------------------
+
+
+async def test_a_missing_templates_dir_is_said_before_anything_is_sent_or_recorded(
+    server: FaultyServer, tmp_path: Path
+) -> None:
+    templated = {"id": "t", "template": "welcome", "to": ["a@example.net"], "from": "a@example.org"}
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(20)] + [templated]
+                      + [job(i) for i in range(20, 40)])
+    config = write_config(tmp_path / "c.yaml", server)
+    with config.open("a") as f:
+        f.write("templates:\n  dir: nowhere\n")
+    for compose_process in ("--compose-process", "--no-compose-process"):
+        proc = await spawn("run", str(jobs), "--config", str(config), compose_process, cwd=tmp_path)
+        code, err = await finish(proc)
+        assert code == 2
+        assert err.strip() == (f"dispatcher: templates.dir: 'nowhere' does not exist (a relative directory is "
+                               f"taken from {str(tmp_path)!r})")
+        assert not (tmp_path / "jobs.results.jsonl").exists()
+    assert server.messages == []
+
+
+# -- 7. exit 2 leaves nothing behind; blank lines are counted ------------------------------
+
+
+async def test_an_exit_2_run_leaves_no_results_file_of_its_own(tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(5)])
+    async with FaultyServer(credentials=("user", "right")) as server:
+        config = tmp_path / "c.yaml"
+        config.write_text(f"smtp:\n  hostname: 127.0.0.1\n  port: {server.port}\n  start_tls: false\n"
+                          "  username: user\n  password: wrong\n")
+        proc = await spawn("run", str(jobs), "--config", str(config), cwd=tmp_path)
+        code, err = await finish(proc)
+        assert code == 2, err
+        assert "refused the login: 535" in err
+        assert not (tmp_path / "jobs.results.jsonl").exists()
+        with socket.socket() as taken:  # a busy metrics port: said before the results file is made
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            proc = await spawn("run", str(jobs), "--config", str(config), "--metrics-port",
+                               str(taken.getsockname()[1]), cwd=tmp_path)
+            code, err = await finish(proc)
+        assert code == 2 and "already in use" in err
+        assert not (tmp_path / "jobs.results.jsonl").exists()
+        assert server.messages == []
+
+
+@pytest.mark.parametrize("compose_process", ["--compose-process", "--no-compose-process"])
+async def test_blank_lines_are_counted_as_read_and_said(
+    server: FaultyServer, tmp_path: Path, compose_process: str
+) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(1), "", job(2), "   ", job(3), ""])
+    config = write_config(tmp_path / "c.yaml", server)
+    proc = await spawn("run", str(jobs), "--config", str(config), compose_process, "--no-progress",
+                       "--metrics-textfile", "m.prom", cwd=tmp_path)
+    code, err = await finish(proc)
+    assert code == 0, err
+    summary = json.loads(err.splitlines()[-1])
+    assert summary["event"] == "run.summary" and summary["sent"] == 3 and summary["blank_lines"] == 3
+    assert "dispatcher_jobs_read_total 6.0" in (tmp_path / "m.prom").read_text()
+
+
+# -- 11. the compose process is reaped when it ends ------------------------------------------
+
+
+async def test_the_compose_process_is_reaped_as_soon_as_it_ends(
+    server: FaultyServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compose = compose_module._child
+
+    def slow_to_exit(*args: Any) -> None:  # in the child: its exit comes after its last frame is read
+        compose(*args)
+        time.sleep(0.5)
+
+    monkeypatch.setattr(compose_module, "_child", slow_to_exit)
+    server.gate = asyncio.Event()  # the run goes on (messages wait at end-of-DATA) after the child is done
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(5)])
+    settings = load_settings(write_config(tmp_path / "c.yaml", server, size=2, queue_size=10))
+    run = Run(RunOptions(jobs=str(jobs), results=tmp_path / "r.jsonl", progress=False, compose_process=True),
+              settings)
+    running = asyncio.create_task(run.execute())
+    try:
+        async with asyncio.timeout(20):
+            while run._composing is None or run.tally.jobs_read < 5:
+                await asyncio.sleep(0.01)
+            child = Path(f"/proc/{run._composing.pid}")
+            while child.exists():  # a zombie keeps its /proc entry until it is reaped
+                assert not running.done()
+                await asyncio.sleep(0.01)
+        assert len(server.messages) == 0  # the run was still under way
+    finally:
+        server.gate.set()
+    async with asyncio.timeout(20):
+        assert await running == 0
