@@ -36,6 +36,7 @@ from dispatcher.jobs import (
     parse_line,
     validation_error,
 )
+from dispatcher.loop.verp import ReturnPath
 from dispatcher.templates import TemplatedJob, TemplateError, Templates, Unsubscribe, job_context, merge_unsubscribe
 from pool.dkim import DKIMSigner
 
@@ -91,6 +92,8 @@ class Composer:
         self.templates = Templates.from_settings(settings.templates)
         self.unsubscribe = Unsubscribe.from_settings(settings.unsubscribe)
         self.signer = DKIMSigner.from_settings(settings.dkim) if sign and settings.dkim is not None else None
+        path = settings.jobs.return_path
+        self.return_path = ReturnPath(path) if path is not None else None  # VERP (dispatcher.loop.verp)
 
     @overload
     def compose(self, line: Line) -> Ready | Invalid: ...
@@ -131,6 +134,8 @@ class Composer:
         except JobError as exc:
             exc.job_id = job.id
             raise
+        if self.return_path is not None and not isinstance(ready, RawJob):  # a raw job keeps its mail_from
+            outgoing.sender = self.return_path.render(job.id)
         if self.signer is not None:
             try:
                 outgoing.message = self.signer.sign(outgoing.message)

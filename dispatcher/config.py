@@ -35,6 +35,20 @@ class MetricsSettings(_Section):
 class JobsSettings(_Section):
     attachments_root: Path | None = None  # attachment paths must resolve inside it [the jobs file's directory]
     default_from: str | None = None  # the From of a job that gives none (templates, SPEC section 6)
+    # The envelope sender of composed and templated jobs, per job (VERP): bounces+{{ id }}@example.org
+    return_path: str | None = None
+
+    @field_validator("return_path")
+    @classmethod
+    def _return_path(cls, value: str | None) -> str | None:
+        if value is not None:
+            from dispatcher.loop.verp import ReturnPath
+
+            try:
+                ReturnPath(value)
+            except ValueError as exc:
+                raise ValueError(str(exc).removeprefix("jobs.return_path: ")) from None
+        return value
 
 
 class LoggingSettings(_Section):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -45,6 +46,17 @@ def add_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     export.add_argument("--reason", choices=reasons)
     for parser in (add, remove, listing, imports, export):
         parser.add_argument("--config", type=Path, help="YAML configuration (suppression.path)")
+
+    bounces = commands.add_parser("bounces", help="read bounce and complaint reports; suppress the addresses")
+    bounces.add_argument("sources", metavar="SOURCE", nargs="+",
+                         help="a Maildir directory, an mbox file, or imaps://user@host[:port]/MAILBOX "
+                              "(password: bounces.imap_password)")
+    bounces.add_argument("--config", type=Path, help="YAML configuration (suppression.path, jobs.return_path, "
+                                                     "bounces.imap_password)")
+    bounces.add_argument("--dry-run", action="store_true",
+                         help="print what would be done; suppress nothing and mark nothing seen")
+    bounces.add_argument("--metrics-textfile", type=Path, metavar="FILE",
+                         help="write dispatcher_bounces_total{type} to FILE at the end")
 
     server = commands.add_parser("unsubscribe-server", help="serve one-click unsubscribes (RFC 8058) into the "
                                                             "suppression list")
@@ -236,6 +248,78 @@ def unsubscribe_server(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def bounces(args: argparse.Namespace) -> int:
+    """Each source in turn: classify every unread message, print a JSON line per
+    report, suppress, then mark the classified messages seen (unknown ones untouched).
+    Exit 0; 2 when a source or the configuration cannot be used."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    from dispatcher.loop.bounces import Kind, SourceError, classify, open_source
+    from dispatcher.loop.verp import ReturnPath
+    from dispatcher.metrics import write_textfile
+
+    try:
+        settings = load_settings(args.config) if args.config else Settings()
+    except ConfigError as exc:
+        print(f"dispatcher bounces: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return_path = ReturnPath(settings.jobs.return_path) if settings.jobs.return_path else None
+    password = settings.bounces.imap_password
+    registry = CollectorRegistry()
+    counted = Counter("dispatcher_bounces", "Reports read by dispatcher bounces, by type.", ["type"],
+                      registry=registry)
+    for kind in Kind:
+        counted.labels(kind.value)
+    store = SuppressionStore(settings.suppression.path)
+    status = EXIT_OK
+    totals: dict[str, int] = {}
+    try:
+        for spec in args.sources:
+            try:
+                source = open_source(spec, password=password.get_secret_value() if password else None,
+                                     timeout=settings.bounces.imap_timeout, ca_file=settings.bounces.ca_file)
+            except SourceError as exc:
+                print(f"dispatcher bounces: {exc}", file=sys.stderr)
+                status = EXIT_USAGE
+                continue
+            try:
+                processed = []
+                records = []
+                for item in source.messages():
+                    reports = classify(item.raw, return_path)
+                    for report in reports:
+                        report = dataclasses.replace(report, source=f"{source.name}#{item.key}")
+                        counted.labels(report.type.value).inc()
+                        totals[report.type.value] = totals.get(report.type.value, 0) + 1
+                        sys.stdout.write(json.dumps(report.as_dict(), ensure_ascii=False) + "\n")
+                        if report.suppresses:
+                            records.append(report.record())
+                    if any(r.type is not Kind.UNKNOWN for r in reports):
+                        processed.append(item)
+                sys.stdout.flush()
+                if not args.dry_run:
+                    store.add(records)  # first: a message is marked only once its addresses are on the list
+                    source.mark_seen(processed)
+            except (SourceError, OSError) as exc:
+                print(f"dispatcher bounces: {source.name}: {exc}", file=sys.stderr)
+                status = EXIT_USAGE
+            finally:
+                source.close()
+    except StoreError as exc:
+        print(f"dispatcher bounces: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        store.close()
+    summary = ", ".join(f"{n} {kind}" for kind, n in sorted(totals.items())) or "no reports"
+    print(f"dispatcher bounces: {summary}" + (" (dry run: nothing changed)" if args.dry_run else ""),
+          file=sys.stderr)
+    if args.metrics_textfile is not None:
+        problem = write_textfile(args.metrics_textfile, registry)
+        if problem is not None:
+            print(f"dispatcher bounces: {problem}", file=sys.stderr)
+    return status
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "suppress": suppress, "unsubscribe-server": unsubscribe_server,
+    "suppress": suppress, "bounces": bounces, "unsubscribe-server": unsubscribe_server,
 }

@@ -1,0 +1,169 @@
+"""``dispatcher bounces``: the sample corpus (tests/bounces/) classified as expected, and
+Maildir / mbox sources: suppress, mark seen, leave the unknown alone, --dry-run."""
+
+from __future__ import annotations
+
+import json
+import mailbox
+import shutil
+from pathlib import Path
+
+import pytest
+from test_dispatcher import dispatcher
+
+from dispatcher.loop.bounces import classify, xtext_decode, xtext_encode
+from dispatcher.loop.suppression import Reason, SuppressionStore
+from dispatcher.loop.verp import ReturnPath, decode, encode
+
+pytestmark = pytest.mark.timeout(60)
+
+CORPUS = Path(__file__).parent / "bounces"
+EXPECTED: dict[str, list[list[str | None]]] = json.loads((CORPUS / "expected.json").read_text())
+VERP = ReturnPath("bounces+{{ id }}@example.org")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_sample_is_classified_as_expected(name: str) -> None:
+    reports = classify((CORPUS / name).read_bytes(), VERP)
+    got = [[r.type.value, r.recipient, r.status, r.action, r.job_id] for r in reports]
+    assert got == EXPECTED[name]
+
+
+def test_every_sample_has_an_expectation() -> None:
+    assert sorted(p.name for p in CORPUS.glob("*.eml")) == sorted(EXPECTED)
+
+
+def test_the_returned_message_id_is_reported() -> None:
+    [report] = classify((CORPUS / "postfix-user-unknown.eml").read_bytes(), VERP)
+    assert report.message_id == "<job-1001.a1b2c3@example.org>"
+    assert report.diagnostic is not None and "User unknown" in report.diagnostic
+
+
+def test_envid_names_the_job_without_verp() -> None:
+    [report] = classify((CORPUS / "postfix-user-unknown.eml").read_bytes(), None)
+    assert report.job_id == "job-1001"
+
+
+@pytest.mark.parametrize("job_id", ["a7", "job 1#x", "Ünïcode/é=+", "a.b..c"])
+def test_verp_and_xtext_read_back_exactly(job_id: str) -> None:
+    address = VERP.render(job_id)
+    assert address.startswith("bounces+") and address.endswith("@example.org")
+    assert all(c.isalnum() or c in "+-_=@." for c in address) and address.isascii()
+    assert VERP.job_id(address) == job_id
+    assert VERP.job_id(address.replace("bounces", "Bounces").replace("example.org", "EXAMPLE.org")) == job_id
+    assert decode(encode(job_id)) == job_id
+    assert xtext_decode(xtext_encode(job_id)) == job_id
+
+
+def test_return_path_template_is_checked() -> None:
+    for bad in ("bounces@example.org", "{{ id }}{{ id }}@example.org", "bounces@{{ id }}.example.org",
+                "b+{{ id }}@localhost"):
+        with pytest.raises(ValueError, match=r"jobs\.return_path"):
+            ReturnPath(bad)
+    assert VERP.job_id("someone@example.org") is None
+    assert VERP.job_id("bounces+@example.org") is None
+
+
+def _maildir(root: Path, names: list[str]) -> Path:
+    box = root / "bounces"
+    for sub in ("new", "cur", "tmp"):
+        (box / sub).mkdir(parents=True)
+    for i, name in enumerate(names):
+        shutil.copy(CORPUS / name, box / "new" / f"1701600000.M{i}P1.mx.example.org")
+    return box
+
+
+def _config(tmp_path: Path) -> Path:
+    config = tmp_path / "c.yaml"
+    config.write_text("jobs:\n  return_path: bounces+{{ id }}@example.org\n"
+                      f"suppression:\n  path: {tmp_path / 'list.sqlite'}\n")
+    return config
+
+
+async def test_maildir_suppresses_marks_seen_and_leaves_the_unknown_alone(tmp_path: Path) -> None:
+    box = _maildir(tmp_path, sorted(EXPECTED))
+    unknown = next(p for p in (box / "new").iterdir() if p.read_bytes() == (CORPUS / "human-reply.eml").read_bytes())
+    before = {p.name: p.read_bytes() for p in (box / "new").iterdir()}
+    config = _config(tmp_path)
+
+    code, out, err = await dispatcher("bounces", str(box), "--config", str(config), "--dry-run", cwd=tmp_path)
+    assert code == 0, err
+    assert len(out.splitlines()) == sum(len(v) for v in EXPECTED.values())
+    assert {p.name: p.read_bytes() for p in (box / "new").iterdir()} == before  # --dry-run changes nothing
+    assert not (tmp_path / "list.sqlite").exists()
+
+    code, out, err = await dispatcher("bounces", str(box), "--config", str(config), "--metrics-textfile",
+                                      str(tmp_path / "m.prom"), cwd=tmp_path)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert {r["type"] for r in rows} == {"bounce", "delay", "complaint", "auto_reply", "unknown"}
+    assert all(r["source"].startswith(f"maildir:{box}#new/") for r in rows)
+    listed = {r.address.lower(): r for r in SuppressionStore(tmp_path / "list.sqlite").records()}
+    wanted = {str(e[1]).lower() for v in EXPECTED.values() for e in v if e[3] == "suppressed"}
+    assert set(listed) == wanted
+    assert listed["nobody@example.net"].reason is Reason.HARD_BOUNCE
+    assert listed["nobody@example.net"].job_id == "job-1001"
+    assert listed["reader@example.com"].reason is Reason.COMPLAINT
+    # Classified: moved to cur/ with the S flag, bytes unchanged. Unknown: untouched in new/.
+    assert [p.name for p in (box / "new").iterdir()] == [unknown.name]
+    seen = list((box / "cur").iterdir())
+    assert len(seen) == len(EXPECTED) - 1 and all(p.name.endswith(":2,S") for p in seen)
+    assert sorted(p.read_bytes() for p in seen) == sorted(b for n, b in before.items() if n != unknown.name)
+    prom = (tmp_path / "m.prom").read_text()
+    assert 'dispatcher_bounces_total{type="bounce"} 10.0' in prom
+    assert 'dispatcher_bounces_total{type="complaint"} 2.0' in prom
+
+    # A second pass reads only what it did not classify.
+    code, out, err = await dispatcher("bounces", str(box), "--config", str(config), cwd=tmp_path)
+    assert code == 0, err
+    assert [json.loads(line)["type"] for line in out.splitlines()] == ["unknown"]
+
+
+async def test_mbox_marks_read_and_keeps_the_unknown_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "bounces.mbox"
+    box = mailbox.mbox(path)
+    for name in ("gmail-no-such-user.eml", "human-reply.eml", "vacation-auto-reply.eml"):
+        box.add((CORPUS / name).read_bytes())
+    box.flush()
+    box.close()
+    human = (CORPUS / "human-reply.eml").read_bytes().replace(b"\r\n", b"\n")
+    config = _config(tmp_path)
+    code, out, err = await dispatcher("bounces", str(path), "--config", str(config), cwd=tmp_path)
+    assert code == 0, err
+    assert [json.loads(line)["type"] for line in out.splitlines()] == ["bounce", "unknown", "auto_reply"]
+    box = mailbox.mbox(path)
+    flags = [m.get_flags() for m in box]
+    assert flags == ["RO", "", "RO"]
+    assert box.get_bytes(1).replace(b"\r\n", b"\n").rstrip(b"\n") == human.rstrip(b"\n")
+    box.close()
+    code, out, err = await dispatcher("bounces", str(path), "--config", str(config), cwd=tmp_path)
+    assert [json.loads(line)["type"] for line in out.splitlines()] == ["unknown"]
+    assert set(SuppressionStore(tmp_path / "list.sqlite").reasons()) == {"doesnotexist.42@gmail.example"}
+
+
+async def test_a_missing_source_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    code, _, err = await dispatcher("bounces", str(tmp_path / "nope"), cwd=tmp_path)
+    assert code == 2 and "no such Maildir, mbox file or imaps:// URL" in err and "Traceback" not in err
+    code, _, err = await dispatcher("bounces", "imaps://u@127.0.0.1:1/INBOX", cwd=tmp_path)
+    assert code == 2 and "bounces.imap_password is not set" in err
+
+
+async def test_run_sends_each_job_from_its_verp_return_path(tmp_path: Path) -> None:
+    from smtpserver import FaultyServer
+    from test_dispatcher import job, results, write_config, write_jobs
+
+    async with FaultyServer() as server:
+        config = write_config(tmp_path / "c.yaml", server)
+        config.write_text(config.read_text() + "jobs:\n  return_path: bounces+{{ id }}@example.org\n")
+        jobs = write_jobs(tmp_path / "jobs.jsonl", [job(1), job(2, id="a b"), {"id": "raw-1", "mail_from": "raw@example.org",
+                          "rcpt_to": ["r@example.net"], "raw": "From: raw@example.org\r\nSubject: x\r\n\r\nHi\r\n"}])
+        code, _, err = await dispatcher("run", str(jobs), "--config", str(config), cwd=tmp_path)
+        assert code == 0, err
+        senders = sorted(m.mail_from for m in server.messages)
+    assert senders == ["bounces+a=20b@example.org", "bounces+job-1@example.org", "raw@example.org"]
+    assert VERP.job_id("bounces+a=20b@example.org") == "a b"
+    assert all(r["status"] == "sent" for r in results(tmp_path / "jobs.results.jsonl"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("jobs:\n  return_path: bounces@example.org\n")
+    code, _, err = await dispatcher("check-config", str(bad), cwd=tmp_path)
+    assert code == 2 and "jobs.return_path: must hold {{ id }} once" in err, err
