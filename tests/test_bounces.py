@@ -167,3 +167,59 @@ async def test_run_sends_each_job_from_its_verp_return_path(tmp_path: Path) -> N
     bad.write_text("jobs:\n  return_path: bounces@example.org\n")
     code, _, err = await dispatcher("check-config", str(bad), cwd=tmp_path)
     assert code == 2 and "jobs.return_path: must hold {{ id }} once" in err, err
+
+
+async def test_imap_source_against_a_real_dovecot(tmp_path: Path) -> None:
+    import asyncio
+    import imaplib
+    import ssl
+
+    from dovecotserver import start_dovecot
+
+    server = await asyncio.to_thread(start_dovecot)
+    try:
+        context = ssl.create_default_context(cafile=str(server.ca_file))
+
+        def deliver() -> None:
+            imap = imaplib.IMAP4_SSL("127.0.0.1", server.port, ssl_context=context, timeout=10)
+            imap.login(server.user, server.password)
+            for name in ("postfix-user-unknown.eml", "human-reply.eml", "ses-complaint.eml"):
+                imap.append("INBOX", None, None, (CORPUS / name).read_bytes().replace(b"\n", b"\r\n"))
+            imap.logout()
+
+        def flags() -> list[str]:
+            imap = imaplib.IMAP4_SSL("127.0.0.1", server.port, ssl_context=context, timeout=10)
+            imap.login(server.user, server.password)
+            imap.select("INBOX", readonly=True)
+            _, data = imap.uid("FETCH", "1:*", "(FLAGS)")
+            imap.logout()
+            return ["\\Seen" in entry.decode() for entry in data if isinstance(entry, bytes)]
+
+        await asyncio.to_thread(deliver)
+        config = tmp_path / "c.yaml"
+        config.write_text("jobs:\n  return_path: bounces+{{ id }}@example.org\n"
+                          f"suppression:\n  path: {tmp_path / 'list.sqlite'}\n"
+                          f"bounces:\n  imap_password: ${{IMAP_PASSWORD}}\n  ca_file: {server.ca_file}\n")
+        env = {"IMAP_PASSWORD": server.password}
+        code, out, err = await dispatcher("bounces", server.url, "--config", str(config), "--dry-run",
+                                          cwd=tmp_path, env=env)
+        assert code == 0, err + server.log()
+        assert [json.loads(line)["type"] for line in out.splitlines()] == ["bounce", "unknown", "complaint"]
+        assert await asyncio.to_thread(flags) == [False, False, False]  # --dry-run: nothing marked
+
+        code, out, err = await dispatcher("bounces", server.url, "--config", str(config), cwd=tmp_path, env=env)
+        assert code == 0, err
+        assert server.password not in out + err
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert rows[0]["source"] == f"{server.url}#1" and rows[0]["job_id"] == "job-1001"
+        assert await asyncio.to_thread(flags) == [True, False, True]  # the unknown one stays unseen
+        assert set(SuppressionStore(tmp_path / "list.sqlite").reasons()) == {"nobody@example.net",
+                                                                          "reader@example.com"}
+        code, out, err = await dispatcher("bounces", server.url, "--config", str(config), cwd=tmp_path, env=env)
+        assert [json.loads(line)["type"] for line in out.splitlines()] == ["unknown"]
+
+        wrong = {"IMAP_PASSWORD": "wrong-password"}
+        code, out, err = await dispatcher("bounces", server.url, "--config", str(config), cwd=tmp_path, env=wrong)
+        assert code == 2 and "Traceback" not in err and "wrong-password" not in err
+    finally:
+        await asyncio.to_thread(server.stop)
