@@ -102,6 +102,17 @@ def _classify_connect_error(exc: BaseException, options: SessionOptions) -> Conn
     return ConnectionFailed(f"cannot connect to relay {relay}: {exc}")
 
 
+async def _login_once(client: aiosmtplib.SMTP, username: str, password: str) -> None:
+    """One AUTH attempt, with the first mechanism both sides support. aiosmtplib's
+    ``login()`` tries the next mechanism after a refusal (PLAIN, then LOGIN), and a
+    lockout policy counts every attempt: a wrong password must cost one."""
+    methods = client.supported_auth_methods if client.supports_extension("auth") else []
+    if not methods:
+        await client.login(username, password)  # raises aiosmtplib's own "not supported" errors
+        return
+    await getattr(client, f"auth_{methods[0].replace('-', '')}")(username, password)
+
+
 class Connection:
     """One slot: owns its session and its state. Used by one worker at a time."""
 
@@ -163,8 +174,6 @@ class Connection:
             use_tls=o.use_tls,
             start_tls=start_tls,
             validate_certs=o.validate_certs,
-            username=o.username,
-            password=o.password,
             timeout=o.timeout,
             local_hostname=o.local_hostname,
             cert_bundle=o.ca_file,
@@ -178,6 +187,8 @@ class Connection:
                     await client.ehlo()
                 except SMTPHeloError:
                     await client.helo()
+            if o.username is not None:
+                await _login_once(client, o.username, o.password or "")
         except (TimeoutError, SMTPException, OSError) as exc:
             client.close()
             self.state = ConnState.CLOSED
