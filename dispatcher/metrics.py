@@ -35,6 +35,8 @@ class Counts(Protocol):
     def bytes_done(self) -> int: ...
     @property
     def bytes_total(self) -> int | None: ...
+    @property
+    def finished(self) -> float | None: ...
 
 
 class MetricsError(Exception):
@@ -43,8 +45,9 @@ class MetricsError(Exception):
 
 class RunMetrics(Collector):
     """``dispatcher_jobs_total{status}``, ``dispatcher_jobs_read_total``,
-    ``dispatcher_input_bytes_read``, ``dispatcher_input_bytes_done`` and
-    ``dispatcher_input_bytes_total`` of one run.
+    ``dispatcher_input_bytes_read``, ``dispatcher_input_bytes_done``,
+    ``dispatcher_input_bytes_total`` and ``dispatcher_run_finished_timestamp_seconds``
+    of one run.
 
     ``dispatcher_input_bytes_total`` is the jobs file's size; it is left out when
     the size is unknown (standard input, a pipe), so that no progress is made up."""
@@ -79,6 +82,13 @@ class RunMetrics(Collector):
         if not empty and c.bytes_total is not None:
             total.add_metric([], c.bytes_total)
         yield total
+        # In the textfile only: what tells an alert rule that this run has ended (its
+        # relay_up 0 and its flat job counts are history, not an outage or a stall).
+        finished = GaugeMetricFamily("dispatcher_run_finished_timestamp_seconds",
+                                     "When the run ended (Unix time); absent while it runs.")
+        if not empty and c.finished is not None:
+            finished.add_metric([], c.finished)
+        yield finished
 
 
 @dataclass

@@ -98,6 +98,7 @@ class Tally:
     bytes_total: int | None = None  # the jobs file's size, when it is a regular file
     jobs_read: int = 0  # lines read, whatever became of them (blank ones too: they are lines of the file)
     blank: int = 0  # blank lines: read, and neither a job nor a result
+    finished: float | None = None  # time.time() at the end of the run, for the metrics textfile
     bytes_read: int = 0  # of the jobs file, read so far
     unsent_before: int = 0  # skipped lines whose earlier result was failed or invalid
 
@@ -290,6 +291,7 @@ class Run:
             if sink is not None:
                 await sink.stop()
             if self.settings.metrics.textfile is not None and self.pool is not None:  # the run started
+                self.tally.finished = time.time()
                 problem = write_textfile(self.settings.metrics.textfile, self.registry)
                 if problem is not None:
                     self._error(problem)

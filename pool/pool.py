@@ -160,7 +160,7 @@ class SMTPPool:
         self.max_open = 0  # most sessions ever open at once: for tests and stats
         self.metrics = PoolMetrics(
             registry, queue_depth=self.queue_depth, connections_open=self.connections_open,
-            rate_current=lambda: self.rate.current, relay_up=lambda: 0.0 if self._relay_error else 1.0,
+            rate_current=lambda: self.rate.current, relay_up=self._relay_up,
         )
         self._rng = random.Random()
         self._supervisor: asyncio.Task[None] | None = None
@@ -223,6 +223,13 @@ class SMTPPool:
     def connections_open(self) -> int:
         """SMTP sessions open or opening now (never more than ``size``)."""
         return sum(1 for slot in self._slots if slot.is_open)
+
+    def _relay_up(self) -> float:
+        """The ``smtp_pool_relay_up`` gauge: 0 from the first failed connect or refused
+        session while no session is open (not only once ``relay_down_timeout`` has
+        run out: an alert needs the outage while it lasts), 1 again when one opens."""
+        down = self._relay_error is not None or self._down_since is not None
+        return 0.0 if down and not any(slot.is_connected for slot in self._slots) else 1.0
 
     @property
     def relay_error(self) -> RelayError | None:

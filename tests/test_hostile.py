@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import make_message
+from prometheus_client import CollectorRegistry
 from smtpserver import FaultyServer
 from test_dispatcher import job, results, write_config, write_jobs
 from test_run_faults import finish, spawn
@@ -23,6 +25,7 @@ import dispatcher.compose_process as compose_module
 import dispatcher.journal as journal_module
 from dispatcher.config import load_settings
 from dispatcher.runner import EXIT_ERROR, Run, RunOptions
+from pool import SMTPPool
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -262,3 +265,48 @@ async def test_the_compose_process_is_reaped_as_soon_as_it_ends(
         server.gate.set()
     async with asyncio.timeout(20):
         assert await running == 0
+
+
+# -- 12. smtp_pool_relay_up during an outage ---------------------------------------------------
+
+
+async def test_relay_up_is_0_from_the_first_failed_connect_and_1_once_a_session_opens() -> None:
+    server = FaultyServer()
+    await server.start()
+    port = server.port
+    await server.stop()  # nothing listens: every connect is refused
+    registry = CollectorRegistry()
+    pool = SMTPPool(hostname="127.0.0.1", port=port, size=2, timeout=5, backoff_base=0.01, backoff_max=0.05,
+                    relay_down_timeout=30, registry=registry)
+    async with pool:
+        assert registry.get_sample_value("smtp_pool_relay_up") == 1.0  # nothing known against it yet
+        send = asyncio.create_task(pool.submit(make_message(1)))
+        async with asyncio.timeout(10):
+            while not registry.get_sample_value("smtp_pool_connect_errors_total"):
+                await asyncio.sleep(0.01)
+        assert registry.get_sample_value("smtp_pool_relay_up") == 0.0  # long before relay_down_timeout
+        assert pool.relay_error is None and not send.done()  # the message still waits
+        revived = FaultyServer(port=port)
+        await revived.start()
+        try:
+            async with asyncio.timeout(10):
+                await send
+            assert registry.get_sample_value("smtp_pool_relay_up") == 1.0
+        finally:
+            await pool.close()
+            await revived.stop()
+
+
+# -- 13. a finished run's textfile says it has finished -----------------------------------------
+
+
+async def test_the_metrics_textfile_carries_when_the_run_finished(server: FaultyServer, tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(1)])
+    config = write_config(tmp_path / "c.yaml", server)
+    started = time.time()
+    proc = await spawn("run", str(jobs), "--config", str(config), "--metrics-textfile", "m.prom", cwd=tmp_path)
+    code, err = await finish(proc)
+    assert code == 0, err
+    finished = [line for line in (tmp_path / "m.prom").read_text().splitlines()
+                if line.startswith("dispatcher_run_finished_timestamp_seconds ")]
+    assert len(finished) == 1 and started <= float(finished[0].split()[1]) <= time.time()
