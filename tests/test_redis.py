@@ -799,3 +799,28 @@ async def test_wrong_type_keys_and_a_user_without_scripting_are_one_line_exit_2(
         said = [line for line in err.splitlines() if line.startswith("dispatcher ")]  # a worker also logs
         assert "permission" in said[-1] and "evalsha" in said[-1] and "Traceback" not in err, (args, err)
         assert ":pw@" not in err
+
+
+async def test_a_second_live_worker_with_the_same_name_exits_2_naming_the_first(
+    redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    async with FaultyServer() as server:
+        config = write_config(tmp_path / "c.yaml", server, redis={"claim_after": 1.0})
+        url = redis_server.url
+        first = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--name", "w",
+                                          cwd=tmp_path)
+        await first.wait_event("worker.start")
+        second = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--name", "w",
+                                           cwd=tmp_path)
+        assert await second.wait() == 2
+        assert any("a worker named 'w' is running already" in line and f"pid {first.proc.pid}" in line
+                   for line in second.text), second.text
+        await enqueue(url, write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(20)]))
+        await server.wait_for(lambda: len(server.messages) >= 20, timeout=20)
+        first.proc.send_signal(signal.SIGTERM)
+        assert await first.wait() == 130
+        # Gone, its name is free at once.
+        again = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--name", "w",
+                                          "--until-empty", cwd=tmp_path)
+        assert await again.wait() == 0
+    assert max(delivered(server).values()) == 1

@@ -12,6 +12,7 @@ For the default stream ``dispatcher:jobs`` (every name derives from the stream):
     dispatcher:jobs:errors     hash: id -> why its last delivery did not finish it
     dispatcher:jobs:finished:<unix second>   jobs finished in that second (expire in 2 min)
     dispatcher:jobs:rate       the shared rate limiter's theoretical arrival time (GCRA)
+    dispatcher:jobs:worker:<name>   held by the live worker of that --name (expires if it dies)
 """
 
 from __future__ import annotations
@@ -61,3 +62,6 @@ class Keys:
     @property
     def rate(self) -> str:
         return f"{self.stream}:rate"
+
+    def worker(self, name: str) -> str:
+        return f"{self.stream}:worker:{name}"

@@ -183,6 +183,24 @@ redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
 return 1
 """
 
+#: ARGV: token, ttl_ms. Take or keep a worker's name: the key is free, expired or ours
+#: (then it is set to expire in ttl_ms, and '' is returned), or another live worker
+#: holds it (its token is returned).
+NAME = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return ''
+end
+return holder
+"""
+
+#: ARGV: token. A worker leaving gives its name back (if it still holds it).
+UNNAME = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 #: ARGV: group, consumer (kept), idle_ms. Forgets consumers with nothing pending that
 #: have not read for idle_ms (workers that exited or died), so status stays readable.
 PRUNE = """

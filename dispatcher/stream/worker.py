@@ -52,7 +52,7 @@ from dispatcher.signals import signal_handlers
 from dispatcher.sink import DEFAULT_MAILDIR, CaptureServer
 from dispatcher.stream.keys import Keys
 from dispatcher.stream.ratelimit import RedisRateLimiter
-from dispatcher.stream.scripts import CONFIRM, FORGET, PRUNE, SETTLE, TAKE, TOUCH
+from dispatcher.stream.scripts import CONFIRM, FORGET, NAME, PRUNE, SETTLE, TAKE, TOUCH, UNNAME
 from dispatcher.stream.store import Stopped, describe, ensure_group, redact, result_row, retrying
 from dispatcher.templates import SETTINGS_FIELDS
 from pool import DeliveryError, PoolClosedError, PoolError, RelayError, SMTPPool, Withdrawn
@@ -178,6 +178,12 @@ class Worker:
         self._touch = redis.register_script(TOUCH)
         self._prune = redis.register_script(PRUNE)
         self._confirm_script = redis.register_script(CONFIRM)
+        self._name_script = redis.register_script(NAME)
+        # Two live workers with one name would take back each other's entries as their
+        # own: the name is a key this worker keeps alive, expiring soon after it dies.
+        self._name_key = keys.worker(self.consumer)
+        self._name_token = f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%H:%M:%S')}"
+        self._name_ttl_ms = round(max(3 * self._touch_every, 2.0) * 1000)
 
     # -- the run --
 
@@ -201,6 +207,15 @@ class Worker:
             self.composer = Composer(settings, base_dir=root, attachments_root=root)
         except ValueError as exc:
             print(f"dispatcher worker: {exc}", file=sys.stderr)
+            return ExitCode.USAGE
+        try:
+            holder = await self._keep_name()
+        except redis_errors.RedisError as exc:
+            print(f"dispatcher worker: {describe(exc, self.keys, self.options.group)}", file=sys.stderr)
+            return ExitCode.USAGE
+        if holder:
+            print(f"dispatcher worker: a worker named {self.consumer!r} is running already ({holder}); give each "
+                  f"worker its own --name", file=sys.stderr)
             return ExitCode.USAGE
         try:
             if settings.smtp is None:
@@ -237,6 +252,7 @@ class Worker:
                 await self.pool.close(drain=False)
             if sink is not None:
                 await sink.stop()
+            await self._give_name_back()
         log.info("worker.summary", consumer=self.consumer, **self.counts.as_dict(),
                  elapsed_s=round(time.monotonic() - self._ticks.started, 3), stopped_by_signal=self.signalled)
         if self.signalled:
@@ -562,6 +578,12 @@ class Worker:
                 pass
             ids = [entry_id for entry_id, entry in self.held.items() if not entry.settling]
             try:
+                holder = await self._keep_name(self._finishing)
+                if holder:  # it expired while this worker could not renew it, and another took it
+                    self.refused = f"another worker took the name {self.consumer!r} ({holder})"
+                    log.error("worker.name_taken", consumer=self.consumer, holder=holder)
+                    self._stop()
+                    return
                 if ids:
                     args: list[Any] = [self.options.group, self.consumer, *ids]
                     sent = time.monotonic()
@@ -589,6 +611,22 @@ class Worker:
             except redis_errors.ResponseError as exc:
                 self._refuse(exc, "touch")
                 return
+
+    async def _keep_name(self, stop: asyncio.Event | None = None) -> str:
+        """Take or keep this worker's name; '' when it is ours, else who holds it."""
+        holder = await retrying(partial(self._name_script, keys=[self._name_key],
+                                        args=[self._name_token, self._name_ttl_ms]), what="name", stop=stop)
+        return holder.decode("utf-8", "replace") if isinstance(holder, bytes) else str(holder or "")
+
+    async def _give_name_back(self) -> None:
+        script = self.redis.register_script(UNNAME)
+        gone = asyncio.Event()
+        gone.set()  # one try
+        try:
+            await retrying(partial(script, keys=[self._name_key], args=[self._name_token]), what="name",
+                           stop=gone)
+        except (Stopped, redis_errors.RedisError):
+            pass
 
     async def _forget(self) -> None:
         """Leave the group's consumer list when nothing of ours is pending (one try)."""
