@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("enqueue", "validate a jobs file and append its jobs to a Redis stream"),
                        ("worker", "send the jobs of a Redis stream, in its consumer group"),
                        ("status", "what a Redis stream holds: enqueued, done, pending, dead, rate"),
-                       ("results", "write the results of a Redis stream to stdout (results file format)")):
+                       ("results", "write the results of a Redis stream to stdout (results file format)"),
+                       ("requeue", "put dead-lettered (or invalid) jobs back on a Redis stream for another try")):
         stream_commands.add_arguments(name, commands.add_parser(name, help=text))
     loop_commands.add_arguments(commands)  # suppress, bounces, unsubscribe-server (dispatcher/loop/)
     return parser

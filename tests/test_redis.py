@@ -211,8 +211,8 @@ async def test_enqueue_twice_adds_nothing_twice_and_invalid_lines_become_results
     assert "20 jobs added to dispatcher:jobs, 4 invalid" in err
 
     code, _, err = await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path)
-    assert code == 0, err
-    assert "0 jobs added to dispatcher:jobs, 0 invalid (in dispatcher:jobs:results), 24 already enqueued" in err
+    assert code == 1, err  # the file still holds invalid lines, as a re-run of `run` says
+    assert "0 jobs added to dispatcher:jobs, 4 invalid (in dispatcher:jobs:results), 24 already enqueued" in err
 
     client = aioredis.Redis.from_url(url)
     try:
@@ -824,3 +824,48 @@ async def test_a_second_live_worker_with_the_same_name_exits_2_naming_the_first(
                                           "--until-empty", cwd=tmp_path)
         assert await again.wait() == 0
     assert max(delivered(server).values()) == 1
+
+
+async def test_requeue_puts_dead_and_invalid_jobs_back_and_their_new_result_replaces_the_old(
+    redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    root = tmp_path / "files"
+    root.mkdir()
+    async with FaultyServer() as server:
+        server.faults.rcpt["busy@example.net"] = "450 4.2.1 Mailbox busy, try later"
+        config = write_config(tmp_path / "c.yaml", server, max_attempts=1, redis={"max_deliveries": 1})
+        url = redis_server.url
+        jobs = write_jobs(tmp_path / "jobs.jsonl", [
+            job(1), job("busy", to=["busy@example.net"]), job("busy2", to=["busy@example.net"]),
+            job("att", attachments=[{"filename": "late.txt", "path": "late.txt"}]),  # not there yet
+            job("bad", to=["not an address"]),  # invalid at enqueue
+        ])
+        code, _, err = await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path)
+        assert code == 1, err
+        worker_args = ("--redis", url, "--config", str(config), "--until-empty", "--attachments-root", str(root))
+        assert await (await WorkerProcess.start(workers, *worker_args, cwd=tmp_path)).wait() == 0
+        report = await status(url)
+        assert report["dead"] == 2 and report["done"] == {"sent": 1, "failed": 0, "invalid": 2}
+
+        del server.faults.rcpt["busy@example.net"]  # fixed: the mailbox, the file, the address
+        (root / "late.txt").write_text("here now\n")
+        write_jobs(tmp_path / "jobs.jsonl", [
+            job(1), job("busy", to=["busy@example.net"]), job("busy2", to=["busy@example.net"]),
+            job("att", attachments=[{"filename": "late.txt", "path": "late.txt"}]), job("bad"),
+        ])
+        (tmp_path / "ids.txt").write_text("job-busy\n")
+        code, _, err = await cli("requeue", "--redis", url, "--ids", str(tmp_path / "ids.txt"), cwd=tmp_path)
+        assert code == 0 and "1 jobs back on dispatcher:jobs (1 dead, 0 invalid)" in err, err
+        code, _, err = await cli("requeue", "--redis", url, "--dead", "--invalid", cwd=tmp_path)
+        assert code == 0 and "2 jobs back on dispatcher:jobs (1 dead, 1 invalid); 1 ids invalid at enqueue" in err, err
+        code, _, err = await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path)
+        assert code == 0 and "1 jobs added" in err, err  # job-bad, fixed
+        assert await (await WorkerProcess.start(workers, *worker_args, cwd=tmp_path)).wait() == 0
+
+    counts = delivered(server)
+    assert set(counts) == {"job-1", "job-busy", "job-busy2", "job-att", "job-bad"} and max(counts.values()) == 1
+    rows = await results(url)
+    assert_one_row_per_id(rows, set(counts))
+    assert {row["status"] for row in rows} == {"sent"}
+    report = await status(url)
+    assert report["dead"] == 0 and report["done"] == {"sent": 5, "failed": 0, "invalid": 0}

@@ -42,6 +42,13 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
                             help="exit 0 once the stream holds no job, waiting or pending")
     if command == "status":
         parser.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    if command == "requeue":
+        parser.add_argument("--dead", action="store_true",
+                            help="the dead-lettered jobs (the default when --invalid is not given)")
+        parser.add_argument("--invalid", action="store_true",
+                            help="the jobs recorded invalid (e.g. after fixing the attachments root); an id invalid "
+                                 "at enqueue is forgotten, so that enqueuing the fixed file adds it again")
+        parser.add_argument("--ids", type=Path, metavar="FILE", help="only these ids (one a line)")
 
 
 def _loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
@@ -136,9 +143,11 @@ def enqueue(args: argparse.Namespace) -> int:
             print(f"dispatcher enqueue: {describe(exc, keys, settings.redis.group)}; {enqueuer.counts.added} jobs "
                   f"were added before it, enqueue the same file again to add the rest", file=sys.stderr)
             return ExitCode.USAGE
-        print(f"dispatcher enqueue: {counts.added} jobs added to {keys.stream}, {counts.rejected} invalid "
+        # Invalid lines count whether recorded now or by an earlier enqueue of the file, as
+        # a re-run of `run` counts them: the file still holds them.
+        print(f"dispatcher enqueue: {counts.added} jobs added to {keys.stream}, {counts.invalid_lines} invalid "
               f"(in {keys.results}), {counts.already} already enqueued", file=sys.stderr)
-        return ExitCode.FAILED if counts.rejected else ExitCode.OK
+        return ExitCode.FAILED if counts.invalid_lines else ExitCode.OK
 
     return _run("enqueue", args, body)
 
@@ -196,6 +205,30 @@ def results(args: argparse.Namespace) -> int:
     return _run("results", args, body)
 
 
+def requeue(args: argparse.Namespace) -> int:
+    from dispatcher.stream.requeue import requeue as move
+
+    ids: set[str] | None = None
+    if args.ids is not None:
+        try:
+            ids = {line.strip() for line in args.ids.read_text(encoding="utf-8").splitlines() if line.strip()}
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"dispatcher requeue: --ids {args.ids}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+            return ExitCode.USAGE
+
+    async def body(redis: Any, keys: Any, settings: Settings, url: str) -> int:
+        counts = await move(redis, keys, settings.redis.group, dead=args.dead or not args.invalid,
+                            invalid=args.invalid, ids=ids)
+        text = (f"dispatcher requeue: {counts.dead + counts.invalid} jobs back on {keys.stream} ({counts.dead} dead, "
+                f"{counts.invalid} invalid)")
+        if counts.forgotten:
+            text += f"; {counts.forgotten} ids invalid at enqueue forgotten: enqueue the fixed file again to add them"
+        print(text, file=sys.stderr)
+        return ExitCode.OK
+
+    return _run("requeue", args, body)
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "enqueue": enqueue, "worker": worker, "status": status, "results": results,
+    "enqueue": enqueue, "worker": worker, "status": status, "results": results, "requeue": requeue,
 }

@@ -119,7 +119,7 @@ class Enqueuer:
             return
         args = [part for row in batch for part in row]
         keys = [self.keys.stream, self.keys.results, self.keys.ids, self.keys.lines, self.keys.done,
-                self.keys.stats]
+                self.keys.stats, self.keys.invalid]
         # At maxmemory: an error at once, not a wait (what is added stays; enqueuing again adds the rest).
         added, rejected, already = await retrying(lambda: self._script(keys=keys, args=args), what="enqueue",
                                                   wait_out_of_memory=False)

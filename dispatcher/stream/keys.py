@@ -5,6 +5,7 @@ For the default stream ``dispatcher:jobs`` (every name derives from the stream):
     dispatcher:jobs            the jobs: entries {id, line, job}; deleted once acknowledged
     dispatcher:jobs:results    one entry {r: results-file row} per finished id
     dispatcher:jobs:dead       entries {id, line, job, reason, deliveries}
+    dispatcher:jobs:invalid    entries {id, line, job ('' when invalid at enqueue), row: its results entry}
     dispatcher:jobs:ids        hash: every id ever enqueued -> its line (enqueue adds nothing twice)
     dispatcher:jobs:lines      set: invalid lines without an id of their own (by line + digest)
     dispatcher:jobs:done       hash: id -> sent | failed | invalid
@@ -34,6 +35,10 @@ class Keys:
     @property
     def dead(self) -> str:
         return f"{self.stream}:dead"
+
+    @property
+    def invalid(self) -> str:
+        return f"{self.stream}:invalid"
 
     @property
     def ids(self) -> str:

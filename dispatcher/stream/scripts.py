@@ -9,7 +9,8 @@ be run again without recording or sending anything twice.
 #: ARGV: rows of (kind, key, mark_id, line, payload). kind J: a job (key: its id, in
 #: the ids hash, with its line); I: an invalid line whose id is its own (the same, and
 #: the id is marked done); L: an invalid line keyed by line number and digest (lines
-#: set). A row whose key is already there adds nothing. Returns {added, rejected, already}.
+#: set). A row whose key is already there adds nothing. An I row is also kept in the
+#: invalid stream (for ``requeue --invalid``). Returns {added, rejected, already}.
 ENQUEUE = """
 local added, rejected, already = 0, 0, 0
 for i = 1, #ARGV, 5 do
@@ -25,8 +26,11 @@ for i = 1, #ARGV, 5 do
       redis.call('XADD', KEYS[1], '*', 'id', id, 'line', line, 'job', payload)
       added = added + 1
     else
-      redis.call('XADD', KEYS[2], '*', 'r', payload)
-      if id ~= '' then redis.call('HSETNX', KEYS[5], id, 'invalid') end
+      local row = redis.call('XADD', KEYS[2], '*', 'r', payload)
+      if id ~= '' then
+        redis.call('HSETNX', KEYS[5], id, 'invalid')
+        redis.call('XADD', KEYS[7], '*', 'id', id, 'line', line, 'job', '', 'row', row)
+      end
       rejected = rejected + 1
     end
   else
@@ -47,8 +51,9 @@ return {added, rejected, already}
 #: signal, the relay down, a configuration error) does not count.
 
 #: ARGV: group, consumer, max_deliveries, then rows of (kind, entry, id, status, payload).
-#: F: finished — record the result unless the id is already done, then XACK and XDEL
-#: (status '' acknowledges an id found done). D: deferred (a transient failure; payload:
+#: F: finished — record the result unless the id is already done (an invalid job is also
+#: kept in the invalid stream, for ``requeue --invalid``), then XACK and XDEL (status ''
+#: acknowledges an id found done). D: deferred (a transient failure; payload:
 #: why) — this delivery counts; at max_deliveries the job goes to the dead stream with
 #: that reason, otherwise back to the end of the stream at once. R: released (never
 #: sent) — back to the end of the stream, this delivery not counted. D and R act only on
@@ -62,7 +67,13 @@ for i = 4, #ARGV, 5 do
   local kind, entry, id, status, payload = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
   if kind == 'F' then
     if status ~= '' and redis.call('HSETNX', KEYS[3], id, status) == 1 then
-      redis.call('XADD', KEYS[2], '*', 'r', payload)
+      local row = redis.call('XADD', KEYS[2], '*', 'r', payload)
+      if status == 'invalid' then
+        local e = redis.call('XRANGE', KEYS[1], entry, entry)
+        local f = {}
+        if e[1] then for j = 1, #e[1][2], 2 do f[e[1][2][j]] = e[1][2][j + 1] end end
+        redis.call('XADD', KEYS[8], '*', 'id', id, 'line', f['line'] or '', 'job', f['job'] or '', 'row', row)
+      end
       redis.call('HINCRBY', KEYS[4], status, 1)
       finished = finished + 1
     end
@@ -98,6 +109,40 @@ if finished > 0 then
   redis.call('EXPIRE', key, 120)
 end
 return finished
+"""
+
+#: ARGV: source ('dead' or 'invalid'), then entry ids of that stream. Each goes back on
+#: the jobs stream for another try (not counting its earlier deliveries) and leaves its
+#: source; an invalid one loses its done mark and its results row (the next result
+#: replaces it). A job invalid at enqueue has no body to put back: its id is forgotten,
+#: so that enqueuing the fixed file adds it again. Returns {requeued, forgotten}.
+REQUEUE = """
+local requeued, forgotten = 0, 0
+for i = 2, #ARGV do
+  local e = redis.call('XRANGE', KEYS[2], ARGV[i], ARGV[i])
+  if e[1] then
+    local f = {}
+    for j = 1, #e[1][2], 2 do f[e[1][2][j]] = e[1][2][j + 1] end
+    local id = f['id'] or ''
+    if ARGV[1] == 'invalid' then
+      if redis.call('HDEL', KEYS[3], id) == 1 then redis.call('HINCRBY', KEYS[4], 'invalid', -1) end
+      if f['row'] then redis.call('XDEL', KEYS[6], f['row']) end
+    else
+      redis.call('HINCRBY', KEYS[4], 'dead', -1)
+    end
+    redis.call('HDEL', KEYS[5], id)
+    if f['job'] and f['job'] ~= '' then
+      redis.call('XADD', KEYS[1], '*', 'id', id, 'line', f['line'] or '', 'job', f['job'])
+      requeued = requeued + 1
+    else
+      redis.call('HDEL', KEYS[7], id)
+      redis.call('HINCRBY', KEYS[4], 'rejected', -1)
+      forgotten = forgotten + 1
+    end
+    redis.call('XDEL', KEYS[2], ARGV[i])
+  end
+end
+return {requeued, forgotten}
 """
 
 #: ARGV: group, consumer, mode, min_idle_ms, count, max_deliveries, start.

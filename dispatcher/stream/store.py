@@ -37,8 +37,8 @@ class Stopped(Exception):
 
 
 #: What each key must hold; "none" (not there yet) is always fine.
-KEY_TYPES = {"stream": "stream", "results": "stream", "dead": "stream", "ids": "hash", "lines": "set",
-             "done": "hash", "stats": "hash", "errors": "hash", "rate": "string"}
+KEY_TYPES = {"stream": "stream", "results": "stream", "dead": "stream", "invalid": "stream", "ids": "hash",
+             "lines": "set", "done": "hash", "stats": "hash", "errors": "hash", "rate": "string"}
 
 
 def out_of_memory(exc: BaseException) -> bool:

@@ -550,7 +550,7 @@ class Worker:
 
     async def _commit(self, batch: list[_Settle], room: asyncio.Semaphore) -> None:
         keys = [self.keys.stream, self.keys.results, self.keys.done, self.keys.stats, self.keys.errors,
-                self.keys.finished, self.keys.dead]
+                self.keys.finished, self.keys.dead, self.keys.invalid]
         args: list[Any] = [self.options.group, self.consumer, self.options.max_deliveries]
         for s in batch:
             args += [s.kind, s.entry.entry_id, s.entry.job_id, s.status, s.payload]
