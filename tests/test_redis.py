@@ -869,3 +869,23 @@ async def test_requeue_puts_dead_and_invalid_jobs_back_and_their_new_result_repl
     assert {row["status"] for row in rows} == {"sent"}
     report = await status(url)
     assert report["dead"] == 0 and report["done"] == {"sent": 5, "failed": 0, "invalid": 0}
+
+
+async def test_enqueue_memory_is_bounded_by_bytes_not_only_lines(redis_server: RedisServer, tmp_path: Path) -> None:
+    """48 lines of 1 MiB: the batch sent to Redis is flushed by its bytes, so the peak of
+    Python memory stays far below the file's size (it held every line before)."""
+    import tracemalloc
+
+    body = "x" * (1 << 20)
+    jobs = write_jobs(tmp_path / "big.jsonl", [job(i, text=body) for i in range(48)])
+    client = redis_store.client(redis_server.url)
+    tracemalloc.start()
+    try:
+        with jobs.open("rb") as stream:
+            counts = await Enqueuer(client, stream_keys.Keys(stream_keys.DEFAULT_STREAM), "dispatcher").enqueue(stream)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        await client.aclose()
+    assert counts.added == 48
+    assert peak < 24 << 20, f"{peak / (1 << 20):.1f} MiB"

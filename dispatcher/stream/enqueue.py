@@ -30,6 +30,9 @@ from dispatcher.templates import TemplatedJob
 log = structlog.get_logger("dispatcher.enqueue")
 
 BATCH = 500  # lines per script call: one round trip, and a short time inside Redis
+#: Bytes of jobs per script call: with lines of megabytes (attachments inline), memory
+#: stays bounded by this, not by BATCH lines of whatever size (300 lines of 2 MB: 2.5 GB).
+BATCH_BYTES = 4 << 20
 
 
 @dataclass
@@ -56,6 +59,7 @@ class Enqueuer:
         self.counts = EnqueueCounts()
         self._seen = IdSet()
         self._batch: list[Row] = []
+        self._batch_bytes = 0
         self._script = redis.register_script(ENQUEUE)
 
     async def enqueue(self, stream: IO[bytes]) -> EnqueueCounts:
@@ -65,7 +69,8 @@ class Enqueuer:
         for line in read_lines(stream):
             row = await self.admit(line)  # may flush, replacing self._batch
             self._batch.append(row)
-            if len(self._batch) >= BATCH:
+            self._batch_bytes += len(row[4])
+            if len(self._batch) >= BATCH or self._batch_bytes >= BATCH_BYTES:
                 await self._flush()
         await self._flush()
         return self.counts
@@ -115,6 +120,7 @@ class Enqueuer:
 
     async def _flush(self) -> None:
         batch, self._batch = self._batch, []
+        self._batch_bytes = 0
         if not batch:
             return
         args = [part for row in batch for part in row]
