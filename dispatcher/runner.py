@@ -193,6 +193,8 @@ class Run:
             self.admission.load()
         except StoreError as exc:
             raise RunError(str(exc)) from None
+        finally:
+            self.admission.store.close()  # no SQLite connection across the compose process's fork
         try:
             self.composer = Composer(self.settings, base_dir=self.base, attachments_root=root)
         except ValueError as exc:

@@ -120,10 +120,12 @@ class SuppressionStore:
         return db
 
     def close(self) -> None:
+        """Close the connection (the next call opens another)."""
         with self._lock:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+                self._version = None  # data_version is per connection: nothing to compare with now
 
     def add(self, records: Iterable[Record]) -> list[Record]:
         """Add each record whose address is not listed yet (an address keeps its first
@@ -211,7 +213,8 @@ class SuppressionStore:
 
     def changed(self) -> bool:
         """Whether another connection has changed the list since the last ``reasons()``
-        (SQLite's ``data_version``: cheap, no table is read)."""
+        (SQLite's ``data_version``: cheap, no table is read). True when the connection
+        was closed since: what happened meanwhile is unknown."""
         with self._lock:
             db = self._connect(create=False)
             if db is None:

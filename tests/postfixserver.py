@@ -1,0 +1,203 @@
+"""A private Postfix instance for tests: its own config_directory, queue and Maildirs
+under a temporary directory, smtpd on a free 127.0.0.1 port.
+
+What it does with mail (all local, no DNS):
+
+- ``*@test.example``: local(8) with no recipient table: accepted at RCPT, then
+  bounced as ``unknown user`` (5.1.1): a real Postfix DSN, some seconds later.
+- ``@example.com`` and ``@example.org``: virtual(8) Maildirs under ``mail/``;
+  ``bounces@example.org`` (with ``+`` as recipient delimiter: every VERP address) is the
+  bounce Maildir, ``good@example.com`` a mailbox; any other address there is refused at
+  RCPT with 550 5.1.1.
+- ``vacation@example.com``: a pipe that answers the envelope sender with an RFC 3834
+  auto-reply (``Auto-Submitted: auto-replied``), sent back through this Postfix.
+
+The master must be started by root (``postfix start`` runs its daemons as ``postfix``);
+without root or Postfix the test is skipped, and fails under CI=true.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+AUTOREPLY = '''\
+import smtplib, sys
+from email import message_from_binary_file
+original = message_from_binary_file(sys.stdin.buffer)
+sender = sys.argv[1]
+if sender and original.get("Auto-Submitted", "no").lower() == "no":
+    reply = (f"From: Vacation <vacation@example.com>\\r\\nTo: {sender}\\r\\n"
+             f"Subject: Auto: {original.get('Subject', '')}\\r\\nAuto-Submitted: auto-replied\\r\\n"
+             f"In-Reply-To: {original.get('Message-ID', '')}\\r\\n\\r\\nI am away until Monday.\\r\\n")
+    with smtplib.SMTP("127.0.0.1", int(sys.argv[2]), timeout=10) as smtp:
+        smtp.sendmail("", [sender], reply.encode())
+'''
+
+
+def need_postfix() -> str:
+    binary = shutil.which("postfix") or ("/usr/sbin/postfix" if os.path.exists("/usr/sbin/postfix") else None)
+    problem = None
+    if binary is None:
+        problem = "postfix is not installed (Debian: postfix)"
+    elif os.geteuid() != 0:
+        problem = "a private postfix needs root (its master runs the daemons as the postfix user)"
+    else:
+        try:
+            pwd.getpwnam("postfix")
+            grp.getgrnam("postdrop")
+        except KeyError:
+            problem = "the postfix user or postdrop group is missing"
+    if problem is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(problem)
+        pytest.skip(problem)
+    assert binary is not None
+    return binary
+
+
+def _python() -> str:
+    """A Python the pipe's user (nobody) may run: the system's, not a private venv's."""
+    return "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Postfix:
+    root: Path
+    port: int
+    binary: str
+
+    @property
+    def config(self) -> Path:
+        return self.root / "conf"
+
+    @property
+    def bounce_maildir(self) -> Path:
+        return self.root / "mail" / "bounces"
+
+    def maildir_count(self, name: str) -> int:
+        box = self.root / "mail" / name
+        return sum(len(os.listdir(box / sub)) for sub in ("new", "cur") if (box / sub).is_dir())
+
+    def log(self) -> str:
+        path = self.root / "maillog"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_for(self, name: str, count: int, timeout: float = 30.0) -> None:
+        """Until the Maildir ``name`` holds ``count`` messages (Postfix delivers on its own time)."""
+        deadline = time.monotonic() + timeout
+        while self.maildir_count(name) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name}: {self.maildir_count(name)} of {count} messages after {timeout} s\n"
+                                   + self.log()[-4000:])
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        subprocess.run([self.binary, "-c", str(self.config), "stop"], capture_output=True, timeout=30)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def start_postfix() -> Postfix:
+    binary = need_postfix()
+    root = Path(tempfile.mkdtemp(prefix="postfix-test-"))
+    root.chmod(0o755)  # the postfix user reaches its queue and the Maildirs under it
+    port = _free_port()
+    for sub in ("conf", "queue", "data", "mail"):
+        (root / sub).mkdir()
+    shutil.chown(root / "data", "postfix")
+    shutil.chown(root / "mail", "postfix", "postfix")
+    (root / "autoreply.py").write_text(AUTOREPLY)
+    uid, gid = pwd.getpwnam("postfix").pw_uid, grp.getgrnam("postfix").gr_gid
+    (root / "conf" / "main.cf").write_text(f"""\
+compatibility_level = 3.6
+queue_directory = {root}/queue
+data_directory = {root}/data
+meta_directory = /etc/postfix
+command_directory = /usr/sbin
+daemon_directory = /usr/lib/postfix/sbin
+shlib_directory = /usr/lib/postfix
+mail_owner = postfix
+setgid_group = postdrop
+maillog_file = {root}/maillog
+maillog_file_prefixes = {root}
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = mta.test.example
+mydomain = test.example
+myorigin = test.example
+mydestination = test.example
+mynetworks = 127.0.0.0/8
+local_recipient_maps =
+alias_maps =
+alias_database =
+recipient_delimiter = +
+virtual_mailbox_domains = example.org, example.com
+virtual_mailbox_base = {root}/mail
+virtual_mailbox_maps = inline:{{ bounces@example.org=bounces/, good@example.com=good/, vacation@example.com=vacation/ }}
+virtual_uid_maps = static:{uid}
+virtual_gid_maps = static:{gid}
+transport_maps = inline:{{ vacation@example.com=autoreply: }}
+autoreply_destination_recipient_limit = 1
+smtpd_recipient_restrictions = permit_mynetworks, reject
+biff = no
+notify_classes =
+delay_warning_time = 0
+""")
+    (root / "conf" / "master.cf").write_text(f"""\
+127.0.0.1:{port} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+autoreply unix  -       n       n       -       -       pipe
+  flags=q user=nobody argv={_python()} {root}/autoreply.py ${{sender}} {port}
+""")
+    server = Postfix(root, port, binary)
+    done = subprocess.run([binary, "-c", str(root / "conf"), "start"], capture_output=True, timeout=60)
+    if done.returncode != 0:
+        text = (done.stdout + done.stderr).decode(errors="replace") + server.log()
+        server.stop()
+        raise RuntimeError(f"postfix start failed ({done.returncode}): {text}")
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server
+        except OSError:
+            if time.monotonic() > deadline:
+                log = server.log()
+                server.stop()
+                raise RuntimeError(f"postfix did not listen on {port}: {log}") from None
+            time.sleep(0.05)
