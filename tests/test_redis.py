@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import os
@@ -889,3 +890,37 @@ async def test_enqueue_memory_is_bounded_by_bytes_not_only_lines(redis_server: R
         await client.aclose()
     assert counts.added == 48
     assert peak < 24 << 20, f"{peak / (1 << 20):.1f} MiB"
+
+
+async def test_an_attachment_enqueued_from_another_directory_is_delivered_by_a_worker_under_its_root(
+    redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    """enqueue resolves a path against the jobs file's directory, checks it is inside
+    jobs.attachments_root and stores it relative to that root; the worker, started
+    elsewhere, reads it relative to its own root."""
+    campaign, elsewhere = tmp_path / "campaign", tmp_path / "elsewhere"
+    (campaign / "files").mkdir(parents=True)
+    elsewhere.mkdir()
+    (campaign / "files" / "report.txt").write_text("the report\n")
+    (campaign / "secret.txt").write_text("not for mailing\n")
+    async with FaultyServer() as server:
+        config = write_config(tmp_path / "c.yaml", server)
+        with config.open("a") as f:
+            f.write(f"jobs:\n  attachments_root: {campaign / 'files'}\n")
+        url = redis_server.url
+        jobs = write_jobs(campaign / "jobs.jsonl", [
+            job("att", attachments=[{"filename": "report.txt", "path": "files/report.txt"}]),
+            job("escape", attachments=[{"filename": "s.txt", "path": "secret.txt"}]),
+            job("missing", attachments=[{"filename": "m.txt", "path": "files/missing.txt"}]),
+        ])
+        code, _, err = await cli("enqueue", str(jobs), "--redis", url, "--config", str(config), cwd=elsewhere)
+        assert code == 1 and "1 jobs added" in err and "2 invalid" in err, err
+        worker = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--until-empty",
+                                           cwd=elsewhere)
+        assert await worker.wait() == 0, worker.text
+    [message] = server.messages
+    assert message.header("X-Job-Id") == "job-att" and base64.b64encode(b"the report\n") in message.content
+    rows = {row["id"]: row for row in await results(url)}
+    assert rows["job-att"]["status"] == "sent"
+    assert rows["job-escape"]["status"] == rows["job-missing"]["status"] == "invalid"
+    assert "attachments.0.path" in rows["job-escape"]["error"] and "outside" in rows["job-escape"]["error"]

@@ -26,6 +26,10 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     """The options of ``command`` (enqueue, worker, status, results)."""
     if command == "enqueue":
         parser.add_argument("jobs", metavar="JOBS", help="JSON Lines file of jobs, or - for standard input")
+        parser.add_argument("--attachments-root", type=Path, metavar="DIR",
+                            help="attachment paths (relative to the jobs file's directory) must resolve inside DIR, "
+                                 "and are stored relative to it (default: jobs.attachments_root, else the jobs "
+                                 "file's directory)")
     parser.add_argument("--redis", metavar="URL", help="redis://[:password@]host:port/db (default: redis.url, "
                         "else $DISPATCHER_REDIS_URL; both keep a password off the command line)")
     parser.add_argument("--stream", metavar="NAME", help="the jobs stream (default: redis.stream, dispatcher:jobs)")
@@ -121,6 +125,8 @@ def enqueue(args: argparse.Namespace) -> int:
     if args.jobs != "-" and not Path(args.jobs).is_file():
         print(f"dispatcher enqueue: {args.jobs}: no such jobs file", file=sys.stderr)
         return ExitCode.USAGE
+    # As `run` does: paths are relative to the jobs file's directory, inside the root.
+    base = Path.cwd() if args.jobs == "-" else Path(args.jobs).resolve().parent
 
     async def body(redis: Any, keys: Any, settings: Settings, url: str) -> int:
         try:
@@ -128,9 +134,9 @@ def enqueue(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"dispatcher enqueue: {args.jobs}: {exc.strerror or exc}", file=sys.stderr)
             return ExitCode.USAGE
-        here = Path.cwd()
+        root = args.attachments_root or settings.jobs.attachments_root or base
         try:
-            composer = Composer(settings, base_dir=here, attachments_root=here, sign=False)
+            composer = Composer(settings, base_dir=base, attachments_root=root, sign=False)
         except ValueError as exc:
             stream.close()
             print(f"dispatcher enqueue: {exc}", file=sys.stderr)

@@ -5,6 +5,9 @@ become ``invalid`` rows of the results stream at once. Enqueuing the same file a
 adds nothing twice: a job by its id, an invalid line by its id, or, when it has no id
 of its own (unreadable, or a duplicate of an earlier line's), by line number and digest.
 
+Attachment paths are checked here (inside the attachments root, regular files) and
+stored relative to that root; a worker reads them relative to its own.
+
 Ids seen in this file are kept as 8-byte digests (``IdSet``); the rare duplicate asks
 Redis for the line that owns the id, so memory does not grow with the ids' length.
 """
@@ -12,10 +15,13 @@ Redis for the line that owns the id, so memory does not grow with the ids' lengt
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import sys
 from dataclasses import dataclass
 from typing import IO
 
+import orjson
 import structlog
 from redis.asyncio import Redis
 
@@ -98,7 +104,38 @@ class Enqueuer:
             except JobError as exc:
                 return self._invalid(b"I", job.id.encode(), job.id, line, exc)
         assert line.content is not None
-        return (b"J", job.id.encode(), job.id.encode(), number, line.content.rstrip(b"\r\n"))
+        content = line.content.rstrip(b"\r\n")
+        if self.composer is not None and reads_files(job):
+            try:
+                content = self._rooted(content)
+            except JobError as exc:
+                return self._invalid(b"I", job.id.encode(), job.id, line, JobError(exc.field, str(exc), job.id))
+        return (b"J", job.id.encode(), job.id.encode(), number, content)
+
+    def _rooted(self, content: bytes) -> bytes:
+        """The job with each attachment ``path`` made relative to the attachments root:
+        resolved against the jobs file's directory as ``run`` does, it must name a
+        regular file inside the root (not read here). A worker reads it relative to its
+        own root, the same files on every machine (a shared mount). Raises JobError."""
+        assert self.composer is not None
+        base, root = self.composer.base_dir, os.path.realpath(self.composer.attachments_root)
+        record = orjson.loads(content)
+        for i, attachment in enumerate(record.get("attachments") or ()):
+            path = attachment.get("path") if isinstance(attachment, dict) else None
+            if path is None:
+                continue
+            field = f"attachments.{i}.path"
+            target = os.path.realpath(os.path.join(base, path))
+            if os.path.commonpath([target, root]) != root:
+                raise JobError(field, f"{path!r} is outside the attachments root {root!r}")
+            try:
+                regular = stat.S_ISREG(os.stat(target).st_mode)
+            except OSError as exc:
+                raise JobError(field, f"cannot read {path!r}: {exc.strerror}") from None
+            if not regular:
+                raise JobError(field, f"{path!r} is not a regular file")
+            attachment["path"] = os.path.relpath(target, root)
+        return orjson.dumps(record)
 
     async def _owner(self, job_id: str) -> int | None:
         """The line of this file that already has ``job_id``, or None (the line now owns it)."""
