@@ -4,7 +4,8 @@
 
 Both builders run in this one process on the same validated jobs (the ``e2e`` rows' 2 KB
 text job, and the same with a 2 KB html alternative), best of ``--repeat`` rounds;
-``json`` compares the stdlib and orjson for the results row and the job line. The
+the compose-stage row is a job line parsed, validated (strict addresses, each job to
+its own recipient) and built; ``json`` compares the stdlib and orjson for the results row and the job line. The
 stdlib builder is the one ``dispatcher.jobs.build`` used before issue 9, kept here to
 measure against.
 """
@@ -91,6 +92,18 @@ def jobs(count: int, html: bool) -> list[ComposedJob]:
     return out
 
 
+def job_lines(count: int, named: bool) -> list[Line]:
+    """The text job's lines, each to its own recipient (``Name <addr>`` when ``named``)."""
+    text = _text(1700).replace("\r\n", "\n")
+    out = []
+    for i in range(count):
+        to = f"User {i} <user{i}@example.net>" if named else f"user{i}@example.net"
+        raw = json.dumps({"id": f"job-{i}", "from": SENDER, "to": [to], "subject": "Benchmark job",
+                          "text": text}).encode()
+        out.append(Line(i + 1, raw, len(raw)))
+    return out
+
+
 def per_job_us(function: Callable[[Any], Any], items: list[Any], repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -112,6 +125,11 @@ def main(argv: list[str] | None = None) -> None:
         items = jobs(args.jobs, html)
         print(f"| {shape} | {per_job_us(stdlib_build, items, args.repeat):.1f} "
               f"| {per_job_us(build, items, args.repeat):.1f} |")
+    print()
+    print("| compose stage: parse_job + build, µs CPU per job | µs |")
+    print("|---|---|")
+    for shape, named in (("text 2 KB, to: addr", False), ("text 2 KB, to: Name <addr>", True)):
+        print(f"| {shape} | {per_job_us(lambda line: build(parse_job(line)), job_lines(args.jobs, named), args.repeat):.1f} |")
     try:
         orjson = importlib.import_module("orjson")
     except ImportError:

@@ -11,7 +11,6 @@ import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
-from email.utils import parseaddr
 from pathlib import Path
 from typing import IO, Annotated, Any
 
@@ -26,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from dispatcher.address import parse_address, parse_mailbox
 from dispatcher.mime import MessageError, build_message
 from dispatcher.templates import TemplatedJob
 from pool import Envelope
@@ -33,7 +33,6 @@ from pool import Envelope
 #: Longer lines are rejected without being held in memory.
 MAX_LINE_BYTES = 16 * 1024 * 1024
 
-_ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"]+@[^@\s<>()\[\],;:\"]+$")
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 section 2.2: printable ASCII but ':'
 _RESERVED_HEADERS = {"from", "to", "cc", "bcc", "subject", "reply-to", "content-type",
                      "content-transfer-encoding", "mime-version"}
@@ -73,20 +72,14 @@ def _header_text(value: str) -> str:
 
 
 def _mailbox(value: str) -> str:
-    """``addr@example.org`` or ``Name <addr@example.org>``; returns it as given."""
-    if _ADDRESS.match(value):  # a bare address: the common case, no parsing needed
-        return value
-    _no_newlines(value)
-    _, address = parseaddr(value)
-    if not address or not _ADDRESS.match(address):
-        raise ValueError(f"{value!r} is not a valid email address")
+    """``addr@example.org`` or ``Name <addr@example.org>``, strictly (``dispatcher.address``);
+    returns it as given."""
+    parse_mailbox(value)
     return value
 
 
 def _bare_address(value: str) -> str:
-    _no_newlines(value)
-    if not _ADDRESS.match(value):
-        raise ValueError(f"{value!r} is not a valid email address")
+    parse_address(value)
     return value
 
 
@@ -371,7 +364,8 @@ def build(job: Job) -> Outgoing:
     the standard library's MIME classes.
     """
     if isinstance(job, RawJob):
-        return Outgoing(job.raw.encode("utf-8"), job.mail_from, list(job.rcpt_to))
+        rcpt_to = [parse_address(a).address for a in job.rcpt_to]
+        return Outgoing(job.raw.encode("utf-8"), parse_address(job.mail_from).address, list(dict.fromkeys(rcpt_to)))
     attachments = [_attachment(a, f"attachments.{i}") for i, a in enumerate(job.attachments)]
     try:
         message = build_message(from_=job.from_, to=job.to, cc=job.cc, reply_to=job.reply_to, subject=job.subject,
@@ -380,8 +374,8 @@ def build(job: Job) -> Outgoing:
         raise JobError(exc.field, str(exc)) from None
     if not message.endswith(b"\r\n"):
         message += b"\r\n"  # what SMTP adds to it anyway (RFC 5321 section 4.1.1.4); a prepared message ends so
-    sender = job.from_ if _ADDRESS.match(job.from_) else parseaddr(job.from_)[1]
-    recipients = [a if _ADDRESS.match(a) else parseaddr(a)[1] for a in (*job.to, *job.cc, *job.bcc)]
+    sender = parse_mailbox(job.from_).address
+    recipients = [parse_mailbox(a).address for a in (*job.to, *job.cc, *job.bcc)]
     return Outgoing(message, sender, list(dict.fromkeys(recipients)), prepared=True)
 
 

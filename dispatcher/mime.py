@@ -26,9 +26,11 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from email.utils import formatdate, parseaddr
+from collections.abc import Mapping, Sequence
+from email.utils import formatdate
 from urllib.parse import quote
+
+from dispatcher.address import parse_mailbox
 
 MAX_LINE = 998  # RFC 5322 section 2.1.1, without the CRLF
 SOFT_LINE = 78
@@ -36,7 +38,6 @@ _MAX_PLAIN_WORD = 800  # longer header words become encoded words (ASCII ones to
 _MAX_PLAIN_SPACE = 70
 _MAX_NAME = 150  # a header name cannot be folded
 
-_BARE_ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"]+@[^@\s<>()\[\],;:\"]+")
 _SAFE_ADDRESS = re.compile(r"[^\x00-\x20\x7f<>]+")
 _PLAIN_VALUE = re.compile(r"[!-~]+(?:[ \t]+[!-~]+)*")  # printable ASCII, no leading or trailing space
 _PLAIN_WORD = re.compile(r"[!-~]+")
@@ -106,7 +107,7 @@ def build_message(
         _unstructured_header(out, name, value, f"headers.{name}")
         given.add(name.lower())
     if "message-id" not in given:
-        message_id = message_id or new_message_id(_address(from_)[1].rpartition("@")[2])
+        message_id = message_id or new_message_id(_address(from_, "from")[1].rpartition("@")[2])
         out.append(f"Message-ID: {message_id}\r\n")
     if "date" not in given:
         out.append(f"Date: {date or _now()}\r\n")
@@ -298,15 +299,17 @@ def _unstructured(folder: _Folder, value: str) -> None:
         i = j + 1
 
 
-def _address(value: str) -> tuple[str, str]:
-    """(display name, address) of a validated mailbox."""
-    if _BARE_ADDRESS.fullmatch(value):
-        return "", value
-    return parseaddr(value)
+def _address(value: str, field: str) -> tuple[str, str]:
+    """(display name, address) of a mailbox, parsed strictly (``dispatcher.address``)."""
+    try:
+        mailbox = parse_mailbox(value)
+    except ValueError as exc:
+        raise MessageError(field, str(exc)) from None
+    return mailbox.name, mailbox.address
 
 
-def _address_header(out: list[str], name: str, values: Iterable[str], field: str) -> None:
-    mailboxes = [_address(v) for v in values]
+def _address_header(out: list[str], name: str, values: Sequence[str], field: str) -> None:
+    mailboxes = [_address(v, field if len(values) == 1 else f"{field}.{i}") for i, v in enumerate(values)]
     if len(mailboxes) == 1 and not mailboxes[0][0] and len(mailboxes[0][1]) < SOFT_LINE - 12:
         address = mailboxes[0][1]
         if not _SAFE_ADDRESS.fullmatch(address):

@@ -154,3 +154,65 @@ async def test_every_generated_line_ends_as_exactly_one_result(server: FaultySer
     assert code == (0 if {row["status"] for row in rows} == {"sent"} else 1), err  # not sent before: not now
     assert (tmp_path / "jobs.results.jsonl").read_bytes() == before
     assert len(server.messages) == len(sent)
+
+
+# -- item: strict addresses (SPEC section 2) ---------------------------------------------
+
+_AMBIGUOUS_FIELDS = [
+    ({"to": ["bob@example.com <alice@example.net>"]}, "to.0"),
+    ({"to": ["ok@example.net", "alice@example.net, bob@example.net"]}, "to.1"),
+    ({"cc": ["ok@example.net", '"bob@example.com" <alice@example.net>']}, "cc.1"),
+    ({"bcc": ["a..b@example.net"]}, "bcc.0"),
+    ({"from": "Ada <ada@example.org"}, "from"),
+    ({"reply_to": "ada@example.org (Ada)"}, "reply_to"),
+    ({"to": ["Lovelace, Ada <ada@example.net>"]}, "to.0"),
+    ({"to": ['"quoted local"@example.net']}, "to.0"),
+]
+
+
+@pytest.mark.parametrize(("change", "field"), _AMBIGUOUS_FIELDS)
+def test_ambiguous_address_makes_the_job_invalid_naming_the_field(change: dict[str, Any], field: str) -> None:
+    document = {"id": "j", "from": "a@example.org", "to": ["b@example.net"], "subject": "s", "text": "t", **change}
+    raw = json.dumps(document).encode()
+    with pytest.raises(JobError) as caught:
+        build(parse_job(Line(1, raw, len(raw))))
+    assert caught.value.field == field, str(caught.value)
+
+
+def test_raw_job_envelope_addresses_are_strict() -> None:
+    for change, field in (({"rcpt_to": ["a@example.net", "b@example.net, c@example.net"]}, "rcpt_to.1"),
+                          ({"mail_from": "Ada <a@example.org>"}, "mail_from")):
+        document = {"id": "r", "mail_from": "a@example.org", "rcpt_to": ["b@example.net"],
+                    "raw": "From: a@example.org\r\n\r\nx\r\n", **change}
+        raw = json.dumps(document).encode()
+        with pytest.raises(JobError) as caught:
+            parse_job(Line(1, raw, len(raw)))
+        assert caught.value.field == field
+
+
+def test_display_name_and_idna_domain_reach_the_envelope_as_the_one_address() -> None:
+    document = {"id": "j", "from": "Zoë <zoe@bücher.example>", "to": ["Ada Lovelace <ada@example.net>"],
+                "cc": ['"Doe, John" <john@example.net>'], "subject": "s", "text": "t"}
+    raw = json.dumps(document).encode()
+    out = build(parse_job(Line(1, raw, len(raw))))
+    assert out.sender == "zoe@xn--bcher-kva.example"
+    assert out.recipients == ["ada@example.net", "john@example.net"]
+    assert b"To: Ada Lovelace <ada@example.net>\r\n" in out.message
+
+
+async def test_ambiguous_recipient_is_never_sent_and_the_batch_goes_on(server: FaultyServer, tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [{"id": "wrong", "from": "a@example.org", "to": ["bob@example.com <alice@example.net>"],
+              "subject": "s", "text": "t"},
+             {"id": "two", "from": "a@example.org", "to": ["alice@example.net, bob@example.net"],
+              "subject": "s", "text": "t"},
+             {"id": "good", "from": "a@example.org", "to": ["carol@example.net"], "subject": "s", "text": "t"}]
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    config = write_config(tmp_path / "c.yaml", server, size=1)
+    code, _, err = await dispatcher("run", str(jobs), "--config", str(config), "--no-progress", cwd=tmp_path)
+    assert code == 1, err
+    rows = {row["id"]: row for row in map(json.loads, (tmp_path / "jobs.results.jsonl").read_text().splitlines())}
+    assert rows["wrong"]["status"] == rows["two"]["status"] == "invalid"
+    assert "to.0" in rows["wrong"]["error"] and "to.0" in rows["two"]["error"]
+    assert rows["good"]["status"] == "sent"
+    assert [m.rcpt_tos for m in server.messages] == [["carol@example.net"]]
