@@ -29,6 +29,7 @@ from dispatcher.address import parse_address, parse_mailbox
 from dispatcher.mime import MessageError, build_message
 from dispatcher.templates import TemplatedJob
 from pool import Envelope
+from pool.envelope import check_headers, crlf
 
 #: Longer lines are rejected without being held in memory.
 MAX_LINE_BYTES = 16 * 1024 * 1024
@@ -364,8 +365,15 @@ def build(job: Job) -> Outgoing:
     the standard library's MIME classes.
     """
     if isinstance(job, RawJob):
+        try:
+            raw = job.raw.encode("utf-8")
+            check_headers(crlf(raw))
+        except UnicodeEncodeError:
+            raise JobError("raw", "is not valid Unicode (a lone surrogate)") from None
+        except ValueError as exc:
+            raise JobError("raw", str(exc).removeprefix("message: ")) from None
         rcpt_to = [parse_address(a).address for a in job.rcpt_to]
-        return Outgoing(job.raw.encode("utf-8"), parse_address(job.mail_from).address, list(dict.fromkeys(rcpt_to)))
+        return Outgoing(raw, parse_address(job.mail_from).address, list(dict.fromkeys(rcpt_to)))
     attachments = [_attachment(a, f"attachments.{i}") for i, a in enumerate(job.attachments)]
     try:
         message = build_message(from_=job.from_, to=job.to, cc=job.cc, reply_to=job.reply_to, subject=job.subject,

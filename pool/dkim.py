@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import field_validator
 
 from pool.config import Section
+from pool.envelope import check_headers
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -121,11 +122,13 @@ class DKIMSigner:
 
         Line endings are made CRLF first (what goes on the wire, so what a verifier
         hashes); the added field is folded under 78 octets a line. Raises ValueError
-        when the message has no From header or a header line dkimpy cannot parse.
+        (and nothing else) when the message has no From header, a header line dkimpy
+        cannot parse, a folded first line, or two of a field that must be unique.
         """
         import dkim  # type: ignore[import-untyped]  # dkimpy ships no type hints
 
         message = _crlf(bytes(message))
+        check_headers(message)  # dkimpy fails on a folded first line with IndexError
         try:
             headers, body = dkim.rfc822_parse(message)
         except dkim.DKIMException as exc:

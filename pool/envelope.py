@@ -12,6 +12,10 @@ from email.utils import getaddresses, parseaddr
 
 _MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(.*?)\r?$")
 _FORBIDDEN_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
+#: RFC 5322 section 3.6: at most one of each. Two From (or Subject...) is how a signed
+#: message is made to show an unsigned value: verifiers and mail clients pick different ones.
+_UNIQUE_FIELD = re.compile(rb"(?im)^(from|sender|to|cc|subject|date|message-id)[ \t]*:")
+_FIELD_NAMES = {name.lower().encode(): name for name in ("From", "Sender", "To", "Cc", "Subject", "Date", "Message-ID")}
 END_OF_DATA = b".\r\n"
 
 
@@ -37,7 +41,25 @@ def check_address(address: str, field: str) -> str:
     return address
 
 
-def _crlf(message: bytes) -> bytes:
+def check_headers(message: bytes) -> None:
+    """Raise ValueError when ``message`` (CRLF line endings) cannot be a message:
+    its first line is folded (starts with white space: a continuation of no field), or
+    its header has two From, Sender, To, Cc, Subject, Date or Message-ID fields."""
+    if message[:1] in (b" ", b"\t"):
+        raise ValueError("message: the first line starts with white space (a folded line that continues no field)")
+    end = 0 if message.startswith(b"\r\n") else message.find(b"\r\n\r\n")
+    names = _UNIQUE_FIELD.findall(message if end < 0 else message[:end + 2])
+    if len(names) > 1:
+        seen: set[bytes] = set()
+        for name in names:
+            folded = name.lower()
+            if folded in seen:
+                raise ValueError(f"message: two {_FIELD_NAMES[folded]} fields (RFC 5322 section 3.6 allows one)")
+            seen.add(folded)
+
+
+def crlf(message: bytes) -> bytes:
+    """``message`` with every bare CR or LF made CRLF (RFC 5321 section 2.3.8)."""
     if b"\r" not in message:
         return message.replace(b"\n", b"\r\n")
     crlf = message.count(b"\r\n")
@@ -55,7 +77,7 @@ def wire_content(message: bytes, *, prepared: bool = False) -> bytes:
     no per-line Python loop, whatever the size.
     """
     if not prepared:  # ``prepared``: the caller's builder guarantees CRLF only, ending in CRLF
-        message = _crlf(message)
+        message = crlf(message)
         if not message.endswith(b"\r\n"):
             message += b"\r\n"
     if message.startswith(b"."):
@@ -102,7 +124,8 @@ def build_envelope(
     sign: Callable[[bytes], bytes] | None = None,
     prepared: bool = False,
 ) -> Envelope:
-    """Validate and prepare a submission. Raises ValueError on bad input. ``sign``
+    """Validate and prepare a submission. Raises ValueError on bad input (see
+    ``check_headers`` for the message's own). ``sign``
     (DKIM) gets the message with CRLF line endings and returns it signed.
 
     ``prepared`` (bytes only) is the promise of a builder such as ``dispatcher.mime``:
@@ -139,8 +162,13 @@ def build_envelope(
     # One transaction names each recipient once (a duplicate would be delivered twice).
     rcpts = tuple(dict.fromkeys(rcpts))
     prepared = prepared and isinstance(message, (bytes, bytearray, memoryview)) and raw.endswith(b"\r\n")
+    if not prepared:
+        raw = crlf(raw)
+        if not raw.endswith(b"\r\n"):
+            raw += b"\r\n"
+    check_headers(raw)
     if sign is not None:
-        raw = sign(raw if prepared else _crlf(raw))
-    content = wire_content(raw, prepared=prepared)
+        raw = sign(raw)
+    content = wire_content(raw, prepared=True)
     all_ascii = sender.isascii() and all(r.isascii() for r in rcpts)
     return Envelope(sender, rcpts, content, _header_message_id(content), all_ascii)

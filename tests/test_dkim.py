@@ -4,7 +4,9 @@ and a signed message sent through a real SMTP server still verifies on arrival."
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import pickle
 import re
 from collections.abc import Callable
@@ -17,9 +19,15 @@ import dkim  # type: ignore[import-untyped]
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from smtpserver import FaultyServer
 
+from dispatcher.compose import Composer, Invalid
+from dispatcher.config import Settings
+from dispatcher.jobs import Line
+from pool import SMTPPool
 from pool.dkim import SIGNED_HEADERS, DKIMSettings, DKIMSigner
 
 pytestmark = pytest.mark.timeout(60)
@@ -323,3 +331,80 @@ def test_the_signature_is_byte_for_byte_dkimpys(signer: DKIMSigner, keys: dict[s
                                      signature_algorithm=signer.algorithm.encode(),
                                      canonicalize=(b"relaxed", b"relaxed"), include_headers=include)
     assert ours == theirs + message
+
+
+# -- bad raw input is ValueError, never a crash (SPEC section 1 behaviour 16) ---------------
+
+@pytest.mark.parametrize("raw", [
+    b" From: a@example.org\r\nSubject: x\r\n\r\nbody\r\n",
+    b"\tFrom: a@example.org\r\n\r\nbody\r\n",
+    b" folded\nFrom: a@example.org\n\nbody\n",
+])
+def test_a_folded_first_line_is_value_error(signer: DKIMSigner, raw: bytes) -> None:
+    with pytest.raises(ValueError, match="first line"):
+        signer.sign(raw)
+
+
+@pytest.mark.parametrize("field", ["From", "Sender", "To", "Cc", "Subject", "Date", "Message-ID"])
+def test_two_of_a_unique_field_is_value_error(signer: DKIMSigner, field: str) -> None:
+    raw = (f"From: a@{DOMAIN}\r\nTo: b@example.net\r\n{field.upper()}: one\r\n{field.lower()} : two\r\n\r\nbody\r\n")
+    if field in ("From", "To"):
+        raw = raw.replace(f"{field.lower()} : two\r\n", "").replace(f"{field.upper()}: one\r\n", f"{field}: two\r\n")
+    with pytest.raises(ValueError, match=f"two {field}"):
+        signer.sign(raw.encode())
+
+
+def test_a_field_name_in_the_body_is_not_a_duplicate(signer: DKIMSigner) -> None:
+    raw = f"From: a@{DOMAIN}\r\nSubject: s\r\n\r\nFrom: quoted in the body\r\nSubject: too\r\n".encode()
+    assert verifies(signer.sign(raw), signer)
+
+
+_RAW_PIECES = st.sampled_from([
+    b"From: a@example.org", b"To: b@example.net", b"Subject: hi", b"Subject: =?utf-8?q?x?=", b"X-A: 1",
+    b" folded", b"\tfolded", b"", b"\r\n", b"\n", b"\r", b"\x00", b"\xff\xfe", b":", b"no colon", b"From:",
+    b"Date: Mon, 1 Jan 2024 00:00:00 +0000", b"Message-ID: <x@y>", b"Content-Type: text/plain",
+    b"body line", b".", b"..", b"X-Long: " + b"y" * 2000, b"h" * 1200 + b": v", b"\xc3\xa9t\xc3\xa9: v",
+])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(_RAW_PIECES, st.sampled_from([b"\r\n", b"\n", b"\r", b""])), max_size=20), st.booleans())
+def test_signer_returns_signed_bytes_or_raises_value_error(pieces: list[tuple[bytes, bytes]], rsa: bool) -> None:
+    raw = b"".join(piece + end for piece, end in pieces)
+    signer = _FUZZ_SIGNERS["rsa-sha256" if rsa else "ed25519-sha256"]
+    try:
+        signed = signer.sign(raw)
+    except ValueError:
+        return
+    assert isinstance(signed, bytes) and signed.startswith(b"DKIM-Signature: ")
+
+
+_FUZZ_SIGNERS = {
+    "rsa-sha256": DKIMSigner(domain=DOMAIN, selector=SELECTOR, algorithm="rsa-sha256",
+                             private_key=pem(rsa.generate_private_key(public_exponent=65537, key_size=1024))),
+    "ed25519-sha256": DKIMSigner(domain=DOMAIN, selector=SELECTOR, algorithm="ed25519-sha256",
+                                 private_key=pem(ed25519.Ed25519PrivateKey.generate())),
+}
+
+
+@pytest.mark.parametrize("raw", [b" X: folded\r\nFrom: a@example.org\r\n\r\nx\r\n",
+                                 b"From: a@example.org\r\nFrom: b@example.org\r\n\r\nx\r\n"])
+async def test_pool_refuses_bad_raw_messages_with_value_error(raw: bytes, signer: DKIMSigner) -> None:
+    for dkim_signer in (None, signer):
+        async with SMTPPool(hostname="127.0.0.1", port=9, dkim=dkim_signer) as pool:
+            with pytest.raises(ValueError):  # at once: nothing is queued (port 9 has no server)
+                async with asyncio.timeout(5):
+                    await pool.submit(raw, sender="a@example.org", recipients=["b@example.net"])
+
+
+@pytest.mark.parametrize(("raw", "reason"), [(" X: folded\r\nFrom: a@example.org\r\n\r\nx\r\n", "first line"),
+                                             ("From: a@example.org\r\nSubject: a\r\nSubject: b\r\n\r\nx", "two Subject")])
+@pytest.mark.parametrize("sign", [False, True])
+def test_bad_raw_job_is_invalid_naming_raw(raw: str, reason: str, sign: bool, tmp_path: Path,
+                                           keys: dict[str, bytes]) -> None:
+    settings_ = {"dkim": {"domain": DOMAIN, "selector": SELECTOR, "private_key": str(tmp_path / "k.pem")}} if sign else {}
+    (tmp_path / "k.pem").write_bytes(keys["rsa-sha256"])
+    composer = Composer(Settings.model_validate(settings_), base_dir=tmp_path, attachments_root=tmp_path)
+    line = json.dumps({"id": "r", "mail_from": "a@example.org", "rcpt_to": ["b@example.net"], "raw": raw}).encode()
+    outcome = composer.compose(Line(1, line, len(line)))
+    assert isinstance(outcome, Invalid) and outcome.error.field == "raw" and reason in str(outcome.error)
