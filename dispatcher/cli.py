@@ -224,10 +224,9 @@ def _campaign_lines(settings: Settings) -> list[str]:
         given = [value for value in (unsubscribe.url, unsubscribe.mailto) if value]
         one_click = bool(unsubscribe.url and unsubscribe.url.lower().startswith("https://"))
         lines.append("unsubscribe: " + ", ".join(given) + (" (one-click, RFC 8058)" if one_click else ""))
-    if settings.dkim is not None:
-        from pool.dkim import DKIMSigner
+    from pool.dkim import signers_from_settings
 
-        signer = DKIMSigner.from_settings(settings.dkim)
+    for signer in signers_from_settings(settings.dkim):
         lines.append(f"dkim: {signer.algorithm} for {signer.domain}; publish this TXT record at {signer.dns_name}:")
         lines.append(f"  {signer.dns_record()}")
     return lines

@@ -38,7 +38,7 @@ from dispatcher.jobs import (
 )
 from dispatcher.loop.verp import ReturnPath
 from dispatcher.templates import TemplatedJob, TemplateError, Templates, Unsubscribe, job_context, merge_unsubscribe
-from pool.dkim import DKIMSigner
+from pool.dkim import sign_all, signers_from_settings
 
 AnyJob = Job | TemplatedJob
 
@@ -79,10 +79,11 @@ class Invalid:
 class Composer:
     """The compose stage for one configuration.
 
-    Templates are compiled once per Composer (one per process); the DKIM key and the
-    unsubscribe templates are read once, here. ``sign=False`` leaves messages unsigned
-    (``enqueue`` only validates). Raises ValueError, one line naming the setting, when
-    the DKIM key or an unsubscribe template cannot be used.
+    Templates are compiled once per Composer (one per process); the DKIM keys and the
+    unsubscribe templates are read once, here; each DKIM key adds its own signature.
+    ``sign=False`` leaves messages unsigned (``enqueue`` only validates). Raises
+    ValueError, one line naming the setting, when a DKIM key or an unsubscribe template
+    cannot be used.
     """
 
     def __init__(self, settings: Settings, *, base_dir: Path, attachments_root: Path, sign: bool = True) -> None:
@@ -91,7 +92,7 @@ class Composer:
         self.default_from = settings.jobs.default_from
         self.templates = Templates.from_settings(settings.templates)
         self.unsubscribe = Unsubscribe.from_settings(settings.unsubscribe)
-        self.signer = DKIMSigner.from_settings(settings.dkim) if sign and settings.dkim is not None else None
+        self.signers = signers_from_settings(settings.dkim) if sign else []
         path = settings.jobs.return_path
         self.return_path = ReturnPath(path) if path is not None else None  # VERP (dispatcher.loop.verp)
 
@@ -121,7 +122,7 @@ class Composer:
 
     def off_loop(self, job: AnyJob) -> bool:
         """``finish(job)`` blocks: it reads attachment files or signs."""
-        return self.signer is not None or reads_files(job)
+        return bool(self.signers) or reads_files(job)
 
     def finish(self, job: AnyJob) -> Outgoing:
         """Render, add unsubscribe headers, read attachments, build and sign ``job``.
@@ -136,9 +137,9 @@ class Composer:
             raise
         if self.return_path is not None and not isinstance(ready, RawJob):  # a raw job keeps its mail_from
             outgoing.sender = self.return_path.render(job.id)
-        if self.signer is not None:
+        if self.signers:
             try:
-                outgoing.message = self.signer.sign(outgoing.message)
+                outgoing.message = sign_all(self.signers, outgoing.message)
                 outgoing.prepared = True  # the signer writes CRLF line endings only
             except ValueError as exc:  # only a raw message can lack From or hold a broken header
                 raise JobError("raw", str(exc).removeprefix("message: "), job.id) from None

@@ -90,7 +90,7 @@ class Settings(_Section):
     redis: RedisSettings = RedisSettings()
     templates: TemplatesSettings = TemplatesSettings()  # SPEC section 6 (dispatcher.compose)
     unsubscribe: UnsubscribeSettings = UnsubscribeSettings()
-    dkim: DKIMSettings | None = None
+    dkim: DKIMSettings | list[DKIMSettings] | None = None  # one key, or several (each signs: rsa and ed25519)
     suppression: SuppressionSettings = SuppressionSettings()  # the suppression list (dispatcher.loop)
     bounces: BouncesSettings = BouncesSettings()  # dispatcher bounces
 

@@ -1,7 +1,9 @@
 """DKIM signing (RFC 6376): ``DKIMSigner(...).sign(message_bytes)``.
 
-The signature is relaxed/relaxed and its ``h=`` lists, in this order, those of
-``SIGNED_HEADERS`` that the message has (SPEC section 6). dkimpy parses and
+The signature is relaxed/relaxed and its ``h=`` lists, in this order, the
+``SIGNED_HEADERS`` the message has, as often as it has them, and the
+``OVERSIGNED_HEADERS`` once more. Several signers (an RSA and an Ed25519 key) each add
+their own signature: ``sign_all``. dkimpy parses and
 canonicalises the message, and builds and folds the header field; only the
 signature itself is ours, made by OpenSSL through ``cryptography``. dkimpy's own
 ``DKIM.sign`` does RSA in pure Python and parses the PEM key again for every
@@ -20,7 +22,8 @@ import functools
 import hashlib
 import re
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,12 +37,21 @@ if TYPE_CHECKING:
 
 Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
 
-#: Signed when present, in this order (SPEC section 6). List-Unsubscribe and
-#: List-Unsubscribe-Post must be covered for RFC 8058 one-click unsubscribe.
+#: Signed when present, each as often as it occurs, in this order: what a reader sees
+#: and acts on (RFC 6376 section 5.4.1). List-Unsubscribe and List-Unsubscribe-Post must
+#: be covered for RFC 8058 one-click unsubscribe.
 SIGNED_HEADERS: tuple[bytes, ...] = (
     b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"mime-version", b"content-type",
-    b"list-unsubscribe", b"list-unsubscribe-post",
+    b"content-transfer-encoding", b"reply-to", b"sender", b"in-reply-to", b"references", b"list-id",
+    b"feedback-id", b"list-unsubscribe", b"list-unsubscribe-post",
 )
+#: Named once more than they occur, present or not (oversigning, RFC 6376 section
+#: 8.15): a verifier then hashes an empty field for the extra name, so one added above
+#: the signed ones (a second Subject, a Reply-To where there was none) breaks the
+#: signature instead of being shown unsigned.
+OVERSIGNED_HEADERS: frozenset[bytes] = frozenset({
+    b"from", b"subject", b"to", b"cc", b"reply-to", b"list-unsubscribe", b"list-unsubscribe-post",
+})
 
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _DNS_NAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
@@ -125,20 +137,8 @@ class DKIMSigner:
         (and nothing else) when the message has no From header, a header line dkimpy
         cannot parse, a folded first line, or two of a field that must be unique.
         """
-        import dkim  # type: ignore[import-untyped]  # dkimpy ships no type hints
 
-        message = _crlf(bytes(message))
-        check_headers(message)  # dkimpy fails on a folded first line with IndexError
-        try:
-            headers, body = dkim.rfc822_parse(message)
-        except dkim.DKIMException as exc:
-            raise ValueError(f"message: cannot be signed: {exc}") from None
-        present = {name.lower() for name, _ in headers}
-        if b"from" not in present:
-            raise ValueError("message: no From header (DKIM signs From, RFC 6376 section 5.4)")
-        include = [name for name in SIGNED_HEADERS if name in present]
-        signature = self._signature(headers, _relaxed().canonicalize_body(body), include)
-        return signature + message
+        return sign_all((self,), message)
 
     def _signature(self, headers: list[list[bytes]], body: bytes, include: list[bytes]) -> bytes:
         """The DKIM-Signature field, CRLF-terminated: ``dkim.DKIM.sign`` and its
@@ -163,6 +163,49 @@ class DKIMSigner:
 
     def __repr__(self) -> str:
         return f"DKIMSigner(domain={self.domain!r}, selector={self.selector!r}, algorithm={self.algorithm!r})"
+
+
+def sign_all(signers: Sequence[DKIMSigner], message: bytes) -> bytes:
+    """``message`` with one DKIM-Signature per signer, the first signer's on top; each
+    signs the message as given (none covers another's signature). Raises ValueError as
+    ``DKIMSigner.sign``."""
+    import dkim
+
+    message = _crlf(bytes(message))
+    check_headers(message)  # dkimpy fails on a folded first line with IndexError
+    try:
+        headers, body = dkim.rfc822_parse(message)
+    except dkim.DKIMException as exc:
+        raise ValueError(f"message: cannot be signed: {exc}") from None
+    counts = Counter(name.lower() for name, _ in headers)
+    if not counts[b"from"]:
+        raise ValueError("message: no From header (DKIM signs From, RFC 6376 section 5.4)")
+    include = [name for name in SIGNED_HEADERS
+               for _ in range(counts[name] + (name in OVERSIGNED_HEADERS))]
+    canonical_body = _relaxed().canonicalize_body(body)
+    return b"".join(signer._signature(headers, canonical_body, include) for signer in signers) + message
+
+
+def signers_from_settings(settings: DKIMSettings | Sequence[DKIMSettings] | None) -> list[DKIMSigner]:
+    """The signers of the ``dkim`` section: one key or a list of keys. Raises ValueError."""
+    if settings is None:
+        return []
+    if isinstance(settings, DKIMSettings):
+        return [DKIMSigner.from_settings(settings)]
+    return [DKIMSigner.from_settings(one) for one in settings]
+
+
+def signing(dkim: DKIMSigner | Sequence[DKIMSigner] | None) -> Callable[[bytes], bytes] | None:
+    """The function that signs a message with ``dkim`` (one signer or several), or
+    None when there is none."""
+    if dkim is None:
+        return None
+    signers = (dkim,) if isinstance(dkim, DKIMSigner) else tuple(dkim)
+    if not signers:
+        return None
+    if not all(isinstance(signer, DKIMSigner) for signer in signers):
+        raise TypeError("dkim: a DKIMSigner or a list of them")
+    return functools.partial(sign_all, signers)
 
 
 def _crlf(message: bytes) -> bytes:

@@ -21,7 +21,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from email.message import Message
 from typing import TYPE_CHECKING, Any
@@ -105,7 +105,7 @@ class SMTPPool:
         ca_file: str | None = None,
         tls_context: ssl.SSLContext | None = None,
         relay_down_timeout: float = 300.0,
-        dkim: DKIMSigner | None = None,
+        dkim: DKIMSigner | Sequence[DKIMSigner] | None = None,
         rate_limiter: SharedLimiter | None = None,
     ) -> None:
         if size < 1:
@@ -132,6 +132,11 @@ class SMTPPool:
         self.backoff_max = backoff_max
         self.relay_down_timeout = relay_down_timeout
         self.dkim = dkim
+        self._sign: Callable[[bytes], bytes] | None = None
+        if dkim is not None:
+            from pool.dkim import signing  # dkimpy and cryptography only when signing
+
+            self._sign = signing(dkim)
         self._options = SessionOptions(
             hostname=hostname,
             port=port,
@@ -341,8 +346,7 @@ class SMTPPool:
                                  "sign the message before pool.prepare")
             envelope = message
         else:
-            sign = self.dkim.sign if self.dkim is not None else None
-            envelope = build_envelope(message, sender, recipients, sign=sign, prepared=prepared)
+            envelope = build_envelope(message, sender, recipients, sign=self._sign, prepared=prepared)
         self._check_open()
         self._start()
         loop = asyncio.get_running_loop()

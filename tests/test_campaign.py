@@ -351,8 +351,8 @@ async def test_every_delivered_message_verifies_with_dkimpy(server: FaultyServer
         assert dkim.verify(message.content, dnsfunc=lookup), message.rcpt_tos
     templated_msg = next(m for m in server.messages if m.rcpt_tos == ["templated@example.net"])
     signature = templated_msg.content.split(b"\r\n\r\n", 1)[0].replace(b"\r\n", b"").replace(b" ", b"")
-    assert b"h=from:to:subject:date:message-id:mime-version:content-type:list-unsubscribe:list-unsubscribe-post;" \
-        in signature
+    assert (b"h=from:from:to:to:cc:subject:subject:date:message-id:mime-version:content-type:reply-to:"
+            b"list-unsubscribe:list-unsubscribe:list-unsubscribe-post:list-unsubscribe-post;") in signature
 
     changes: list[tuple[str, Callable[[bytes], bytes]]] = [
         ("body", lambda m: m.replace(b"Hello Ada", b"Hello Eve")),

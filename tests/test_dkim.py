@@ -24,11 +24,11 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from smtpserver import FaultyServer
 
-from dispatcher.compose import Composer, Invalid
+from dispatcher.compose import Composer, Invalid, Ready
 from dispatcher.config import Settings
 from dispatcher.jobs import Line
 from pool import SMTPPool
-from pool.dkim import SIGNED_HEADERS, DKIMSettings, DKIMSigner
+from pool.dkim import OVERSIGNED_HEADERS, SIGNED_HEADERS, DKIMSettings, DKIMSigner, sign_all
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -152,16 +152,99 @@ def test_signed_messages_are_crlf_with_short_lines(signer: DKIMSigner, kind: str
     assert max(len(line) for line in signature.split(b"\r\n")) <= 78
 
 
-def test_h_lists_exactly_the_spec_headers_present_in_spec_order(signer: DKIMSigner) -> None:
+_OVERSIGNED = "from:subject:to:cc:reply-to:list-unsubscribe:list-unsubscribe-post"
+
+
+def test_h_lists_the_spec_headers_present_in_spec_order_then_oversigns(signer: DKIMSigner) -> None:
     msg = text_message(Cc="boss@example.net", Reply_To="help@example.org", X_Campaign="c1",
-                       List_Unsubscribe=f"<https://{DOMAIN}/u/1>",
+                       List_Unsubscribe=f"<https://{DOMAIN}/u/1>", In_Reply_To="<a@example.org>",
+                       References="<a@example.org>", Feedback_ID="c1:news:example.org", Sender=f"bulk@{DOMAIN}",
                        List_Unsubscribe_Post="List-Unsubscribe=One-Click", List_Id="news.example.org")
-    assert tags(signer.sign(wire(msg)))["h"] == (
-        "from:to:cc:subject:date:message-id:mime-version:content-type:list-unsubscribe:list-unsubscribe-post")
-    assert tags(signer.sign(RAW_LF))["h"] == "from:to:subject:date:message-id"
+    h = tags(signer.sign(wire(msg)))["h"].split(":")
+    assert h == [
+        "from", "from", "to", "to", "cc", "cc", "subject", "subject", "date", "message-id", "mime-version",
+        "content-type", "content-transfer-encoding", "reply-to", "reply-to", "sender", "in-reply-to",
+        "references", "list-id", "feedback-id", "list-unsubscribe", "list-unsubscribe",
+        "list-unsubscribe-post", "list-unsubscribe-post"]
+    # Absent ones are named once all the same, so that none can be added.
+    assert tags(signer.sign(RAW_LF))["h"].split(":") == [
+        "from", "from", "to", "to", "cc", "subject", "subject", "date", "message-id", "reply-to",
+        "list-unsubscribe", "list-unsubscribe-post"]
+    assert {name.decode() for name in OVERSIGNED_HEADERS} == set(_OVERSIGNED.split(":"))
     assert [name.decode() for name in SIGNED_HEADERS] == [
         "from", "to", "cc", "subject", "date", "message-id", "mime-version", "content-type",
+        "content-transfer-encoding", "reply-to", "sender", "in-reply-to", "references", "list-id", "feedback-id",
         "list-unsubscribe", "list-unsubscribe-post"]
+
+
+_EVIL = b"<https://evil.example/u>"
+
+
+@pytest.mark.parametrize(("what", "change"), [
+    ("Reply-To replaced", lambda m: m.replace(b"Reply-To: help@example.org", b"Reply-To: evil@evil.example")),
+    ("Reply-To added", lambda m: m.replace(b"Reply-To: help@example.org\r\n", b"").replace(
+        b"\r\n\r\n", b"\r\nReply-To: evil@evil.example\r\n\r\n", 1)),
+    ("Subject prepended", lambda m: b"Subject: Your account is locked\r\n" + m),
+    ("Cc prepended", lambda m: b"Cc: evil@evil.example\r\n" + m),
+    ("List-Unsubscribe prepended", lambda m: b"List-Unsubscribe: " + _EVIL + b"\r\n" + m),
+    ("To prepended", lambda m: b"To: evil@evil.example\r\n" + m),
+    ("List-Unsubscribe-Post added", lambda m: m.replace(b"\r\n\r\n", b"\r\nList-Unsubscribe-Post: "
+                                                        b"List-Unsubscribe=One-Click\r\n\r\n", 1)),
+])
+def test_a_header_added_or_replaced_after_signing_does_not_verify(signer: DKIMSigner, what: str,
+                                                                   change: Callable[[bytes], bytes]) -> None:
+    msg = text_message(Reply_To="help@example.org", List_Unsubscribe=f"<https://{DOMAIN}/u/1>")
+    if what != "List-Unsubscribe-Post added":
+        msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+    signed = signer.sign(wire(msg))
+    assert verifies(signed, signer)
+    altered = change(signed)
+    assert altered != signed, what
+    assert not verifies(altered, signer), what
+
+
+def test_each_key_adds_a_signature_and_each_verifies(keys: dict[str, bytes]) -> None:
+    ed_key = pem(ed25519.Ed25519PrivateKey.generate())
+    rsa_signer = DKIMSigner(domain=DOMAIN, selector=SELECTOR, private_key=keys["rsa-sha256"])
+    ed_signer = DKIMSigner(domain=DOMAIN, selector="ed", private_key=ed_key, algorithm="ed25519-sha256")
+    signed = sign_all([rsa_signer, ed_signer], wire(text_message()))
+    assert signed.count(b"DKIM-Signature:") == 2
+    records = {f"{SELECTOR}._domainkey.{DOMAIN}.".encode(): rsa_signer.dns_record().encode(),
+               f"ed._domainkey.{DOMAIN}.".encode(): ed_signer.dns_record().encode()}
+    verifier = dkim.DKIM(signed)
+    for index in range(2):
+        assert verifier.verify(idx=index, dnsfunc=lambda name, timeout=5: records.get(name))
+    assert [tags_at(signed, i)["a"] for i in range(2)] == ["rsa-sha256", "ed25519-sha256"]
+
+
+def tags_at(message: bytes, index: int) -> dict[str, str]:
+    head = message.split(b"\r\n\r\n", 1)[0].decode()
+    found = re.findall(r"^DKIM-Signature:(.*?)\r\n(?![ \t])", head + "\r\n", re.DOTALL | re.MULTILINE)
+    value = re.sub(r"\s+", "", found[index])
+    return dict(item.split("=", 1) for item in value.split(";") if item)
+
+
+def test_dkim_may_be_a_list_in_the_config(tmp_path: Path, keys: dict[str, bytes]) -> None:
+    (tmp_path / "r.pem").write_bytes(keys["rsa-sha256"])
+    (tmp_path / "e.pem").write_bytes(pem(ed25519.Ed25519PrivateKey.generate()))
+    settings_ = Settings.model_validate({"dkim": [
+        {"domain": DOMAIN, "selector": "r", "private_key": str(tmp_path / "r.pem")},
+        {"domain": DOMAIN, "selector": "e", "private_key": str(tmp_path / "e.pem"), "algorithm": "ed25519-sha256"}]})
+    composer = Composer(settings_, base_dir=tmp_path, attachments_root=tmp_path)
+    line = json.dumps({"id": "j", "from": f"a@{DOMAIN}", "to": ["b@example.net"], "subject": "s",
+                       "text": "t"}).encode()
+    outcome = composer.compose(Line(1, line, len(line)))
+    assert isinstance(outcome, Ready)
+    assert outcome.outgoing.message.count(b"DKIM-Signature:") == 2
+
+
+async def test_pool_signs_with_every_signer(keys: dict[str, bytes], server: FaultyServer) -> None:
+    rsa_signer = DKIMSigner(domain=DOMAIN, selector=SELECTOR, private_key=keys["rsa-sha256"])
+    ed_signer = DKIMSigner(domain=DOMAIN, selector="ed", private_key=pem(ed25519.Ed25519PrivateKey.generate()),
+                           algorithm="ed25519-sha256")
+    async with SMTPPool(hostname="127.0.0.1", port=server.port, dkim=[rsa_signer, ed_signer]) as pool:
+        await pool.submit(text_message())
+    assert server.messages[0].content.count(b"DKIM-Signature:") == 2
 
 
 @pytest.mark.parametrize(("what", "change"), [
@@ -305,8 +388,9 @@ def test_messages_from_the_job_builder_verify(signer: DKIMSigner, tmp_path: Path
                                            unsubscribe=Unsubscribe(url=f"https://{DOMAIN}/u/{{{{ id }}}}"))
     signed = signer.sign(build(ComposedJob.model_validate(document)).message)
     assert verifies(signed, signer)
-    assert tags(signed)["h"] == ("from:to:cc:subject:date:message-id:mime-version:content-type:"
-                                 "list-unsubscribe:list-unsubscribe-post")
+    assert tags(signed)["h"] == ("from:from:to:to:cc:cc:subject:subject:date:message-id:mime-version:"
+                                 "content-type:reply-to:list-unsubscribe:list-unsubscribe:"
+                                 "list-unsubscribe-post:list-unsubscribe-post")
 
 
 # -- the same signature as dkimpy's own signer ------------------------------------
