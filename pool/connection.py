@@ -126,6 +126,7 @@ class Connection:
         self.client: aiosmtplib.SMTP | None = None
         self.pipe: PipelineProtocol | None = None
         self.smtputf8 = False
+        self.eightbitmime = False
 
     def __repr__(self) -> str:
         mode = "pipelined" if self.pipe is not None else "command"
@@ -199,6 +200,7 @@ class Connection:
             raise
         self.client = client
         self.smtputf8 = client.supports_extension("smtputf8")
+        self.eightbitmime = client.supports_extension("8bitmime")
         self.transactions = 0
         self.last_used = time.monotonic()
         if o.pipelining is not False and client.supports_extension("pipelining"):

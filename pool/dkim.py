@@ -143,7 +143,7 @@ class DKIMSigner:
     def _signature(self, headers: list[list[bytes]], body: bytes, include: list[bytes]) -> bytes:
         """The DKIM-Signature field, CRLF-terminated: ``dkim.DKIM.sign`` and its
         ``gen_header`` with dkimpy's own helpers, but the signature made by OpenSSL."""
-        import dkim
+        import dkim  # type: ignore[import-untyped]  # dkimpy ships no type hints
 
         fields = [
             (b"v", b"1"), (b"a", self._algorithm_b), (b"c", b"relaxed/relaxed"), (b"d", self._domain_b),

@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage, Message
 from email.utils import getaddresses, parseaddr
 
@@ -26,6 +26,20 @@ class Envelope:
     content: bytes  # CRLF-normalized, dot-stuffed, ending in the end-of-data line
     message_id: str | None
     all_ascii: bool = True  # sender and every recipient are ASCII
+    #: The header has non-ASCII text (RFC 6532): the session needs SMTPUTF8.
+    utf8_headers: bool = field(init=False)
+    #: The body has 8-bit bytes: MAIL needs BODY=8BITMIME (RFC 6152).
+    eight_bit: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        content = self.content
+        utf8_headers = eight_bit = False
+        if not content.isascii():  # the common case costs one pass in C
+            end = 0 if content.startswith(b"\r\n") else content.find(b"\r\n\r\n")
+            utf8_headers = not (content if end < 0 else content[:end]).isascii()
+            eight_bit = end >= 0 and not content[end:].isascii()
+        object.__setattr__(self, "utf8_headers", utf8_headers)
+        object.__setattr__(self, "eight_bit", eight_bit)
 
     def ascii_addresses(self, recipients: tuple[str, ...]) -> bool:
         """The sender and ``recipients`` need no SMTPUTF8 (RFC 6531 section 3.4)."""

@@ -37,6 +37,9 @@ Reply = tuple[int, str]
 
 #: RFC 6531 section 3.7.4.1 names this reply for a non-ASCII address a server cannot take.
 NO_SMTPUTF8: Reply = (553, "5.6.7 the relay does not offer SMTPUTF8, needed for a non-ASCII address (RFC 6531)")
+NO_SMTPUTF8_HEADERS: Reply = (554, "5.6.7 the relay does not offer SMTPUTF8, needed for non-ASCII header text "
+                                   "(RFC 6532)")
+NO_8BITMIME: Reply = (554, "5.6.3 the relay does not offer 8BITMIME, needed for a body with 8-bit bytes (RFC 6152)")
 START_DATA = 354
 
 
@@ -107,6 +110,27 @@ def _outcome(recipients: tuple[str, ...], mail: Reply, rcpt: list[Reply], data: 
     return out
 
 
+def mail_parameters(envelope: Envelope, recipients: tuple[str, ...], *, smtputf8: bool,
+                    eightbitmime: bool) -> list[bytes] | Reply:
+    """The MAIL FROM parameters ``envelope`` needs on a session that offers what the
+    flags say, or the permanent refusal when it lacks one: nothing 8-bit goes out
+    undeclared. Non-ASCII addresses or header text need SMTPUTF8 (RFC 6531, 6532); an
+    8-bit body needs BODY=8BITMIME (RFC 6152), which SMTPUTF8 implies (RFC 6531 section
+    3.1) when the server does not list it."""
+    params: list[bytes] = []
+    utf8 = envelope.utf8_headers or not envelope.ascii_addresses(recipients)
+    if utf8:
+        if not smtputf8:
+            return NO_SMTPUTF8_HEADERS if envelope.ascii_addresses(recipients) else NO_SMTPUTF8
+        params.append(b"SMTPUTF8")
+    if envelope.eight_bit or envelope.utf8_headers:
+        if eightbitmime:
+            params.append(b"BODY=8BITMIME")
+        elif not utf8:
+            return NO_8BITMIME
+    return params
+
+
 def _address(address: str, smtputf8: bool) -> bytes:
     """``<address>`` for MAIL/RCPT; UTF-8 only where the session may use SMTPUTF8."""
     if address.isascii():
@@ -160,19 +184,20 @@ class Transaction:
         conn, envelope, recipients = self._connection, self._envelope, self._recipients
         try:
             smtputf8 = conn.smtputf8
-            if not smtputf8 and not envelope.ascii_addresses(recipients):
+            params = mail_parameters(envelope, recipients, smtputf8=smtputf8, eightbitmime=conn.eightbitmime)
+            if isinstance(params, tuple):
                 # Nothing is sent: the session stays as it is, the message fails for good.
-                self.outcome = Outcome(refused=dict.fromkeys(recipients, NO_SMTPUTF8), reply=NO_SMTPUTF8)
+                self.outcome = Outcome(refused=dict.fromkeys(recipients, params), reply=params)
                 return
             pipe = conn.pipe
             if pipe is not None:
                 self._pipe = pipe
-                await self._start_pipelined(pipe, smtputf8)
+                await self._start_pipelined(pipe, smtputf8, params)
             else:
                 client = conn.client
                 if client is None:
                     raise ConnectionFailed("not connected")
-                self.outcome = await self._command_by_command(client, smtputf8)
+                self.outcome = await self._command_by_command(client, smtputf8, params)
         except ConnectionFailed as exc:
             conn.close()
             self.outcome = self._lost(exc)
@@ -217,10 +242,9 @@ class Transaction:
 
     # -- pipelined (RFC 2920) --
 
-    async def _start_pipelined(self, pipe: PipelineProtocol, smtputf8: bool) -> None:
+    async def _start_pipelined(self, pipe: PipelineProtocol, smtputf8: bool, params: list[bytes]) -> None:
         envelope, recipients, conn = self._envelope, self._recipients, self._connection
-        param = b" SMTPUTF8" if smtputf8 and not envelope.ascii_addresses(recipients) else b""
-        commands = [b"MAIL FROM:" + _address(envelope.sender, smtputf8) + param + b"\r\n"]
+        commands = [b" ".join([b"MAIL FROM:" + _address(envelope.sender, smtputf8), *params]) + b"\r\n"]
         for address in recipients:
             commands.append(b"RCPT TO:" + _address(address, smtputf8) + b"\r\n")
         commands.append(b"DATA\r\n")
@@ -248,12 +272,9 @@ class Transaction:
 
     # -- command by command (aiosmtplib) --
 
-    async def _command_by_command(self, client: aiosmtplib.SMTP, smtputf8: bool) -> Outcome:
+    async def _command_by_command(self, client: aiosmtplib.SMTP, smtputf8: bool, params: list[bytes]) -> Outcome:
         envelope, recipients = self._envelope, self._recipients
-        mail_args = [b"FROM:" + _address(envelope.sender, smtputf8)]
-        if smtputf8 and not envelope.ascii_addresses(recipients):
-            mail_args.append(b"SMTPUTF8")
-        response = await client.execute_command(b"MAIL", *mail_args)
+        response = await client.execute_command(b"MAIL", b"FROM:" + _address(envelope.sender, smtputf8), *params)
         mail = _checked(response.code, response.message)
         if not is_positive(mail[0]):
             await self._reset(client)

@@ -101,6 +101,8 @@ class _Handler:
         self, smtp: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
     ) -> list[str]:
         session.host_name = hostname
+        if not self.server.eightbitmime:
+            responses = [line for line in responses if line != "250-8BITMIME"]
         if self.server.pipelining:
             return [*responses[:-1], "250-PIPELINING", responses[-1]]
         return responses
@@ -274,6 +276,7 @@ class FaultyServer:
         tls_context: ssl.SSLContext | None = None,
         credentials: tuple[str, str] | None = None,
         smtputf8: bool = False,
+        eightbitmime: bool = True,
     ) -> None:
         """``starttls_context`` offers STARTTLS; ``tls_context`` makes the port implicit
         TLS; ``credentials`` (user, password) makes AUTH required."""
@@ -281,6 +284,7 @@ class FaultyServer:
         self.tls_context = tls_context
         self.credentials = credentials
         self.smtputf8 = smtputf8  # advertise SMTPUTF8 (RFC 6531)
+        self.eightbitmime = eightbitmime  # advertise 8BITMIME (RFC 6152)
         self.auth_attempts: list[tuple[str, bool]] = []
         self.host = "127.0.0.1"
         self.port = port

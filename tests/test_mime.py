@@ -36,6 +36,7 @@ from dispatcher import mime
 from dispatcher.address import parse_mailbox
 from dispatcher.jobs import JobError, Line, build, parse_job
 from dispatcher.mime import MessageError, build_message
+from pool import DeliveryError, SMTPPool
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -563,3 +564,47 @@ def test_built_jobs_are_prepared_and_end_with_a_line_break() -> None:
     raw = json.dumps({"id": "p2", "mail_from": "a@example.org", "rcpt_to": ["b@example.net"],
                       "raw": "Subject: x\n\nbare\nline feeds"}).encode()
     assert not build(parse_job(Line(2, raw, len(raw)))).prepared  # the caller's bytes: checked in full
+
+
+# -- nothing 8-bit undeclared (SPEC section 1 behaviour 14), on the wire --------------------
+
+def _composed(**fields: Any) -> bytes:
+    document = {"id": "8", "from": "a@example.org", "to": ["b@example.net"], "subject": "s", "text": "t", **fields}
+    raw = json.dumps(document).encode()
+    return build(parse_job(Line(1, raw, len(raw)))).message
+
+
+_UTF8_REPLY_TO = {"reply_to": "Zoë <zoë@example.net>"}  # a non-ASCII local part: UTF-8 in the header
+_RAW_UTF8_BODY = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: s\r\nContent-Type: text/plain; " \
+                 b"charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n"
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest.mark.parametrize(("smtputf8", "eightbitmime", "message", "expected"), [
+    (True, True, "utf8 header", ["SMTPUTF8", "BODY=8BITMIME"]),
+    (True, False, "utf8 header", ["SMTPUTF8"]),
+    (False, True, "utf8 header", "5.6.7"),
+    (False, False, "utf8 header", "5.6.7"),
+    (False, True, "8-bit body", ["BODY=8BITMIME"]),
+    (True, True, "8-bit body", ["BODY=8BITMIME"]),
+    (False, False, "8-bit body", "5.6.3"),
+    (False, False, "7-bit", []),
+    (True, True, "non-ASCII display name", []),  # RFC 2047: 7-bit
+])
+async def test_nothing_8bit_goes_out_undeclared(pipelining: bool, smtputf8: bool, eightbitmime: bool, message: str,
+                                               expected: list[str] | str) -> None:
+    content = {"utf8 header": lambda: _composed(**_UTF8_REPLY_TO), "8-bit body": lambda: _RAW_UTF8_BODY,
+               "7-bit": lambda: _composed(), "non-ASCII display name": lambda: _composed(to=["Zoë <z@example.net>"],
+                                                                                           subject="Grüße")}[message]()
+    server = FaultyServer(pipelining=pipelining, smtputf8=smtputf8, eightbitmime=eightbitmime)
+    async with server, SMTPPool(hostname="127.0.0.1", port=server.port, size=1, max_attempts=1) as pool:
+        if isinstance(expected, str):
+            with pytest.raises(DeliveryError) as caught:
+                await pool.submit(content, sender="a@example.org", recipients=["b@example.net"])
+            assert caught.value.permanent and expected in str(caught.value.response)
+            assert server.messages == []
+        else:
+            await pool.submit(content, sender="a@example.org", recipients=["b@example.net"])
+            assert [m.mail_options for m in server.messages] == [expected]
+            if not expected:
+                assert server.messages[0].content.isascii()
