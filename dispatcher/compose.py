@@ -81,13 +81,16 @@ class Composer:
 
     Templates are compiled once per Composer (one per process); the DKIM keys and the
     unsubscribe templates are read once, here; each DKIM key adds its own signature.
-    ``sign=False`` leaves messages unsigned (``enqueue`` only validates). Raises
+    ``sign=False`` leaves messages unsigned (``enqueue`` only validates). ``batch``
+    names the batch, from which Message-IDs are derived (``dispatcher.jobs.build``). Raises
     ValueError, one line naming the setting, when a DKIM key or an unsubscribe template
     cannot be used.
     """
 
-    def __init__(self, settings: Settings, *, base_dir: Path, attachments_root: Path, sign: bool = True) -> None:
+    def __init__(self, settings: Settings, *, base_dir: Path, attachments_root: Path, sign: bool = True,
+                 batch: str | None = None) -> None:
         self.base_dir = base_dir
+        self.batch = batch
         self.attachments_root = attachments_root
         self.default_from = settings.jobs.default_from
         self.templates = Templates.from_settings(settings.templates)
@@ -131,7 +134,7 @@ class Composer:
         try:
             ready = self._resolve(job)
             load_attachments(ready, self.base_dir, self.attachments_root)
-            outgoing = build(ready)
+            outgoing = build(ready, batch=self.batch)
         except JobError as exc:
             exc.job_id = job.id
             raise

@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from dispatcher.address import parse_address, parse_mailbox
-from dispatcher.mime import MessageError, build_message
+from dispatcher.mime import MessageError, build_message, derived_message_id
 from dispatcher.templates import TemplatedJob
 from pool import Envelope
 from pool.envelope import check_headers, crlf
@@ -357,8 +357,12 @@ class Outgoing:
     envelope: Envelope | None = None  # made ahead by pool.prepare (the compose process): submit it as it is
 
 
-def build(job: Job) -> Outgoing:
+def build(job: Job, *, batch: str | None = None) -> Outgoing:
     """The message and envelope of a job. Raises JobError (e.g. unreadable attachment).
+
+    ``batch`` names the batch (the results file, the stream): a composed job without its
+    own Message-ID then gets one derived from its id and the batch, the same whenever
+    it is sent again (``dispatcher.mime.derived_message_id``); None: a random one.
 
     Composed jobs are rendered by ``dispatcher.mime`` straight to bytes: valid SMTP
     whatever the values (lines within 998 octets, 7-bit) and ~10 times faster than
@@ -375,14 +379,16 @@ def build(job: Job) -> Outgoing:
         rcpt_to = [parse_address(a).address for a in job.rcpt_to]
         return Outgoing(raw, parse_address(job.mail_from).address, list(dict.fromkeys(rcpt_to)))
     attachments = [_attachment(a, f"attachments.{i}") for i, a in enumerate(job.attachments)]
+    sender = parse_mailbox(job.from_).address
+    message_id = None if batch is None else derived_message_id(job.id, batch, sender.rpartition("@")[2])
     try:
         message = build_message(from_=job.from_, to=job.to, cc=job.cc, reply_to=job.reply_to, subject=job.subject,
-                                text=job.text, html=job.html, headers=job.headers, attachments=attachments)
+                                text=job.text, html=job.html, headers=job.headers, attachments=attachments,
+                                message_id=message_id)
     except MessageError as exc:
         raise JobError(exc.field, str(exc)) from None
     if not message.endswith(b"\r\n"):
         message += b"\r\n"  # what SMTP adds to it anyway (RFC 5321 section 4.1.1.4); a prepared message ends so
-    sender = parse_mailbox(job.from_).address
     recipients = [parse_mailbox(a).address for a in (*job.to, *job.cc, *job.bcc)]
     return Outgoing(message, sender, list(dict.fromkeys(recipients)), prepared=True)
 

@@ -20,7 +20,9 @@ The caller validates (addresses, header names); this module only renders.
 
 from __future__ import annotations
 
+import base64
 import binascii
+import hashlib
 import itertools
 import os
 import re
@@ -147,6 +149,21 @@ os.register_at_fork(after_in_child=_new_process)
 def new_message_id(domain: str) -> str:
     """``<random.serial@domain>``: 64 random bits per process and a counter (make_msgid
     costs a clock read, a random draw and the pid per call)."""
+    return f"<{_unique}.{next(_serial)}@{_id_domain(domain)}>"
+
+
+def derived_message_id(job_id: str, batch: str, domain: str) -> str:
+    """``<hash@domain>`` from the job's id and its batch (the results file, the stream):
+    a job sent twice (after a crash, by two workers) carries the same Message-ID both
+    times, so receivers can collapse the copies, and a results row joins the relay's log.
+    The id itself is not shown (it may hold an address): 120 bits of BLAKE2b."""
+    digest = hashlib.blake2b(f"{batch}\0{job_id}".encode("utf-8", "surrogatepass"), digest_size=15,
+                             person=b"dispatcher-msgid").digest()
+    return f"<{base64.b32encode(digest).decode('ascii').lower()}@{_id_domain(domain)}>"
+
+
+def _id_domain(domain: str) -> str:
+    """``domain`` as a Message-ID's right-hand side: ASCII (IDNA), else localhost."""
     if not _DOMAIN.fullmatch(domain):
         try:
             domain = domain.encode("idna").decode("ascii")
@@ -154,7 +171,7 @@ def new_message_id(domain: str) -> str:
             domain = "localhost"
         if not _DOMAIN.fullmatch(domain):
             domain = "localhost"
-    return f"<{_unique}.{next(_serial)}@{domain}>"
+    return domain
 
 
 def _now() -> str:

@@ -151,6 +151,7 @@ class Run:
             "response": _text(fields.get("response")), "refused": fields.get("refused", {}),
             "suppressed": fields.get("suppressed", []),
             "error": _text(fields.get("error")), "elapsed_ms": fields.get("elapsed_ms", 0),
+            "message_id": fields.get("message_id"),  # what the message was sent with (None: not sent)
         }
         if fields.get("recipients") is not None:
             result["recipients"] = fields["recipients"]  # a --retry-failed row speaks for these only
@@ -196,7 +197,9 @@ class Run:
         finally:
             self.admission.store.close()  # no SQLite connection across the compose process's fork
         try:
-            self.composer = Composer(self.settings, base_dir=self.base, attachments_root=root)
+            # The batch, from which Message-IDs are derived, is the results file (SPEC section 2).
+            self.composer = Composer(self.settings, base_dir=self.base, attachments_root=root,
+                                     batch=os.path.abspath(self.options.results))
         except ValueError as exc:
             raise RunError(str(exc)) from None
         if self.options.jobs == "-":
@@ -553,6 +556,7 @@ class Run:
             self._record(number, job_id, "failed", size, attempts=exc.attempts, code=exc.code,
                          response=exc.response, refused=_refusals(exc.refused), error=str(exc),
                          elapsed_ms=_ms(started), recipients=retried, suppressed=suppressed,
+                         message_id=exc.message_id,
                          relay=getattr(exc, "relay", None))  # set by SMTPRouter once DeliveryError carries it
             await self.admission.refused(job_id, exc.refused)
         except RelayError as exc:
@@ -565,7 +569,8 @@ class Run:
         else:
             self._record(number, job_id, "sent", size, attempts=result.attempts, code=result.code,
                          response=result.response, refused=_refusals(result.refused), suppressed=suppressed,
-                         elapsed_ms=round(result.elapsed * 1000, 1), recipients=retried, relay=result.relay)
+                         elapsed_ms=round(result.elapsed * 1000, 1), recipients=retried, relay=result.relay,
+                         message_id=result.message_id)
             await self.admission.refused(job_id, result.refused)
 
     async def _progress(self) -> None:

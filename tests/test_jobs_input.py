@@ -216,3 +216,43 @@ async def test_ambiguous_recipient_is_never_sent_and_the_batch_goes_on(server: F
     assert "to.0" in rows["wrong"]["error"] and "to.0" in rows["two"]["error"]
     assert rows["good"]["status"] == "sent"
     assert [m.rcpt_tos for m in server.messages] == [["carol@example.net"]]
+
+
+# -- Message-ID from the job and its batch (SPEC section 2) ---------------------------------
+
+def test_message_id_is_derived_from_the_id_and_the_batch() -> None:
+    raw = json.dumps({"id": "j1", "from": "Zoë <a@Bücher.example>", "to": ["b@example.net"], "subject": "s",
+                      "text": "t"}).encode()
+    job = parse_job(Line(1, raw, len(raw)))
+
+    def message_id(batch: str | None) -> bytes:
+        head = build(job, batch=batch).message.split(b"\r\n\r\n", 1)[0]
+        return next(line for line in head.split(b"\r\n") if line.startswith(b"Message-ID:"))
+
+    first = message_id("/data/a.results.jsonl")
+    assert first == message_id("/data/a.results.jsonl")
+    assert first.endswith(b"@xn--bcher-kva.example>")
+    assert b"j1" not in first  # the id is not shown
+    assert first != message_id("/data/b.results.jsonl")
+    assert message_id(None) != message_id(None)  # no batch: random, as before
+
+
+async def test_result_rows_carry_the_message_id_and_a_resend_reuses_it(server: FaultyServer, tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [{"id": "c1", "from": "a@example.org", "to": ["b@example.net"], "subject": "s", "text": "t"},
+             {"id": "r1", "mail_from": "a@example.org", "rcpt_to": ["b@example.net"],
+              "raw": "From: a@example.org\r\nMessage-ID: <raw-1@example.org>\r\n\r\nx\r\n"},
+             {"id": "bad", "from": "a@example.org", "to": ["x, y"], "subject": "s", "text": "t"}]
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    config = write_config(tmp_path / "c.yaml", server, size=1)
+    results = tmp_path / "jobs.results.jsonl"
+    for _ in range(2):  # the second run: as after a crash that lost the results file
+        results.unlink(missing_ok=True)
+        code, _, err = await dispatcher("run", str(jobs), "--config", str(config), "--no-progress", cwd=tmp_path)
+        assert code == 1, err
+    rows = {row["id"]: row for row in map(json.loads, results.read_text().splitlines())}
+    assert rows["bad"]["message_id"] is None
+    assert rows["r1"]["message_id"] == "<raw-1@example.org>"
+    assert rows["c1"]["message_id"].endswith("@example.org>")
+    sent = [m.message_id for m in server.messages]
+    assert sent.count(rows["c1"]["message_id"]) == 2, sent  # both copies carry the same Message-ID

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from redisserver import RedisServer, free_port, require_redis
 from smtpserver import FaultyServer
 
+from dispatcher.mime import derived_message_id
 from dispatcher.stream import keys as stream_keys
 from dispatcher.stream import report as redis_report
 from dispatcher.stream import store as redis_store
@@ -316,6 +317,10 @@ async def test_two_workers_share_the_stream_and_each_job_is_delivered_once(
     rows = await results(url, tmp_path)
     assert_one_row_per_id(rows, set(counts))
     assert {r["status"] for r in rows} == {"sent"} and all(r["code"] == 250 for r in rows)
+    # The Message-ID comes from the id and the stream: the same whichever worker sends it.
+    received = {m.header("X-Job-Id"): m.message_id for m in server.messages}
+    assert all(r["message_id"] == received[r["id"]] == derived_message_id(r["id"], "dispatcher:jobs", "example.org")
+               for r in rows)
 
 
 async def test_a_killed_workers_pending_jobs_are_claimed_and_only_its_wire_is_sent_twice(

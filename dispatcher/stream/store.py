@@ -178,8 +178,10 @@ def result_row(
     refused: dict[str, list[Any]] | None = None,
     error: str | None = None,
     elapsed_ms: float = 0,
+    message_id: str | None = None,
 ) -> bytes:
     """One row of the results file (SPEC section 2), as bytes, encoded as ``run`` does."""
     row = {"id": job_id, "line": line, "status": status, "attempts": attempts, "code": code,
-           "response": response, "refused": refused or {}, "error": error, "elapsed_ms": elapsed_ms}
+           "response": response, "refused": refused or {}, "error": error, "elapsed_ms": elapsed_ms,
+           "message_id": message_id}
     return encode_result(row).rstrip(b"\n")

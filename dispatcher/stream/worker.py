@@ -204,7 +204,7 @@ class Worker:
             return ExitCode.USAGE
         root = self.options.attachments_root
         try:  # the compose stage of `run`: templates, unsubscribe headers, DKIM, attachments under root
-            self.composer = Composer(settings, base_dir=root, attachments_root=root)
+            self.composer = Composer(settings, base_dir=root, attachments_root=root, batch=self.keys.stream)
         except ValueError as exc:
             print(f"dispatcher worker: {exc}", file=sys.stderr)
             return ExitCode.USAGE
@@ -445,7 +445,8 @@ class Worker:
         except DeliveryError as exc:
             if exc.permanent:
                 self._finished(entry, "failed", attempts=exc.attempts, code=exc.code, response=exc.response,
-                               refused=_refusals(exc.refused), error=str(exc), elapsed_ms=_ms(started))
+                               refused=_refusals(exc.refused), error=str(exc), elapsed_ms=_ms(started),
+                               message_id=exc.message_id)
             else:
                 self.counts.deferred += 1
                 log.info("job.deferred", id=entry.job_id, deliveries=entry.deliveries, error=str(exc))
@@ -466,7 +467,8 @@ class Worker:
             self._finished(entry, "invalid", error=f"line {entry.line}: {exc}")
         else:
             self._finished(entry, "sent", attempts=result.attempts, code=result.code, response=result.response,
-                           refused=_refusals(result.refused), elapsed_ms=round(result.elapsed * 1000, 1))
+                           refused=_refusals(result.refused), elapsed_ms=round(result.elapsed * 1000, 1),
+                           message_id=result.message_id)
 
     async def _confirm(self, entry: Entry) -> bool:
         """The entry's lease lapsed before it went on the wire: True when it is still
