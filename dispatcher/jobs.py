@@ -37,6 +37,17 @@ MAX_LINE_BYTES = 16 * 1024 * 1024
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 section 2.2: printable ASCII but ':'
 _RESERVED_HEADERS = {"from", "to", "cc", "bcc", "subject", "reply-to", "content-type",
                      "content-transfer-encoding", "mime-version"}
+#: Written by the relays (Return-Path, Received) or the signer: a job's own would forge them.
+_FORBIDDEN_HEADERS = {"return-path", "received", "dkim-signature"}
+#: Structured headers are written as given, never as RFC 2047 encoded words (RFC 2047
+#: section 5, RFC 2369, RFC 8058): a value must be printable ASCII, folded at spaces.
+_STRUCTURED_HEADERS = {"message-id", "in-reply-to", "references"}
+_STRUCTURED_VALUE = re.compile(r"[!-~]{1,900}(?:[ \t]+[!-~]{1,900})*")
+_MSG_ID = re.compile(r"<[^<>@\s]+@[^<>@\s]+>")
+_LIST_URIS = re.compile(r"<(?:https?|mailto):[!-;=?-~]+>(?:[ \t]*,[ \t]*<(?:https?|mailto):[!-;=?-~]+>)*")
+#: RFC 5322 section 3.3 date-time (the obsolete forms aside).
+_DATE = re.compile(r"(?:(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), )?\d{1,2} (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) "
+                   r"\d{4} \d{2}:\d{2}(?::\d{2})? [+-]\d{4}")
 
 
 class JobError(ValueError):
@@ -121,12 +132,34 @@ class ComposedJob(BaseModel):
 
     @model_validator(mode="after")
     def _header_names(self) -> ComposedJob:
-        for name in self.headers:
+        seen: set[str] = set()
+        for name, value in self.headers.items():
             if not _HEADER_NAME.match(name):
                 raise ValueError(f"headers: {name!r} is not a valid header name")
-            if name.lower() in _RESERVED_HEADERS:
+            lower = name.lower()
+            if lower in _RESERVED_HEADERS:
                 raise ValueError(f"headers: {name!r} is set from the job's own fields")
+            if lower in _FORBIDDEN_HEADERS:
+                raise ValueError(f"headers.{name}: written by relays and signers, never by a job")
+            if lower in seen:
+                raise ValueError(f"headers.{name}: given twice (names are compared case-insensitively)")
+            seen.add(lower)
+            _check_header(name, lower, value)
         return self
+
+
+def _check_header(name: str, lower: str, value: str) -> None:
+    """A custom header's value where its name says what it must be. Raises ValueError."""
+    if lower == "date" and not _DATE.fullmatch(value):
+        raise ValueError(f"headers.{name}: {value[:60]!r} is not an RFC 5322 date (Mon, 1 Jan 2024 09:00:00 +0000)")
+    if lower in _STRUCTURED_HEADERS or lower.startswith("list-"):
+        if not _STRUCTURED_VALUE.fullmatch(value):
+            raise ValueError(f"headers.{name}: a structured header must be printable ASCII words of at most "
+                             "900 characters, as it is sent (never encoded)")
+        if lower == "message-id" and not _MSG_ID.fullmatch(value):
+            raise ValueError(f"headers.{name}: {value[:60]!r} is not <id@domain>")
+        if lower == "list-unsubscribe" and not _LIST_URIS.fullmatch(value):
+            raise ValueError(f"headers.{name}: must be <https:...> and/or <mailto:...> URIs (RFC 2369, RFC 8058)")
 
 
 class RawJob(BaseModel):
@@ -303,6 +336,8 @@ def validation_error(exc: ValidationError, job_id: str | None) -> JobError:
     field = _field(first["loc"])
     message = "field required" if first["type"] == "missing" else first["msg"]
     message = message.removeprefix("Value error, ")
+    if not field and message.startswith("headers."):  # a model check naming one header
+        field, _, message = message.partition(": ")
     if first["type"] == "extra_forbidden":
         message = "unknown field"
     return JobError(field, message, job_id)

@@ -106,8 +106,12 @@ def build_message(
     for name, value in (headers or {}).items():
         if len(name) > _MAX_NAME:
             raise MessageError("headers", f"header name of {len(name)} characters: at most {_MAX_NAME}")
-        _unstructured_header(out, name, value, f"headers.{name}")
-        given.add(name.lower())
+        lower = name.lower()
+        if lower in _STRUCTURED or lower.startswith("list-"):
+            _structured_header(out, name, value, f"headers.{name}")
+        else:
+            _unstructured_header(out, name, value, f"headers.{name}")
+        given.add(lower)
     if "message-id" not in given:
         message_id = message_id or new_message_id(_address(from_, "from")[1].rpartition("@")[2])
         out.append(f"Message-ID: {message_id}\r\n")
@@ -266,6 +270,22 @@ def _ew(text: str, q: bool) -> str:
     if q:
         return "=?utf-8?q?" + "".join(map(_q, text)) + "?="
     return "=?utf-8?b?" + binascii.b2a_base64(text.encode("utf-8"), newline=False).decode("ascii") + "?="
+
+
+#: Never RFC 2047 encoded (RFC 2047 section 5, RFC 2369, RFC 8058): written as given,
+#: folded at white space only.
+_STRUCTURED = frozenset({"message-id", "in-reply-to", "references"})
+
+
+def _structured_header(out: list[str], name: str, value: str, field: str) -> None:
+    words = value.split()
+    if not value.isascii() or not words or any(len(name) + 2 + len(word) > MAX_LINE for word in words) \
+            or not _PLAIN_VALUE.fullmatch(" ".join(words)):
+        raise MessageError(field, "a structured header must be printable ASCII words that fit a line, as it is sent")
+    folder = _Folder(name)
+    for word in words:
+        folder.add(" ", word)
+    folder.end(out)
 
 
 def _unstructured_header(out: list[str], name: str, value: str, field: str) -> None:

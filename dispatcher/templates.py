@@ -214,7 +214,13 @@ def _finalize(value: Any) -> Any:
     return "" if value is None else value  # JSON null prints as nothing, not "None"
 
 
-def _environment(loader: jinja2.BaseLoader | None = None) -> _Sandbox:
+def _url_value(value: Any) -> Any:
+    """What a URL template inserts, percent-encoded (RFC 3986): an id ``a b#c`` gives
+    ``a%20b%23c``, so no value can end the path, add a query parameter or a fragment."""
+    return quote(str(_finalize(value)), safe="")
+
+
+def _environment(loader: jinja2.BaseLoader | None = None, finalize: Callable[[Any], Any] = _finalize) -> _Sandbox:
     return _Sandbox(
         loader=loader,
         undefined=_Undefined,
@@ -225,7 +231,7 @@ def _environment(loader: jinja2.BaseLoader | None = None) -> _Sandbox:
         lstrip_blocks=True,
         auto_reload=False,  # never stat the files again: compiled once per run
         cache_size=-1,  # includes too stay compiled for the whole run
-        finalize=_finalize,
+        finalize=finalize,
     )
 
 
@@ -416,7 +422,7 @@ class Unsubscribe:
         self._secret = secret
         env = _environment()
         self._globals = env.globals
-        self._url = self._compile(env, url, "url")
+        self._url = self._compile(_environment(finalize=_url_value), url, "url")
         if mailto is not None and not mailto.lower().startswith("mailto:"):
             mailto = "mailto:" + mailto
         self._mailto = self._compile(env, mailto, "mailto")

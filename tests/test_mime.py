@@ -215,7 +215,10 @@ class Generator(random.Random):
             "attachments": [self.attachment() for _ in range(self.choice([1, 1, 1, 2, 3]))] if shape >= 4 else [],
         }
         for _ in range(self.choice([0, 0, 0, 1, 2])):
-            job["headers"][self.header_name()] = self.header_value()
+            name = self.header_name()
+            # List-* are structured: printable ASCII as sent, never encoded (RFC 2369)
+            job["headers"][name] = f"<{self.ascii_word(1, 30)}.example.org>" if name == "List-Id" \
+                else self.header_value()
         if self.random() < 0.1:
             job["headers"]["List-Unsubscribe"] = (f"<https://example.org/u/{self.ascii_word(10, 120)}>, "
                                                   f"<mailto:unsubscribe@example.org?subject={self.ascii_word()}>")
@@ -608,3 +611,63 @@ async def test_nothing_8bit_goes_out_undeclared(pipelining: bool, smtputf8: bool
             assert [m.mail_options for m in server.messages] == [expected]
             if not expected:
                 assert server.messages[0].content.isascii()
+
+
+# -- structured headers, custom headers, unsubscribe URLs (SPEC section 6) -----------------
+
+def _job_error(**fields: Any) -> JobError:
+    document = {"id": "h", "from": "a@example.org", "to": ["b@example.net"], "subject": "s", "text": "t", **fields}
+    raw = json.dumps(document).encode()
+    with pytest.raises(JobError) as caught:
+        build(parse_job(Line(1, raw, len(raw))))
+    return caught.value
+
+
+@pytest.mark.parametrize(("headers", "field"), [
+    ({"Return-Path": "<evil@evil.example>"}, "headers.Return-Path"),
+    ({"Received": "from evil"}, "headers.Received"),
+    ({"DKIM-Signature": "v=1; d=evil.example"}, "headers.DKIM-Signature"),
+    ({"Message-ID": "<a@example.org>", "message-id": "<b@example.org>"}, "headers.message-id"),
+    ({"Date": "yesterday"}, "headers.Date"),
+    ({"Date": "Mon, 1 Jan 2024 09:00:00 +0000", "DATE": "Tue, 2 Jan 2024 09:00:00 +0000"}, "headers.DATE"),
+    ({"Message-ID": "not-an-id"}, "headers.Message-ID"),
+    ({"In-Reply-To": "<ä@example.org>"}, "headers.In-Reply-To"),
+    ({"List-Unsubscribe": "https://example.org/u/1"}, "headers.List-Unsubscribe"),
+    ({"List-Unsubscribe": "<javascript:alert(1)>"}, "headers.List-Unsubscribe"),
+])
+def test_custom_headers_cannot_forge_structure(headers: dict[str, str], field: str) -> None:
+    assert _job_error(headers=headers).field == field
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("In-Reply-To", "<" + "x" * 850 + "@example.org>"),  # a long word
+    ("References", "<a=?utf-8?q?x?=@example.org> <b@example.org>"),  # '=?' in an id
+    ("List-Unsubscribe", "<https://example.org/u/=?utf-8?b?eA==?=>, <mailto:u@example.org>"),
+    ("List-Id", "News =?utf-8?q?x?= <news.example.org>"),
+])
+def test_structured_headers_are_written_as_given_never_encoded(name: str, value: str) -> None:
+    document = {"id": "s", "from": "a@example.org", "to": ["b@example.net"], "subject": "s", "text": "t",
+                "headers": {name: value}}
+    raw = json.dumps(document).encode()
+    message = build(parse_job(Line(1, raw, len(raw)))).message
+    head = message.split(b"\r\n\r\n", 1)[0].decode("ascii")
+    unfolded = re.sub(r"\r\n[ \t]+", " ", head)
+    assert f"{name}: {value}\r\n" in unfolded + "\r\n"
+    assert "=?utf-8?" not in unfolded.replace(value, "")
+    assert max(len(line) for line in head.split("\r\n")) <= 998
+
+
+def test_unsubscribe_url_values_are_percent_encoded() -> None:
+    from dispatcher.templates import Unsubscribe
+
+    unsubscribe = Unsubscribe(url="https://example.org/u/{{ id }}?r={{ to[0] }}", mailto="u@example.org")
+    headers = unsubscribe.headers({"id": "id 2 ü/..#frag", "to": ["b+tag&admin=1@example.net"]})
+    assert headers["List-Unsubscribe"] == ("<https://example.org/u/id%202%20%C3%BC%2F..%23frag"
+                                           "?r=b%2Btag%26admin%3D1%40example.net>, <mailto:u@example.org>")
+    assert headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    weird = Unsubscribe(url="https://example.org/u/{{ id }}").headers({"id": "=?utf-8?b?eA==?="})
+    document = {"id": "u", "from": "a@example.org", "to": ["b@example.net"], "subject": "s", "text": "t",
+                "headers": weird}
+    raw = json.dumps(document).encode()
+    head = build(parse_job(Line(1, raw, len(raw)))).message.split(b"\r\n\r\n", 1)[0]
+    assert b"List-Unsubscribe: <https://example.org/u/%3D%3Futf-8%3Fb%3FeA%3D%3D%3F%3D>\r\n" in head + b"\r\n"

@@ -257,7 +257,7 @@ def test_unsubscribe_values_cannot_break_out_of_the_header() -> None:
     headers = unsubscribe_headers("https://example.org/u/{{ id }}", "u+{{ id }}@example.org",
                                   {"id": "a b>\r\nBcc: x@evil.example <é"})
     value = headers["List-Unsubscribe"]
-    assert value == ("<https://example.org/u/a%20b%3E%0D%0ABcc:%20x@evil.example%20%3C%C3%A9>, "
+    assert value == ("<https://example.org/u/a%20b%3E%0D%0ABcc%3A%20x%40evil.example%20%3C%C3%A9>, "
                      "<mailto:u+a%20b%3E%0D%0ABcc:%20x@evil.example%20%3C%C3%A9@example.org>")
     assert value.isascii() and "\r" not in value and "\n" not in value
 
