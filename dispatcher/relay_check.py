@@ -54,6 +54,8 @@ def describe(checked: Checked) -> list[str]:
     else:
         tls = f"{info.tls}, {info.tls_version or 'TLS'}, certificate {info.certificate}"
     login = f"logged in as {info.login}" if info.login else "no login"
+    if info.login and info.login_mechanism:
+        login += f" with {info.login_mechanism}"
     offered = "AUTH " + " ".join(info.auth_methods) if info.auth_methods else "no AUTH"
     extensions = []
     for extension in EXTENSIONS:

@@ -7,17 +7,37 @@ but the library; ``dispatcher.config.Settings`` composes them with its own secti
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from pool.tls import check_ca_file
+
+if TYPE_CHECKING:
+    from pool.oauth import OAuth2
 
 
 class Section(BaseModel):
     """A configuration section: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class OAuth2Settings(Section):
+    """``smtp.oauth2``: log in with an OAuth 2.0 access token (``pool.oauth.OAuth2``)."""
+
+    token_command: str | None = None  # run without a shell; its standard output is the token
+    token_file: Path | None = None  # holds the token; read again when it is due
+    mechanism: Literal["xoauth2", "oauthbearer"] = "xoauth2"
+    lifetime: float = Field(3600.0, gt=0)  # seconds a token lasts when its source does not say
+    refresh_before: float = Field(300.0, ge=0)  # fetch a new token this long before it expires
+    timeout: float = Field(30.0, gt=0)  # seconds the token command may take
+
+    @model_validator(mode="after")
+    def _one_source(self) -> OAuth2Settings:
+        if (self.token_command is None) == (self.token_file is None):
+            raise ValueError("give exactly one of token_command and token_file")
+        return self
 
 
 class SMTPSettings(Section):
@@ -31,6 +51,13 @@ class SMTPSettings(Section):
     password: SecretStr | None = None
     timeout: float = Field(30.0, gt=0)
     relay_down_timeout: float = Field(300.0, gt=0)
+    oauth2: OAuth2Settings | None = None  # instead of password
+
+    @model_validator(mode="after")
+    def _oauth2_login(self) -> SMTPSettings:
+        if self.oauth2 is not None and (self.username is None or self.password is not None):
+            raise ValueError("oauth2 needs username (the mailbox it logs in as) and no password")
+        return self
 
     @field_validator("ca_file")
     @classmethod
@@ -66,6 +93,7 @@ def pool_kwargs(smtp: SMTPSettings, pool: PoolSettings, retry: RetrySettings) ->
         "ca_file": str(smtp.ca_file) if smtp.ca_file is not None else None,
         "username": smtp.username,
         "password": smtp.password.get_secret_value() if smtp.password is not None else None,
+        "oauth2": _oauth2(smtp.oauth2) if smtp.oauth2 is not None else None,
         "timeout": smtp.timeout,
         "relay_down_timeout": smtp.relay_down_timeout,
         "size": pool.size,
@@ -78,3 +106,10 @@ def pool_kwargs(smtp: SMTPSettings, pool: PoolSettings, retry: RetrySettings) ->
         "backoff_base": retry.backoff_base,
         "backoff_max": retry.backoff_max,
     }
+
+
+def _oauth2(settings: OAuth2Settings) -> OAuth2:
+    from pool.oauth import OAuth2
+
+    return OAuth2(command=settings.token_command, file=settings.token_file, mechanism=settings.mechanism,
+                  lifetime=settings.lifetime, refresh_before=settings.refresh_before, timeout=settings.timeout)

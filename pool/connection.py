@@ -27,6 +27,7 @@ import aiosmtplib
 from aiosmtplib import SMTPException, SMTPHeloError, SMTPResponseException
 
 from pool.errors import ConnectionFailed, SessionRefused
+from pool.oauth import OAuth2, TokenError
 from pool.pipeline import PipelineProtocol
 from pool.retry import is_permanent, readable
 
@@ -59,6 +60,7 @@ class SessionOptions:
     pipelining: bool | None
     ca_file: str | None = None
     tls_context: ssl.SSLContext | None = None
+    oauth2: OAuth2 | None = None  # log in with an access token instead of the password
 
     @property
     def relay(self) -> str:
@@ -78,6 +80,8 @@ def _classify_connect_error(exc: BaseException, options: SessionOptions) -> Conn
     """A failed session open: transient (try again later) or permanent (stop: the
     configuration or the relay's policy must change first)."""
     relay = options.relay
+    if isinstance(exc, TokenError):
+        return SessionRefused(f"relay {relay}: {exc}") if exc.permanent else ConnectionFailed(f"relay {relay}: {exc}")
     verify = _cause(exc, ssl.SSLCertVerificationError)
     if isinstance(verify, ssl.SSLCertVerificationError):
         reason = verify.verify_message or str(verify)
@@ -188,9 +192,11 @@ class Connection:
                     await client.ehlo()
                 except SMTPHeloError:
                     await client.helo()
-            if o.username is not None:
+            if o.oauth2 is not None and o.username is not None:
+                await o.oauth2.login(client, o.username, o.hostname, o.port)
+            elif o.username is not None:
                 await _login_once(client, o.username, o.password or "")
-        except (TimeoutError, SMTPException, OSError) as exc:
+        except (TimeoutError, SMTPException, OSError, TokenError) as exc:
             client.close()
             self.state = ConnState.CLOSED
             raise _classify_connect_error(exc, o) from exc

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from pool.dkim import DKIMSigner
+    from pool.oauth import OAuth2
     from pool.probe import RelayInfo
 
 
@@ -107,6 +108,7 @@ class SMTPPool:
         relay_down_timeout: float = 300.0,
         dkim: DKIMSigner | Sequence[DKIMSigner] | None = None,
         rate_limiter: SharedLimiter | None = None,
+        oauth2: OAuth2 | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("size must be at least 1")
@@ -118,6 +120,8 @@ class SMTPPool:
             raise ValueError("max_messages_per_connection must be at least 1")
         if relay_down_timeout <= 0:
             raise ValueError("relay_down_timeout must be positive")
+        if oauth2 is not None and (username is None or password is not None):
+            raise ValueError("oauth2 needs a username (the mailbox it logs in as) and no password")
         if ca_file is not None and tls_context is None:
             try:
                 check_ca_file(ca_file)
@@ -150,6 +154,7 @@ class SMTPPool:
             pipelining=pipelining,
             ca_file=ca_file,
             tls_context=tls_context,
+            oauth2=oauth2,
         )
         if not validate_certs and (use_tls or start_tls is not False):
             log.warning("smtp.validate_certs_off", relay=self._options.relay,

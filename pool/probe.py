@@ -28,6 +28,7 @@ class RelayInfo:
     tls_version: str | None  # e.g. "TLSv1.3"
     certificate: str  # "verified", "not verified (validate_certs: false)", ... or "" without TLS
     login: str | None  # the username that logged in; None without AUTH
+    login_mechanism: str | None  # "XOAUTH2" or "OAUTHBEARER" with smtp.oauth2; None with a password
     auth_methods: tuple[str, ...]  # what the relay offers after TLS, e.g. ("PLAIN", "LOGIN")
     extensions: dict[str, str] = field(default_factory=dict)  # EHLO keyword (upper case) -> its parameters
     elapsed: float = 0.0  # seconds to open the session (connect, TLS, EHLO, AUTH)
@@ -67,6 +68,7 @@ async def probe_session(options: SessionOptions) -> RelayInfo:
             tls_version=ssl_object.version() if ssl_object is not None else None,
             certificate=certificate,
             login=options.username,
+            login_mechanism=options.oauth2.mechanism.upper() if options.oauth2 is not None else None,
             auth_methods=tuple(method.upper() for method in client.server_auth_methods),
             extensions={name.upper(): params for name, params in client.esmtp_extensions.items()},
             elapsed=elapsed,

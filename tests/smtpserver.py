@@ -17,6 +17,8 @@ and every message it accepted, and injects faults by script:
     server.faults.data_reply_raw = b"250 Ok: re\\xe7u"  # raw bytes (not UTF-8) end DATA
     server.faults.data_command_reply = "250 OK"   # DATA answered without a 354
     server.gate = asyncio.Event()             # every end-of-DATA waits for gate.set()
+    FaultyServer(oauth_tokens={"tok-1"})      # AUTH XOAUTH2 and OAUTHBEARER take these tokens
+    server.oauth_tokens = {"tok-2"}           # ... and from now on only this one (tok-1 expired)
 
     async with server:                        # listening on server.port
         ...
@@ -30,6 +32,8 @@ without sleeping.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import random
 import ssl
 from collections import Counter
@@ -202,8 +206,9 @@ class _SMTP(SMTP):
 
     def __init__(self, server: FaultyServer) -> None:
         auth: dict[str, Any] = {}
-        if server.credentials is not None:
-            auth = {"auth_required": True, "auth_require_tls": False, "authenticator": server._authenticate}
+        if server.credentials is not None or server.oauth_tokens is not None:
+            auth = {"auth_required": True, "auth_require_tls": False, "authenticator": server._authenticate,
+                    "auth_exclude_mechanism": [] if server.oauth_tokens is not None else ["XOAUTH2", "OAUTHBEARER"]}
         super().__init__(
             _Handler(server),
             hostname="test.local",
@@ -214,6 +219,49 @@ class _SMTP(SMTP):
             **auth,
         )
         self._test_server = server
+
+    # OAuth 2.0 (aiosmtpd discovers auth_* methods; excluded unless oauth_tokens is set).
+    # On a bad token both send an error challenge (334, JSON), read the client's answer,
+    # then refuse with 535, as Gmail and Microsoft 365 do.
+
+    async def auth_XOAUTH2(self, _: Any, args: list[str]) -> AuthResult:
+        fields = self._sasl_fields(args)
+        user = fields.get("user", "")
+        return await self._check_token("XOAUTH2", user, fields.get("auth", ""), expected_answer=b"")
+
+    async def auth_OAUTHBEARER(self, _: Any, args: list[str]) -> AuthResult:
+        fields = self._sasl_fields(args)
+        gs2 = fields.get("", "")  # "n,a=user," (RFC 7628 section 3.1)
+        user = gs2.split(",")[1][2:].replace("=2C", ",").replace("=3D", "=") if gs2.count(",") >= 2 else ""
+        return await self._check_token("OAUTHBEARER", user, fields.get("auth", ""), expected_answer=b"\x01")
+
+    @staticmethod
+    def _sasl_fields(args: list[str]) -> dict[str, str]:
+        try:
+            raw = base64.b64decode(args[1], validate=True).decode() if len(args) == 2 else ""
+        except ValueError:
+            return {}
+        parts = raw.split("\x01")
+        fields = {"": parts[0]} if "=" not in parts[0] or parts[0].startswith("n,") else {}
+        for part in parts:
+            key, sep, value = part.partition("=")
+            if sep and key and not part.startswith("n,"):
+                fields[key] = value
+        return fields
+
+    async def _check_token(self, mechanism: str, user: str, auth: str, expected_answer: bytes) -> AuthResult:
+        srv = self._test_server
+        token = auth.removeprefix("Bearer ")
+        ok = srv.oauth_tokens is not None and auth.startswith("Bearer ") and token in srv.oauth_tokens
+        srv.oauth_attempts.append((mechanism, user, token, ok))
+        if ok:
+            return AuthResult(success=True, auth_data=LoginPassword(user.encode(), b""))
+        error = json.dumps({"status": "401", "schemes": "bearer", "scope": "https://mail.google.com/"})
+        answer = await self.challenge_auth(error)
+        srv.oauth_error_answers.append(answer if isinstance(answer, bytes) else None)
+        if answer != expected_answer:
+            return AuthResult(success=False, handled=False, message="501 5.5.2 Bad answer to the error challenge")
+        return AuthResult(success=False, handled=False, message="535 5.7.8 Username and Password not accepted")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         srv = self._test_server
@@ -277,6 +325,7 @@ class FaultyServer:
         credentials: tuple[str, str] | None = None,
         smtputf8: bool = False,
         eightbitmime: bool = True,
+        oauth_tokens: set[str] | None = None,
     ) -> None:
         """``starttls_context`` offers STARTTLS; ``tls_context`` makes the port implicit
         TLS; ``credentials`` (user, password) makes AUTH required."""
@@ -286,6 +335,9 @@ class FaultyServer:
         self.smtputf8 = smtputf8  # advertise SMTPUTF8 (RFC 6531)
         self.eightbitmime = eightbitmime  # advertise 8BITMIME (RFC 6152)
         self.auth_attempts: list[tuple[str, bool]] = []
+        self.oauth_tokens = oauth_tokens  # AUTH XOAUTH2 / OAUTHBEARER accept these (None: not offered)
+        self.oauth_attempts: list[tuple[str, str, str, bool]] = []  # mechanism, user, token, accepted
+        self.oauth_error_answers: list[bytes | None] = []  # what the client said to each error challenge
         self.host = "127.0.0.1"
         self.port = port
         self.pipelining = pipelining
@@ -357,10 +409,9 @@ class FaultyServer:
     def _authenticate(
         self, smtp: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
     ) -> AuthResult:
-        assert self.credentials is not None
         login = auth_data.login.decode() if isinstance(auth_data, LoginPassword) else ""
         password = auth_data.password.decode() if isinstance(auth_data, LoginPassword) else ""
-        ok = (login, password) == self.credentials
+        ok = self.credentials is not None and (login, password) == self.credentials
         self.auth_attempts.append((login, ok))
         return AuthResult(success=ok, handled=False)
 
