@@ -6,7 +6,8 @@ a folded non-ASCII Subject that decodes with a leading space). The promises:
 
 - every line ends in CRLF and is at most 998 octets, 78 wherever a word allows it;
 - the output is 7-bit: non-ASCII header text becomes RFC 2047 encoded words, text that
-  is not plain short-lined ASCII is quoted-printable, attachments are base64, a
+  is not plain short-lined ASCII is quoted-printable, attachments are base64 (but
+  message/* and multipart/* ones, sent as they are: 7bit, or 8bit with 8BITMIME), a
   non-ASCII or long filename is RFC 2231. Only a non-ASCII *address* is written as
   UTF-8 (it cannot be encoded; RFC 6532 needs SMTPUTF8);
 - parsed back (``email.policy.default``) the headers and parts equal what was given,
@@ -427,14 +428,33 @@ def _multipart(subtype: str, parts: list[bytes]) -> bytes:
 def _attachment_part(filename: str, content_type: str, content: bytes, field: str) -> bytes:
     if len(content_type) > 900 or not _CONTENT_TYPE.fullmatch(content_type):
         raise MessageError(f"{field}.content_type", f"{content_type[:100]!r} is not type/subtype")
-    encoded = binascii.b2a_base64(content, newline=False)
-    lines = b"\r\n".join([encoded[i:i + 76] for i in range(0, len(encoded), 76)])
     try:
         disposition = _disposition(filename)
     except UnicodeEncodeError:
         raise MessageError(f"{field}.filename", "is not valid Unicode (a lone surrogate)") from None
-    head = f"Content-Type: {content_type}\r\nContent-Transfer-Encoding: base64\r\n{disposition}\r\n"
-    return head.encode("ascii") + lines
+    if content_type.lower().startswith(("message/", "multipart/")):
+        encoding, body = _composite_body(content, field)
+    else:
+        encoded = binascii.b2a_base64(content, newline=False)
+        encoding, body = "base64", b"\r\n".join([encoded[i:i + 76] for i in range(0, len(encoded), 76)])
+    head = f"Content-Type: {content_type}\r\nContent-Transfer-Encoding: {encoding}\r\n{disposition}\r\n"
+    return head.encode("ascii") + body
+
+
+def _composite_body(content: bytes, field: str) -> tuple[str, bytes]:
+    """A message/* or multipart/* attachment as it is, 7bit or 8bit: RFC 2046 sections
+    5.1 and 5.2.1 allow no other encoding (readers take a base64 one for empty). Its
+    line breaks become CRLF; an 8bit one needs 8BITMIME on the wire (pool.transaction)."""
+    if b"\x00" in content:
+        raise MessageError(field, "a message/* or multipart/* attachment cannot hold NUL bytes")
+    if b"\r" in content:
+        content = content.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if not _short_lines(content):
+        raise MessageError(field, "a message/* or multipart/* attachment has a line over "
+                                 f"{MAX_LINE} octets (it cannot be encoded, RFC 2046)")
+    if content and not content.endswith(b"\n"):
+        content += b"\n"
+    return ("7bit" if content.isascii() else "8bit"), content.replace(b"\n", b"\r\n")
 
 
 def _disposition(filename: str) -> str:

@@ -12,6 +12,7 @@ Set MIME_SEED to replay another seed; a failure prints the seed and the job.
 from __future__ import annotations
 
 import asyncio
+import base64
 import email
 import email.policy
 import functools
@@ -671,3 +672,43 @@ def test_unsubscribe_url_values_are_percent_encoded() -> None:
     raw = json.dumps(document).encode()
     head = build(parse_job(Line(1, raw, len(raw)))).message.split(b"\r\n\r\n", 1)[0]
     assert b"List-Unsubscribe: <https://example.org/u/%3D%3Futf-8%3Fb%3FeA%3D%3D%3F%3D>\r\n" in head + b"\r\n"
+
+
+# -- message/* and multipart/* attachments are never base64 (RFC 2046 section 5.2.1) ---------
+
+_EML = "From: a@example.org\nTo: b@example.net\nSubject: Forwarded Grüße\nMIME-Version: 1.0\n" \
+       "Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\nHallo Zoë\n.\n"
+_MULTIPART = ('--inner\r\nContent-Type: text/plain\r\n'
+              '\r\nplain\r\n--inner\r\nContent-Type: text/html\r\n\r\n<p>html</p>\r\n--inner--\r\n')
+
+
+@pytest.mark.parametrize(("filename", "content_type", "content", "encoding"), [
+    ("fwd.eml", None, _EML.encode(), "8bit"),  # type from the name: message/rfc822
+    ("page.mht", None, _EML.replace("Grüße", "Gruesse").replace("Zoë", "Zoe").encode("ascii"), "7bit"),
+    ("alt.txt", 'multipart/alternative; boundary="inner"', _MULTIPART.encode(), "7bit"),
+])
+def test_message_and_multipart_attachments_are_sent_as_they_are(filename: str, content_type: str | None,
+                                                                 content: bytes, encoding: str) -> None:
+    attachment: dict[str, Any] = {"filename": filename, "content_base64": base64.b64encode(content).decode()}
+    if content_type:
+        attachment["content_type"] = content_type
+    document = {"id": "a", "from": "a@example.org", "to": ["b@example.net"], "subject": "s", "text": "t",
+                "attachments": [attachment]}
+    raw = json.dumps(document).encode()
+    message = build(parse_job(Line(1, raw, len(raw)))).message
+    parsed = email.message_from_bytes(message, policy=email.policy.default)
+    part = next(iter(parsed.iter_attachments()))
+    assert part["Content-Transfer-Encoding"] == encoding
+    assert not part.defects
+    if part.get_content_type() == "message/rfc822":
+        inner = part.get_content()
+        assert inner["Subject"] in ("Forwarded Grüße", "Forwarded Gruesse")
+        assert "Hall" in inner.get_content()
+    else:
+        assert [p.get_content_type() for p in part.iter_parts()] == ["text/plain", "text/html"]
+
+
+def test_a_message_attachment_that_cannot_be_sent_as_it_is_is_invalid() -> None:
+    for content in (b"Subject: x\n\n" + b"y" * 1200 + b"\n", b"Subject: x\n\n\x00\n"):
+        error = _job_error(attachments=[{"filename": "m.eml", "content_base64": base64.b64encode(content).decode()}])
+        assert error.field == "attachments.0"
