@@ -6,6 +6,7 @@ close, terminate, and the sizes that bound how many messages it keeps in flight.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from email.message import Message
 from typing import Protocol
 
@@ -13,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from dispatcher.config import Settings, relay_kwargs
 from pool import Envelope, SendResult, SMTPPool, SMTPRouter
+from pool.ratelimit import SharedLimiter
 
 
 class Sender(Protocol):
@@ -33,6 +35,7 @@ class Sender(Protocol):
         sender: str | None = None,
         recipients: list[str] | tuple[str, ...] | None = None,
         prepared: bool = False,
+        admit: Callable[[], bool] | None = None,
     ) -> SendResult: ...
 
     async def close(self, drain: bool = True) -> None: ...
@@ -55,9 +58,11 @@ class RelayRouter(SMTPRouter):
         return sum(pool.queue_depth() for pool in self.pools.values())
 
 
-def build_router(settings: Settings, registry: CollectorRegistry | None) -> RelayRouter:
+def build_router(settings: Settings, registry: CollectorRegistry | None, *,
+                 rate_limiter: SharedLimiter | None = None) -> RelayRouter:
     """One pool per relay of ``settings.relays``, weighted; every ``smtp_pool_*``
-    series goes to ``registry`` with a ``relay`` label (the pools register nothing)."""
-    pools = {name: SMTPPool(**kwargs) for name, kwargs in relay_kwargs(settings).items()}
+    series goes to ``registry`` with a ``relay`` label (the pools register nothing).
+    ``rate_limiter``, shared with other processes, paces every pool."""
+    pools = {name: SMTPPool(**kwargs, rate_limiter=rate_limiter) for name, kwargs in relay_kwargs(settings).items()}
     weights = {relay.name: relay.weight for relay in settings.relays or ()}
     return RelayRouter(pools, weights, registry=registry)

@@ -37,18 +37,19 @@ from prometheus_client import CollectorRegistry
 from dispatcher.compose import AnyJob, Composer, Done, Invalid, Ready
 from dispatcher.compose_process import ComposeProcess, ComposeProcessError
 from dispatcher.compose_process import usable as compose_process_usable
-from dispatcher.config import Settings, pool_kwargs
+from dispatcher.config import Settings
 from dispatcher.jobs import JobError, Line, LineSplitter, Outgoing
 from dispatcher.journal import Claim, Journal, JournalBusy, TempFileError
 from dispatcher.loop.suppression import Admission, StoreError, SuppressionStore
 from dispatcher.metrics import MetricsError, RunMetrics, write_textfile
 from dispatcher.metrics import serve as serve_metrics
 from dispatcher.progress import LiveDisplay
-from dispatcher.relays import Sender, build_router
+from dispatcher.relays import Sender
+from dispatcher.sender import Sending, build_sender
 from dispatcher.signals import signal_handlers
-from dispatcher.sink import DEFAULT_MAILDIR, CaptureServer
+from dispatcher.sink import DEFAULT_MAILDIR
 from dispatcher.templates import SETTINGS_FIELDS, TemplatesSettings
-from pool import DeliveryError, PoolClosedError, RelayError, SMTPPool
+from pool import DeliveryError, PoolClosedError, RelayError
 from pool.envelope import for_recipients
 
 log = structlog.get_logger("dispatcher")
@@ -259,24 +260,11 @@ class Run:
                 metrics_server.stop()
             raise
         assert self._source is not None
-        sink: CaptureServer | None = None
+        sending: Sending | None = None
         try:
-            if self.settings.smtp is None and not self.settings.relays:
-                sink = await CaptureServer(maildir=self.options.maildir).start()
-                print(
-                    f"dispatcher: no relay configured (no smtp: section); delivering to the built-in "
-                    f"capture server on 127.0.0.1:{sink.port}, Maildir {self.options.maildir}/",
-                    file=sys.stderr,
-                )
-            where: dict[str, Any]
-            if self.settings.relays:
-                # One pool per relay; the router labels their series with `relay` in our registry.
-                self.pool = build_router(self.settings, self.registry)
-                where = {"relays": {r.name: f"{r.hostname}:{r.port}" for r in self.settings.relays}}
-            else:
-                kwargs = pool_kwargs(self.settings) if sink is None else _local_kwargs(self.settings, sink.port)
-                self.pool = SMTPPool(**kwargs, registry=self.registry)
-                where = {"host": kwargs["hostname"], "port": kwargs["port"]}
+            sending = await build_sender(self.settings, self.registry, maildir=self.options.maildir,
+                                         command="dispatcher")
+            self.pool, where = sending.sender, sending.where
             self._announce.append(("run.start", {"jobs": self.options.jobs, "results": str(self.options.results),
                                                  **where, "size": self.pool.size, "resumed": self.journal.resumed}))
             with self._signals():
@@ -293,8 +281,8 @@ class Run:
                 self._error(f"cannot write the results file {self.options.results}: {exc.strerror or exc}")
                 if self._stop_code is None:
                     self._stop_code = EXIT_ERROR
-            if sink is not None:
-                await sink.stop()
+            if sending is not None:
+                await sending.close()
             if self.settings.metrics.textfile is not None and self.pool is not None:  # the run started
                 self.tally.finished = time.time()
                 problem = write_textfile(self.settings.metrics.textfile, self.registry)
@@ -686,13 +674,6 @@ def _check_results_file(results: Path, jobs: os.stat_result) -> None:
         raise RunError(f"{results}: the results file must be a regular file, not {kind}")
     if (found.st_dev, found.st_ino) == (jobs.st_dev, jobs.st_ino):
         raise RunError(f"{results}: the results file is the jobs file; name another one with --results")
-
-
-def _local_kwargs(settings: Settings, port: int) -> dict[str, Any]:
-    from pool.config import SMTPSettings
-
-    smtp = SMTPSettings.model_validate({"hostname": "127.0.0.1", "port": port})
-    return pool_kwargs(settings.model_copy(update={"smtp": smtp}))
 
 
 def _text(value: Any) -> Any:

@@ -569,15 +569,49 @@ async def test_redis_restart_mid_run_loses_nothing(
     assert_one_row_per_id(await results(url), set(counts))
 
 
-async def test_a_worker_given_relays_refuses_instead_of_using_the_capture_server(
+async def test_workers_send_through_relays_by_weight_and_serve_metrics(
     redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
 ) -> None:
-    config = tmp_path / "relays.yaml"
-    config.write_text("relays:\n  - name: a\n    hostname: 127.0.0.1\n    port: 1\n")
-    worker = await WorkerProcess.start(workers, "--redis", redis_server.url, "--config", str(config), cwd=tmp_path)
-    assert await worker.wait() == 2
-    assert any("relays: is not supported" in line for line in worker.text), worker.text
-    assert not (tmp_path / "outbox").exists()
+    """relays: (two sinks, weights 3:1) in two workers; one serves /metrics with the
+    pool's series labelled by relay, its jobs and the entries it holds."""
+    import urllib.request
+
+    n = 400
+    port = free_port()
+    async with FaultyServer() as heavy, FaultyServer() as light:
+        config = tmp_path / "relays.yaml"
+        config.write_text(
+            "relays:\n"
+            f"  - {{name: heavy, hostname: 127.0.0.1, port: {heavy.port}, weight: 3, timeout: 5}}\n"
+            f"  - {{name: light, hostname: 127.0.0.1, port: {light.port}, weight: 1, timeout: 5}}\n"
+            "pool:\n  size: 2\nlogging:\n  format: json\n")
+        url = redis_server.url
+        await enqueue(url, write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(n)]))
+        pair = [await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--name", "w1",
+                                          "--metrics-port", str(port), cwd=tmp_path),
+                await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--name", "w2",
+                                          "--until-empty", cwd=tmp_path)]
+        await heavy.wait_for(lambda: len(heavy.messages) + len(light.messages) >= n, timeout=30)
+        assert await pair[1].wait() == 0
+        async with asyncio.timeout(10):
+            while (await status(url))["done"]["sent"] < n:
+                pass
+        start = await pair[0].wait_event("worker.start")
+        assert start["metrics"].endswith(f":{port}/metrics")
+        scrape = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+        pair[0].proc.send_signal(signal.SIGTERM)
+        assert await pair[0].wait() == 130
+
+    counts = delivered(heavy) + delivered(light)
+    assert set(counts) == {f"job-{i}" for i in range(n)} and max(counts.values()) == 1
+    share = len(heavy.messages) / n
+    assert 0.65 <= share <= 0.85, share  # 3:1
+    sent_here = pair[0].summary()["sent"]
+    assert f'dispatcher_jobs_total{{status="sent"}} {float(sent_here)}' in scrape, scrape
+    assert 'smtp_pool_messages_total{outcome="sent",relay="heavy"}' in scrape
+    assert 'smtp_pool_messages_total{outcome="sent",relay="light"}' in scrape
+    assert "dispatcher_worker_entries_held 0.0" in scrape
 
 
 async def test_a_worker_composes_as_run_does_templates_unsubscribe_and_dkim(
@@ -835,38 +869,41 @@ async def test_a_second_live_worker_with_the_same_name_exits_2_naming_the_first(
 async def test_requeue_puts_dead_and_invalid_jobs_back_and_their_new_result_replaces_the_old(
     redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]
 ) -> None:
-    root = tmp_path / "files"
+    root, wrong_root = tmp_path / "files", tmp_path / "empty"
     root.mkdir()
+    wrong_root.mkdir()
+    (root / "late.txt").write_text("here\n")
     async with FaultyServer() as server:
         server.faults.rcpt["busy@example.net"] = "450 4.2.1 Mailbox busy, try later"
         config = write_config(tmp_path / "c.yaml", server, max_attempts=1, redis={"max_deliveries": 1})
         url = redis_server.url
         jobs = write_jobs(tmp_path / "jobs.jsonl", [
             job(1), job("busy", to=["busy@example.net"]), job("busy2", to=["busy@example.net"]),
-            job("att", attachments=[{"filename": "late.txt", "path": "late.txt"}]),  # not there yet
+            job("att", attachments=[{"filename": "late.txt", "path": "files/late.txt"}]),  # not under the worker's root
             job("bad", to=["not an address"]),  # invalid at enqueue
         ])
-        code, _, err = await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path)
+        code, _, err = await cli("enqueue", str(jobs), "--redis", url, "--attachments-root", str(root), cwd=tmp_path)
         assert code == 1, err
-        worker_args = ("--redis", url, "--config", str(config), "--until-empty", "--attachments-root", str(root))
-        assert await (await WorkerProcess.start(workers, *worker_args, cwd=tmp_path)).wait() == 0
+        worker_args = ("--redis", url, "--config", str(config), "--until-empty", "--attachments-root")
+        worker = await WorkerProcess.start(workers, *worker_args, str(wrong_root), cwd=tmp_path)
+        assert await worker.wait() == 0
         report = await status(url)
         assert report["dead"] == 2 and report["done"] == {"sent": 1, "failed": 0, "invalid": 2}
 
-        del server.faults.rcpt["busy@example.net"]  # fixed: the mailbox, the file, the address
-        (root / "late.txt").write_text("here now\n")
+        del server.faults.rcpt["busy@example.net"]  # fixed: the mailbox, the root, the address
         write_jobs(tmp_path / "jobs.jsonl", [
             job(1), job("busy", to=["busy@example.net"]), job("busy2", to=["busy@example.net"]),
-            job("att", attachments=[{"filename": "late.txt", "path": "late.txt"}]), job("bad"),
+            job("att", attachments=[{"filename": "late.txt", "path": "files/late.txt"}]), job("bad"),
         ])
         (tmp_path / "ids.txt").write_text("job-busy\n")
         code, _, err = await cli("requeue", "--redis", url, "--ids", str(tmp_path / "ids.txt"), cwd=tmp_path)
         assert code == 0 and "1 jobs back on dispatcher:jobs (1 dead, 0 invalid)" in err, err
         code, _, err = await cli("requeue", "--redis", url, "--dead", "--invalid", cwd=tmp_path)
         assert code == 0 and "2 jobs back on dispatcher:jobs (1 dead, 1 invalid); 1 ids invalid at enqueue" in err, err
-        code, _, err = await cli("enqueue", str(jobs), "--redis", url, cwd=tmp_path)
+        code, _, err = await cli("enqueue", str(jobs), "--redis", url, "--attachments-root", str(root), cwd=tmp_path)
         assert code == 0 and "1 jobs added" in err, err  # job-bad, fixed
-        assert await (await WorkerProcess.start(workers, *worker_args, cwd=tmp_path)).wait() == 0
+        worker = await WorkerProcess.start(workers, *worker_args, str(root), cwd=tmp_path)
+        assert await worker.wait() == 0
 
     counts = delivered(server)
     assert set(counts) == {"job-1", "job-busy", "job-busy2", "job-att", "job-bad"} and max(counts.values()) == 1

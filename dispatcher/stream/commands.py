@@ -42,6 +42,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
                                  "else the current directory)")
         parser.add_argument("--maildir", type=Path, default=Path("outbox"),
                             help="Maildir of the built-in capture server when no relay is configured")
+        parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                            help="serve Prometheus metrics on PORT at /metrics (default: metrics.port)")
         parser.add_argument("--until-empty", action="store_true",
                             help="exit 0 once the stream holds no job, waiting or pending")
     if command == "status":
@@ -167,6 +169,9 @@ def worker(args: argparse.Namespace) -> int:
     )
 
     async def body(redis: Any, keys: Any, settings: Settings, url: str) -> int:
+        if args.metrics_port is not None:
+            settings = settings.model_copy(update={"metrics": settings.metrics.model_copy(
+                update={"port": args.metrics_port})})
         root = args.attachments_root or getattr(getattr(settings, "jobs", None), "attachments_root", None) or Path.cwd()
         options = WorkerOptions(
             url=url,

@@ -41,6 +41,8 @@ from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
@@ -48,15 +50,18 @@ from dispatcher.compose import Composer, Ready
 from dispatcher.config import Settings
 from dispatcher.exit import ExitCode
 from dispatcher.jobs import JobError, Line, Outgoing
+from dispatcher.metrics import MetricsError, MetricsServer
+from dispatcher.metrics import serve as serve_metrics
+from dispatcher.relays import Sender
+from dispatcher.sender import Sending, build_sender
 from dispatcher.signals import signal_handlers
-from dispatcher.sink import DEFAULT_MAILDIR, CaptureServer
+from dispatcher.sink import DEFAULT_MAILDIR
 from dispatcher.stream.keys import Keys
 from dispatcher.stream.ratelimit import RedisRateLimiter
 from dispatcher.stream.scripts import CONFIRM, FORGET, NAME, PRUNE, SETTLE, TAKE, TOUCH, UNNAME
 from dispatcher.stream.store import Stopped, describe, ensure_group, redact, result_row, retrying
 from dispatcher.templates import SETTINGS_FIELDS
-from pool import DeliveryError, PoolClosedError, PoolError, RelayError, SMTPPool, Withdrawn
-from pool.config import SMTPSettings
+from pool import DeliveryError, PoolClosedError, PoolError, RelayError, Withdrawn
 
 log = structlog.get_logger("dispatcher.worker")
 
@@ -66,9 +71,10 @@ PRUNE_EVERY = 60.0
 
 
 def default_claim_after(settings: Settings) -> float:
-    """Long enough that a live worker always finishes first (SPEC section 5): every
-    attempt timing out, plus the longest backoff, plus a margin."""
-    timeout = settings.smtp.timeout if settings.smtp is not None else 30.0
+    """Long enough that a live worker always finishes first: every attempt timing out
+    (on the slowest relay), plus the longest backoff, plus a margin."""
+    timeouts = [relay.timeout for relay in settings.relays or ()]
+    timeout = max(timeouts) if timeouts else settings.smtp.timeout if settings.smtp is not None else 30.0
     return timeout * settings.retry.max_attempts + settings.retry.backoff_max + 30.0
 
 
@@ -159,7 +165,9 @@ class Worker:
         self.fatal: RelayError | None = None
         self.broken: str | None = None  # the pool failed (a bug): why
         self.refused: str | None = None  # Redis refused a command for good (one line): why
-        self.pool: SMTPPool | None = None
+        self.pool: Sender | None = None
+        self.registry = CollectorRegistry()
+        WorkerMetrics(self, self.registry)
         self.composer: Composer | None = None  # made by execute (it reads the DKIM key)
         self.limiter: RedisRateLimiter | None = None
         self._room = asyncio.Event()  # a slot was freed (or we are stopping)
@@ -195,13 +203,7 @@ class Worker:
         except redis_errors.RedisError as exc:
             print(f"dispatcher worker: {describe(exc, self.keys, self.options.group)}", file=sys.stderr)
             return ExitCode.USAGE
-        sink: CaptureServer | None = None
         settings = self.settings
-        if settings.relays:
-            # Not silently the capture server: a worker sends through one relay (smtp:).
-            print("dispatcher worker: relays: is not supported by workers yet; give each worker one smtp: relay",
-                  file=sys.stderr)
-            return ExitCode.USAGE
         root = self.options.attachments_root
         try:  # the compose stage of `run`: templates, unsubscribe headers, DKIM, attachments under root
             self.composer = Composer(settings, base_dir=root, attachments_root=root, batch=self.keys.stream)
@@ -217,24 +219,32 @@ class Worker:
             print(f"dispatcher worker: a worker named {self.consumer!r} is running already ({holder}); give each "
                   f"worker its own --name", file=sys.stderr)
             return ExitCode.USAGE
+        metrics_server: MetricsServer | None = None
+        if settings.metrics.port is not None:
+            try:
+                metrics_server = serve_metrics(settings.metrics.address, settings.metrics.port, self.registry)
+            except MetricsError as exc:
+                await self._give_name_back()
+                print(f"dispatcher worker: {exc}", file=sys.stderr)
+                return ExitCode.USAGE
+        sending: Sending | None = None
         try:
-            if settings.smtp is None:
-                sink = await CaptureServer(maildir=self.options.maildir).start()
-                print(f"dispatcher worker: no relay configured (no smtp: section); delivering to the built-in "
-                      f"capture server on 127.0.0.1:{sink.port}, Maildir {self.options.maildir}/", file=sys.stderr)
-                local = SMTPSettings.model_validate({"hostname": "127.0.0.1", "port": sink.port})
-                settings = settings.model_copy(update={"smtp": local})
             # The rate limit is held in Redis, across workers, not by each pool: the pool
             # takes a slot of the shared bucket as each message goes on the wire.
             if settings.pool.rate_limit:
                 self.limiter = RedisRateLimiter(self.redis, self.keys.rate, settings.pool.rate_limit)
-            self.pool = SMTPPool.from_config(settings, rate_limit=None, rate_limiter=self.limiter,
-                                             registry=CollectorRegistry())
-            assert settings.smtp is not None
+            try:
+                sending = await build_sender(settings, self.registry, maildir=self.options.maildir,
+                                             command="dispatcher worker", rate_limiter=self.limiter)
+            except (ValueError, OSError) as exc:  # a CA file that cannot be read, a capture server's port
+                print(f"dispatcher worker: {exc}", file=sys.stderr)
+                return ExitCode.USAGE
+            self.pool = sending.sender
             log.info("worker.start", consumer=self.consumer, stream=self.keys.stream, group=self.options.group,
-                     redis=redact(self.options.url), relay=f"{settings.smtp.hostname}:{settings.smtp.port}",
-                     slots=self.slots, claim_after=self.options.claim_after,
-                     max_deliveries=self.options.max_deliveries, rate_limit=settings.pool.rate_limit)
+                     redis=redact(self.options.url), **sending.where, slots=self.slots,
+                     claim_after=self.options.claim_after, max_deliveries=self.options.max_deliveries,
+                     rate_limit=settings.pool.rate_limit,
+                     metrics=metrics_server.url if metrics_server is not None else None)
             with self._signals():
                 self._work = asyncio.create_task(self._run())
                 try:
@@ -250,8 +260,10 @@ class Worker:
                 if self._aborted:
                     self.pool.terminate()
                 await self.pool.close(drain=False)
-            if sink is not None:
-                await sink.stop()
+            if sending is not None:
+                await sending.close()
+            if metrics_server is not None:
+                metrics_server.stop()
             await self._give_name_back()
         log.info("worker.summary", consumer=self.consumer, **self.counts.as_dict(),
                  elapsed_s=round(time.monotonic() - self._ticks.started, 3), stopped_by_signal=self.signalled)
@@ -664,6 +676,30 @@ class Worker:
 
         with signal_handlers(stop):
             yield
+
+
+class WorkerMetrics(Collector):
+    """``dispatcher_jobs_total{status}`` of this worker (as ``run`` counts them; ``skipped``:
+    found done when read) and ``dispatcher_worker_entries_held``, read when scraped."""
+
+    STATUSES = ("sent", "failed", "invalid", "skipped")
+
+    def __init__(self, worker: Worker, registry: CollectorRegistry) -> None:
+        self._worker = worker
+        registry.register(self)
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("dispatcher_jobs", "Jobs of this worker by outcome.", labels=["status"])
+        yield GaugeMetricFamily("dispatcher_worker_entries_held", "Stream entries this worker holds now.")
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self._worker.counts
+        jobs = CounterMetricFamily("dispatcher_jobs", "Jobs of this worker by outcome.", labels=["status"])
+        for status in self.STATUSES:
+            jobs.add_metric([status], getattr(counts, status))
+        yield jobs
+        yield GaugeMetricFamily("dispatcher_worker_entries_held", "Stream entries this worker holds now.",
+                                value=len(self._worker.held))
 
 
 # -- helpers --
