@@ -223,13 +223,14 @@ class _Folder:
         word, word_cost = "", 0  # the encoded word being filled
         for segment in _SEGMENTS.findall(text):
             segment_cost = cost(segment)
-            while segment:
+            start = 0  # what is left of a long segment: an index, never a copy (linear time)
+            while start < len(segment):
                 fresh = self.first or not self.line
                 room = min(75, SOFT_LINE - len(self.line) - len(space))
                 if fresh:
                     room = max(room, 24)  # one character (12 octets) and the markup (12)
                 if _ew_size(word_cost + segment_cost, q) <= room:
-                    word, word_cost = word + segment, word_cost + segment_cost
+                    word, word_cost = word + segment[start:], word_cost + segment_cost
                     break
                 if word:
                     self.add(space, _ew(word, q))
@@ -237,12 +238,12 @@ class _Folder:
                 elif not fresh and (room < 24 or _ew_size(segment_cost, q) <= 75):
                     self.fold()  # the word fits a line of its own, or nothing fits here
                 else:  # longer than any encoded word: as much as fits here
-                    end, used = 0, 0
-                    while _ew_size(used + cost(segment[end]), q) <= room:
+                    end, used = start, 0
+                    while end < len(segment) and _ew_size(used + cost(segment[end]), q) <= room:
                         used += cost(segment[end])
                         end += 1
-                    self.add(space, _ew(segment[:end], q))
-                    segment, segment_cost, space = segment[end:], segment_cost - used, " "
+                    self.add(space, _ew(segment[start:end], q))
+                    start, segment_cost, space = end, segment_cost - used, " "
         if word:
             self.add(space, _ew(word, q))
 

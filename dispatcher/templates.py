@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
+import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,10 +28,12 @@ from urllib.parse import quote
 
 import jinja2
 import structlog
+from jinja2 import nodes
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import new_context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import missing
+from jinja2.visitor import NodeTransformer
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from dispatcher.loop.settings import UnsubscribeServerSettings
@@ -41,6 +45,8 @@ PARTS: tuple[Part, ...] = ("subject", "text", "html")
 
 _TEMPLATE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$"
 _MAX_SEQUENCE = 1_000_000  # longest string or list ``*`` may build in a template
+DEFAULT_TIMEOUT = 2.0  # seconds of CPU to render one job's templates (templates.timeout)
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024  # the most one rendered part may hold (templates.max_bytes)
 _MAX_EXPONENT = 1_000
 
 
@@ -73,9 +79,13 @@ class Rendered:
 
 
 class TemplatesSettings(Section):
-    """The ``templates`` section. ``dir`` is relative to the current directory."""
+    """The ``templates`` section. ``dir`` is relative to the current directory;
+    rendering one job stops after ``timeout`` seconds of CPU or ``max_bytes`` of output
+    (the job is then invalid)."""
 
     dir: Path = Path("templates")
+    timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0, le=3600)
+    max_bytes: int = Field(default=DEFAULT_MAX_BYTES, gt=0)
 
 
 class UnsubscribeSettings(Section):
@@ -193,11 +203,107 @@ class _Undefined(jinja2.StrictUndefined):
         super().__init__(hint, obj, name, exc)
 
 
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """The sandbox, also refusing ``*`` and ``**`` that would build a huge value
-    (``{{ 'x' * 10**9 }}``): a template must not be able to exhaust memory or CPU."""
+class _Runaway(SecurityError):
+    """Rendering went past ``templates.timeout`` or ``templates.max_bytes``."""
 
-    intercepted_binops = frozenset({"*", "**"})
+
+class _Budget(threading.local):
+    """What the render running on this thread may still spend: a deadline in this
+    thread's CPU time and a size for any one value or the output."""
+
+    deadline = float("inf")
+    max_bytes = DEFAULT_MAX_BYTES
+    timeout = DEFAULT_TIMEOUT
+
+
+_budget = _Budget()
+_CHECK_EVERY = 256  # loop iterations between two looks at the clock (~0.2 µs each)
+_FORMAT_WIDTH = re.compile(r"%[#0 +-]*(\*|\d+)?(?:\.(\*|\d+))?")
+
+
+def _check_time() -> None:
+    if time.thread_time() > _budget.deadline:
+        raise _Runaway(f"rendering took more than {_budget.timeout:g} s of CPU (templates.timeout)")
+
+
+def _check_size(value: Any) -> Any:
+    if isinstance(value, str | list | tuple | dict) and len(value) > _budget.max_bytes:
+        raise _Runaway(f"a value of more than {_budget.max_bytes} bytes (templates.max_bytes)")
+    return value
+
+
+def _loop_guard(iterable: Any) -> Iterator[Any]:
+    """Every ``{% for %}`` iterates through this (see ``_Guard``): a loop that outputs
+    nothing is still stopped at the deadline."""
+    for count, item in enumerate(iterable):
+        if not count % _CHECK_EVERY:
+            _check_time()
+        yield item
+
+
+def _concat_guard(value: Any) -> Any:
+    """Every ``~`` goes through this: ``{% set x = x ~ x %}`` in a loop stops at
+    ``max_bytes`` instead of doubling until memory runs out."""
+    _check_time()
+    return _check_size(value)
+
+
+def _guarded_filter(function: Callable[..., Any]) -> Callable[..., Any]:
+    """A filter that refuses a width beyond ``max_bytes`` before it runs
+    (``'x'|center(500000000)``) and a result beyond it after."""
+
+    @functools.wraps(function)  # keeps jinja_pass_arg (pass_context, pass_environment)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, int) and not isinstance(value, bool) and value > _budget.max_bytes:
+                raise _Runaway(f"a filter argument of {value} (templates.max_bytes is {_budget.max_bytes})")
+        _check_time()
+        return _check_size(function(*args, **kwargs))
+
+    return guarded
+
+
+class _Guard(NodeTransformer):
+    """Rewrites a template's syntax tree so that every loop and every ``~`` is bounded."""
+
+    def visit_For(self, node: nodes.For) -> nodes.Node:
+        visited = self.generic_visit(node)
+        assert isinstance(visited, nodes.For)
+        visited.iter = nodes.Filter(visited.iter, "loop_guard_", [], [], None, None, lineno=node.lineno)
+        return visited
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
+        visited = self.generic_visit(node)
+        assert isinstance(visited, nodes.Expr)
+        return nodes.Filter(visited, "concat_guard_", [], [], None, None, lineno=node.lineno)
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, also bounding what a template may spend (SPEC section 6): ``*``,
+    ``**``, ``+`` and ``%`` that would build a huge value (``{{ 'x' * 10**9 }}``) are
+    refused, every loop, ``~``, filter and call looks at the CPU deadline, and every
+    value is at most ``templates.max_bytes``. No template or data can stall the batch
+    or exhaust memory."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.filters = {name: _guarded_filter(function) for name, function in self.filters.items()}
+        self.filters["loop_guard_"] = _loop_guard
+        self.filters["concat_guard_"] = _concat_guard
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        tree = super()._parse(source, name, filename)
+        guarded: nodes.Template = _Guard().visit(tree)
+        return guarded
+
+    def call(__self, __context: jinja2.runtime.Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _check_time()
+        for value in (*args, *kwargs.values()):  # 'x'.center(10**9), 'x'.zfill(10**9)
+            if isinstance(value, int) and not isinstance(value, bool) and value > _budget.max_bytes:
+                raise _Runaway(f"a call argument of {value} (templates.max_bytes is {_budget.max_bytes})")
+        return _check_size(super().call(__context, __obj, *args, **kwargs))
 
     def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
         if operator == "**" and isinstance(right, int) and abs(right) > _MAX_EXPONENT:
@@ -207,7 +313,15 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                 if isinstance(seq, (str, list, tuple)) and isinstance(times, int) \
                         and len(seq) * times > _MAX_SEQUENCE:
                     raise SecurityError(f"repetition would make more than {_MAX_SEQUENCE} items")
-        return super().call_binop(context, operator, left, right)
+        if operator == "+" and isinstance(left, str | list | tuple) and isinstance(right, str | list | tuple) \
+                and len(left) + len(right) > _budget.max_bytes:
+            raise _Runaway(f"a value of more than {_budget.max_bytes} bytes (templates.max_bytes)")
+        if operator == "%" and isinstance(left, str):
+            for width in _FORMAT_WIDTH.findall(left):
+                if any(w == "*" or (w and int(w) > _budget.max_bytes) for w in width):
+                    raise _Runaway("a format width beyond templates.max_bytes")
+        _check_time()
+        return _check_size(super().call_binop(context, operator, left, right))
 
 
 def _finalize(value: Any) -> Any:
@@ -236,20 +350,36 @@ def _environment(loader: jinja2.BaseLoader | None = None, finalize: Callable[[An
 
 
 def _render(template: jinja2.Template, variables: dict[str, Any], context: Mapping[str, Any],
-            where: Callable[[], str], source_prefix: str | None) -> str:
+            where: Callable[[], str], source_prefix: str | None, *, timeout: float = DEFAULT_TIMEOUT,
+            max_bytes: int = DEFAULT_MAX_BYTES, deadline: float | None = None) -> str:
     """``template.render(context)`` without its two walks of a ChainMap of globals (8
     of its 10 µs for a one-line template): ``variables`` is the environment's globals
     and the context merged once per job and shared by its parts, which is safe since
-    a template's ``{% set %}`` writes to its own Context, never to the parent."""
+    a template's ``{% set %}`` writes to its own Context, never to the parent.
+    Stops after ``timeout`` seconds of this thread's CPU (or at ``deadline``, in
+    ``time.thread_time()``, shared by a job's parts) or ``max_bytes`` of output."""
     env = template.environment
+    if deadline is None:
+        deadline = time.thread_time() + timeout
+    _budget.deadline, _budget.timeout, _budget.max_bytes = deadline, timeout, max_bytes
     try:
         try:
             ctx = new_context(env, template.name, template.blocks, variables, True, env.globals, None)
-            return env.concat(template.root_render_func(ctx))
+            out: list[str] = []
+            size = 0
+            for chunk in template.root_render_func(ctx):
+                out.append(chunk)
+                size += len(chunk)
+                if size > max_bytes:
+                    raise _Runaway(f"rendered more than {max_bytes} bytes (templates.max_bytes)")
+                _check_time()
+            return env.concat(out)
         except Exception:  # noqa: BLE001 - a template expression can raise anything (1 / 0, int("x"))
             env.handle_exception()  # re-raises it with the template's file and line in the traceback
     except Exception as exc:  # noqa: BLE001 - as above
         raise _error(exc, context, where(), source_prefix) from None
+    finally:
+        _budget.deadline = float("inf")
 
 
 def _error(exc: Exception, context: Mapping[str, Any], where: str, source_prefix: str | None) -> TemplateError:
@@ -314,8 +444,11 @@ class Templates:
     picklable: hand a worker process the settings, not the object).
     """
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, *, timeout: float = DEFAULT_TIMEOUT,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.directory = Path(directory)
+        self.timeout = timeout
+        self.max_bytes = max_bytes
         self._env = _environment(jinja2.FileSystemLoader(self.directory, followlinks=False))
         # "NAME.part" -> compiled template, None (no such file), or the error it raised
         self._compiled: dict[str, jinja2.Template | TemplateError | None] = {}
@@ -323,7 +456,7 @@ class Templates:
 
     @classmethod
     def from_settings(cls, settings: TemplatesSettings) -> Templates:
-        return cls(settings.dir)
+        return cls(settings.dir, timeout=settings.timeout, max_bytes=settings.max_bytes)
 
     def _template(self, filename: str) -> jinja2.Template | None:
         try:
@@ -366,11 +499,13 @@ class Templates:
                                             f"({name}.subject, {name}.text or {name}.html)")
         out: dict[str, str | None] = dict.fromkeys(PARTS)
         variables = {**self._env.globals, **context}
+        deadline = time.thread_time() + self.timeout  # one budget for the job's parts together
         for part in parts:
             template = self._template(f"{name}.{part}")
             if template is None:
                 continue
-            value = _render(template, variables, context, self._where(name, part), self._prefix)
+            value = _render(template, variables, context, self._where(name, part), self._prefix,
+                            timeout=self.timeout, max_bytes=self.max_bytes, deadline=deadline)
             out[part] = value.strip() if part == "subject" else value
         return Rendered(out["subject"], out["text"], out["html"])
 

@@ -4,6 +4,7 @@ compile-once caching, unsubscribe headers; and the examples compose into valid j
 from __future__ import annotations
 
 import json
+import time
 from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
@@ -360,3 +361,68 @@ def test_a_bad_template_name_or_directory_is_one_clear_line(tmp_path: Path) -> N
     assert "'a/../b' is not a template name" in caught.value.errors()[0]["msg"]
     with pytest.raises(TemplateError, match=r"^templates.dir: '.*nowhere' does not exist"):
         Templates(tmp_path / "nowhere").render("welcome", {})
+
+
+# -- bounded rendering (SPEC section 6: templates.timeout, templates.max_bytes) --------------
+
+_RUNAWAY = {
+    "nested loops": "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+    "nested loops over data": "{% for a in data.nums %}{% for b in data.nums %}{% for c in data.nums %}"
+                              "{% endfor %}{% endfor %}{% endfor %}",
+    "center filter": "{{ 'x'|center(500000000) }}",
+    "center method": "{{ 'x'.center(500000000) }}",
+    "format width": "{{ '%0999999999d' % 1 }}",
+    "doubling concat": "{% set ns = namespace(x='ab') %}{% for i in range(60) %}{% set ns.x = ns.x ~ ns.x %}"
+                       "{% endfor %}{{ ns.x|length }}",
+    "doubling plus": "{% set ns = namespace(x='ab') %}{% for i in range(60) %}{% set ns.x = ns.x + ns.x %}"
+                     "{% endfor %}{{ ns.x|length }}",
+    "output": "{% for i in range(100000) %}{{ data.kilobyte }}{% endfor %}",
+}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", _RUNAWAY)
+def test_a_runaway_template_is_stopped_and_the_job_is_invalid(tmp_path: Path, kind: str) -> None:
+    (tmp_path / "r.text").write_text(_RUNAWAY[kind])
+    (tmp_path / "r.subject").write_text("s")
+    templates = Templates(tmp_path, timeout=0.5, max_bytes=1024 * 1024)
+    job = TemplatedJob.model_validate({"id": "r", "template": "r", "to": ["a@example.net"], "from": "f@example.org",
+                                       "data": {"nums": list(range(2000)), "kilobyte": "k" * 1024}})
+    started = time.monotonic()
+    with pytest.raises(TemplateError) as caught:
+        templates.compose(job)
+    assert caught.value.field == "template"
+    assert "templates.timeout" in str(caught.value) or "templates.max_bytes" in str(caught.value)
+    assert time.monotonic() - started < 10
+
+
+def test_bounds_leave_ordinary_templates_alone(tmp_path: Path) -> None:
+    (tmp_path / "o.text").write_text("{% for u in data.users %}{{ loop.index }}. {{ u.name ~ '!' }}"
+                                     "{{ '%5d' % u.n }}{{ u.name|center(10) }}\n{% endfor %}")
+    templates = Templates(tmp_path, timeout=0.5, max_bytes=10_000)
+    users = [{"name": f"n{i}", "n": i} for i in range(3)]
+    rendered = templates.render("o", {"data": {"users": users}})
+    assert rendered.text == "".join(f"{i + 1}. n{i}!{i:5d}{f'n{i}':^10}\n" for i in range(3))
+
+
+def test_template_bounds_come_from_the_config() -> None:
+    settings = TemplatesSettings.model_validate({"timeout": 0.25, "max_bytes": 2048})
+    templates = Templates.from_settings(settings)
+    assert (templates.timeout, templates.max_bytes) == (0.25, 2048)
+    assert (TemplatesSettings().timeout, TemplatesSettings().max_bytes) == (2.0, 10 * 1024 * 1024)
+    with pytest.raises(ValidationError):
+        TemplatesSettings.model_validate({"timeout": 0})
+
+
+@pytest.mark.timeout(60)
+def test_header_encoding_is_linear_in_the_value_size() -> None:
+    from dispatcher.mime import build_message
+
+    def seconds(size: int) -> float:
+        start = time.process_time()
+        build_message(from_="a@example.org", to=["b@example.net"], subject="ü" * size, text="x")
+        return time.process_time() - start
+
+    seconds(1000)
+    small, large = seconds(400_000), seconds(1_600_000)
+    assert large < 8 * small + 0.2, (small, large)  # quadratic would be 16 times
