@@ -226,9 +226,21 @@ def _campaign_lines(settings: Settings) -> list[str]:
         lines.append("unsubscribe: " + ", ".join(given) + (" (one-click, RFC 8058)" if one_click else ""))
     from pool.dkim import signers_from_settings
 
-    for signer in signers_from_settings(settings.dkim):
+    signers = signers_from_settings(settings.dkim)
+    for signer in signers:
         lines.append(f"dkim: {signer.algorithm} for {signer.domain}; publish this TXT record at {signer.dns_name}:")
-        lines.append(f"  {signer.dns_record()}")
+        lines.append(f"  {signer.dns_txt()}")
+    if signers and settings.jobs.default_from:
+        from dispatcher.address import parse_mailbox
+
+        try:
+            domain = parse_mailbox(settings.jobs.default_from).address.rpartition("@")[2]
+        except ValueError as exc:
+            raise ValueError(f"jobs.default_from: {exc}") from None
+        if not any(signer.aligned(domain) for signer in signers):
+            keys = ", ".join(sorted({signer.domain for signer in signers}))
+            lines.append(f"warning: jobs.default_from is in {domain}, not in the DKIM domain {keys} or below it: "
+                         "DMARC (RFC 7489) fails unless SPF aligns; sign with a key of the From domain")
     return lines
 
 

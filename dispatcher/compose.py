@@ -35,6 +35,7 @@ from dispatcher.jobs import (
     load_attachments,
     parse_line,
     validation_error,
+    with_default_headers,
 )
 from dispatcher.loop.verp import ReturnPath
 from dispatcher.templates import TemplatedJob, TemplateError, Templates, Unsubscribe, job_context, merge_unsubscribe
@@ -93,6 +94,7 @@ class Composer:
         self.batch = batch
         self.attachments_root = attachments_root
         self.default_from = settings.jobs.default_from
+        self.default_headers = settings.jobs.headers
         self.templates = Templates.from_settings(settings.templates)
         self.unsubscribe = Unsubscribe.from_settings(settings.unsubscribe)
         self.signers = signers_from_settings(settings.dkim) if sign else []
@@ -133,6 +135,8 @@ class Composer:
         ``raw``...), with the job's id."""
         try:
             ready = self._resolve(job)
+            if self.default_headers and isinstance(ready, ComposedJob):
+                ready.headers = with_default_headers(ready.headers, self.default_headers)
             load_attachments(ready, self.base_dir, self.attachments_root)
             outgoing = build(ready, batch=self.batch)
         except JobError as exc:

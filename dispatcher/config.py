@@ -37,6 +37,17 @@ class JobsSettings(_Section):
     default_from: str | None = None  # the From of a job that gives none (templates, SPEC section 6)
     # The envelope sender of composed and templated jobs, per job (VERP): bounces+{{ id }}@example.org
     return_path: str | None = None
+    # Added to every composed and templated message unless the job sets the same name
+    # (Feedback-ID for Gmail's feedback loop, List-Id); signed when DKIM is on.
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        from dispatcher.jobs import check_custom_headers
+
+        check_custom_headers(value)
+        return value
 
     @field_validator("return_path")
     @classmethod

@@ -9,7 +9,7 @@ import mimetypes
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Annotated, Any
@@ -132,20 +132,34 @@ class ComposedJob(BaseModel):
 
     @model_validator(mode="after")
     def _header_names(self) -> ComposedJob:
-        seen: set[str] = set()
-        for name, value in self.headers.items():
-            if not _HEADER_NAME.match(name):
-                raise ValueError(f"headers: {name!r} is not a valid header name")
-            lower = name.lower()
-            if lower in _RESERVED_HEADERS:
-                raise ValueError(f"headers: {name!r} is set from the job's own fields")
-            if lower in _FORBIDDEN_HEADERS:
-                raise ValueError(f"headers.{name}: written by relays and signers, never by a job")
-            if lower in seen:
-                raise ValueError(f"headers.{name}: given twice (names are compared case-insensitively)")
-            seen.add(lower)
-            _check_header(name, lower, value)
+        check_custom_headers(self.headers)
         return self
+
+
+def check_custom_headers(headers: Mapping[str, str]) -> None:
+    """Raise ValueError (``headers.NAME: ...``) unless ``headers`` may be added to a
+    composed message as they are: a job's ``headers`` or the config's ``jobs.headers``."""
+    seen: set[str] = set()
+    for name, value in headers.items():
+        if not _HEADER_NAME.match(name):
+            raise ValueError(f"headers: {name!r} is not a valid header name")
+        lower = name.lower()
+        if lower in _RESERVED_HEADERS:
+            raise ValueError(f"headers: {name!r} is set from the job's own fields")
+        if lower in _FORBIDDEN_HEADERS:
+            raise ValueError(f"headers.{name}: written by relays and signers, never by a job")
+        if lower in seen:
+            raise ValueError(f"headers.{name}: given twice (names are compared case-insensitively)")
+        seen.add(lower)
+        _header_text(value)
+        _check_header(name, lower, value)
+
+
+def with_default_headers(headers: Mapping[str, str], defaults: Mapping[str, str]) -> dict[str, str]:
+    """``headers`` plus each of ``defaults`` (``jobs.headers``) it does not set itself
+    (names compared case-insensitively)."""
+    names = {name.lower() for name in headers}
+    return {**{name: value for name, value in defaults.items() if name.lower() not in names}, **headers}
 
 
 def _check_header(name: str, lower: str, value: str) -> None:

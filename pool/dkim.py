@@ -129,6 +129,19 @@ class DKIMSigner:
         k = "rsa" if self.algorithm == "rsa-sha256" else "ed25519"
         return f"v=DKIM1; k={k}; p={self._public}"
 
+    def dns_txt(self) -> str:
+        """``dns_record()`` as a zone file's TXT data: quoted strings of at most 255
+        characters each (RFC 1035 section 3.3.14; a 2048-bit RSA key needs two), which
+        DNS joins back into one record (RFC 6376 section 3.6.2.2)."""
+        record = self.dns_record()
+        return " ".join(f'"{record[i:i + 255]}"' for i in range(0, len(record), 255))
+
+    def aligned(self, domain: str) -> bool:
+        """``domain`` (a From domain) is this key's domain or a subdomain of it: what
+        DMARC's relaxed alignment needs of a DKIM signature (RFC 7489 section 3.1.1)."""
+        domain, own = domain.lower().rstrip("."), self.domain.lower()
+        return domain == own or domain.endswith("." + own)
+
     def sign(self, message: bytes) -> bytes:
         """Return ``message`` with a DKIM-Signature header field prepended.
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import dkim  # type: ignore[import-untyped]
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from smtpserver import FaultyServer
 
+from dispatcher.cli import _campaign_lines
 from dispatcher.compose import Composer, Invalid, Ready
 from dispatcher.config import Settings
 from dispatcher.jobs import Line
@@ -492,3 +494,50 @@ def test_bad_raw_job_is_invalid_naming_raw(raw: str, reason: str, sign: bool, tm
     line = json.dumps({"id": "r", "mail_from": "a@example.org", "rcpt_to": ["b@example.net"], "raw": raw}).encode()
     outcome = composer.compose(Line(1, line, len(line)))
     assert isinstance(outcome, Invalid) and outcome.error.field == "raw" and reason in str(outcome.error)
+
+
+# -- jobs.headers, DMARC alignment, the TXT record as DNS takes it ---------------------------
+
+def _settings(tmp_path: Path, keys: dict[str, bytes], **jobs: Any) -> Settings:
+    (tmp_path / "k.pem").write_bytes(keys["rsa-sha256"])
+    return Settings.model_validate({"dkim": {"domain": DOMAIN, "selector": SELECTOR,
+                                             "private_key": str(tmp_path / "k.pem")}, "jobs": jobs})
+
+
+def test_jobs_headers_are_added_to_every_composed_message_and_signed(tmp_path: Path, keys: dict[str, bytes]) -> None:
+    settings_ = _settings(tmp_path, keys, headers={"Feedback-ID": "c1:news:example.org", "List-Id": "<news.example.org>"})
+    composer = Composer(settings_, base_dir=tmp_path, attachments_root=tmp_path)
+    line = json.dumps({"id": "j", "from": f"a@{DOMAIN}", "to": ["b@example.net"], "subject": "s", "text": "t",
+                       "headers": {"list-id": "<own.example.org>"}}).encode()
+    outcome = composer.compose(Line(1, line, len(line)))
+    assert isinstance(outcome, Ready)
+    message = outcome.outgoing.message
+    assert b"Feedback-ID: c1:news:example.org\r\n" in message
+    assert b"list-id: <own.example.org>\r\n" in message and b"news.example.org" not in message  # the job's own wins
+    assert {"feedback-id", "list-id"} <= set(tags(message)["h"].split(":"))
+    signer = DKIMSigner(domain=DOMAIN, selector=SELECTOR, private_key=keys["rsa-sha256"])
+    assert verifies(message, signer)
+
+
+@pytest.mark.parametrize("headers", [{"Return-Path": "<x@example.org>"}, {"X-A": "a\r\nBcc: x@example.org"},
+                                     {"Message-ID": "<fixed@example.org>", "message-id": "<b@example.org>"}])
+def test_jobs_headers_are_checked_as_a_jobs_own(headers: dict[str, str]) -> None:
+    with pytest.raises(ValidationError, match=r"jobs\.headers"):
+        Settings.model_validate({"jobs": {"headers": headers}})
+
+
+@pytest.mark.parametrize(("default_from", "warned"), [
+    (f"News <news@{DOMAIN}>", False), (f"news@mail.{DOMAIN}", False), ("news@example.net", True),
+    (f"news@not{DOMAIN}", True)])
+def test_check_config_warns_when_from_and_dkim_domain_do_not_align(tmp_path: Path, keys: dict[str, bytes],
+                                                                   default_from: str, warned: bool) -> None:
+    lines = _campaign_lines(_settings(tmp_path, keys, default_from=default_from))
+    assert any(line.startswith("warning:") and "DMARC" in line for line in lines) == warned
+
+
+def test_the_txt_record_is_split_into_strings_dns_can_hold(tmp_path: Path, keys: dict[str, bytes]) -> None:
+    signer = DKIMSigner(domain=DOMAIN, selector=SELECTOR, private_key=keys["rsa-sha256"])
+    strings = re.findall(r'"([^"]*)"', signer.dns_txt())
+    assert len(signer.dns_record()) > 255 and len(strings) == 2
+    assert all(len(s) <= 255 for s in strings) and "".join(strings) == signer.dns_record()
+    assert signer.dns_txt() in _campaign_lines(_settings(tmp_path, keys))[1]
