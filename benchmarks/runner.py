@@ -276,7 +276,7 @@ def run_dispatcher(jobs: Path, config: Path, results: Path, expected: int, deadl
                    sample: bool = False) -> dict[str, Any]:
     """``dispatcher run`` in a subprocess: wall, CPU and peak RSS of that process (wait4).
 
-    Past ``deadline`` seconds (0: none) it gets SIGTERM (SPEC: finish in-flight jobs,
+    Past ``deadline`` seconds (0: none) it gets SIGTERM (as documented: finish in-flight jobs,
     flush, exit) and the figures cover the jobs done by then. With ``sample``, RSS and
     the results file's size are sampled every 0.25 s (``rss_samples``: (MB, bytes)).
     """

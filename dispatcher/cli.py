@@ -21,7 +21,7 @@ from dispatcher.loop import commands as loop_commands
 from dispatcher.runner import EXIT_OK, EXIT_SIGNAL, EXIT_USAGE, RunError, RunOptions
 from dispatcher.stream import commands as stream_commands
 
-# argparse exits with 2 on a usage error, as SPEC section 2 wants.
+# argparse exits with 2 on a usage error, as docs/run.md says.
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="also open one session with each relay (TLS, EHLO, AUTH), show what it offers "
                             "and QUIT; nothing is sent")
 
-    # SPEC section 5: jobs on a Redis Stream (dispatcher/stream/commands.py).
+    # docs/redis.md: jobs on a Redis Stream (dispatcher/stream/commands.py).
     for name, text in (("enqueue", "validate a jobs file and append its jobs to a Redis stream"),
                        ("worker", "send the jobs of a Redis stream, in its consumer group"),
                        ("status", "what a Redis stream holds: enqueued, done, pending, dead, rate"),
@@ -211,7 +211,7 @@ async def _connect_relays(settings: Settings) -> int:
 
 
 def _campaign_lines(settings: Settings) -> list[str]:
-    """What check-config says of templates, unsubscribe and dkim (SPEC section 6), when
+    """What check-config says of templates, unsubscribe and dkim (docs/campaigns.md), when
     set; with DKIM, the TXT record to publish. Raises ValueError (one line)."""
     from dispatcher.templates import Unsubscribe
 

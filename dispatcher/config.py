@@ -1,4 +1,4 @@
-"""The YAML configuration (SPEC section 3): pydantic models, ``${VAR}`` expansion."""
+"""The YAML configuration (docs/configuration.md): pydantic models, ``${VAR}`` expansion."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class MetricsSettings(_Section):
 
 class JobsSettings(_Section):
     attachments_root: Path | None = None  # attachment paths must resolve inside it [the jobs file's directory]
-    default_from: str | None = None  # the From of a job that gives none (templates, SPEC section 6)
+    default_from: str | None = None  # the From of a job that gives none (templates, docs/campaigns.md)
     # The envelope sender of composed and templated jobs, per job (VERP): bounces+{{ id }}@example.org
     return_path: str | None = None
     # Added to every composed and templated message unless the job sets the same name
@@ -68,7 +68,7 @@ class LoggingSettings(_Section):
 
 
 class RedisSettings(_Section):
-    """``dispatcher enqueue/worker/status/results`` (SPEC section 5). ``url`` may hold a
+    """``dispatcher enqueue/worker/status/results`` (docs/redis.md). ``url`` may hold a
     password: use ``${VAR}``; it is never printed."""
 
     url: str | None = None  # redis://[:password@]host:6379/0; --redis overrides
@@ -80,7 +80,7 @@ class RedisSettings(_Section):
 
 
 class RelaySettings(SMTPSettings):
-    """One entry of ``relays:`` (SPEC section 3): an ``smtp`` section with a ``name``
+    """One entry of ``relays:`` (docs/configuration.md): an ``smtp`` section with a ``name``
     (results, logs and the metrics' ``relay`` label), a ``weight`` (its share of the
     messages) and its own ``pool`` keys; the keys it leaves out come from the top-level
     ``pool`` section."""
@@ -99,7 +99,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     redis: RedisSettings = RedisSettings()
-    templates: TemplatesSettings = TemplatesSettings()  # SPEC section 6 (dispatcher.compose)
+    templates: TemplatesSettings = TemplatesSettings()  # docs/campaigns.md (dispatcher.compose)
     unsubscribe: UnsubscribeSettings = UnsubscribeSettings()
     dkim: DKIMSettings | list[DKIMSettings] | None = None  # one key, or several (each signs: rsa and ed25519)
     suppression: SuppressionSettings = SuppressionSettings()  # the suppression list (dispatcher.loop)

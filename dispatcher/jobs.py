@@ -1,4 +1,4 @@
-"""Jobs: the JSON Lines reader, the job models (SPEC section 2) and message building."""
+"""Jobs: the JSON Lines reader, the job models (docs/run.md) and message building."""
 
 from __future__ import annotations
 

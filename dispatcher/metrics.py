@@ -1,4 +1,4 @@
-"""The batch command's metrics (SPEC section 4): ``dispatcher_*`` families, the
+"""The batch command's metrics (docs/metrics.md): ``dispatcher_*`` families, the
 ``/metrics`` server and the textfile written at the end.
 
 The families are read from the run's counters when scraped, as the pool does

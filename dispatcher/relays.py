@@ -1,4 +1,4 @@
-"""``relays:`` (SPEC section 3): one ``SMTPPool`` per relay behind an ``SMTPRouter``.
+"""``relays:`` (docs/configuration.md): one ``SMTPPool`` per relay behind an ``SMTPRouter``.
 
 The runner only needs what both a pool and a router offer (``Sender``): submit,
 close, terminate, and the sizes that bound how many messages it keeps in flight.

@@ -198,7 +198,7 @@ class Run:
         finally:
             self.admission.store.close()  # no SQLite connection across the compose process's fork
         try:
-            # The batch, from which Message-IDs are derived, is the results file (SPEC section 2).
+            # The batch, from which Message-IDs are derived, is the results file (docs/run.md).
             self.composer = Composer(self.settings, base_dir=self.base, attachments_root=root,
                                      batch=os.path.abspath(self.options.results))
         except ValueError as exc:
@@ -678,7 +678,7 @@ def _check_results_file(results: Path, jobs: os.stat_result) -> None:
 
 def _text(value: Any) -> Any:
     """Text for the results file: a lone surrogate (a reply byte that was not UTF-8,
-    decoded with ``surrogateescape``) becomes U+FFFD, as SPEC 1.13 keeps replies."""
+    decoded with ``surrogateescape``) becomes U+FFFD, as docs/library.md promise 13 keeps replies."""
     if not isinstance(value, str):
         return value
     try:

@@ -1,4 +1,4 @@
-"""Templated jobs and unsubscribe headers (SPEC section 6).
+"""Templated jobs and unsubscribe headers (docs/campaigns.md).
 
 ``Templates(dir).render(name, context)`` renders ``NAME.subject``, ``NAME.text`` and
 ``NAME.html`` with Jinja2 in a sandbox (``ImmutableSandboxedEnvironment``): undefined
@@ -279,7 +279,7 @@ class _Guard(NodeTransformer):
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
-    """The sandbox, also bounding what a template may spend (SPEC section 6): ``*``,
+    """The sandbox, also bounding what a template may spend (docs/campaigns.md): ``*``,
     ``**``, ``+`` and ``%`` that would build a huge value (``{{ 'x' * 10**9 }}``) are
     refused, every loop, ``~``, filter and call looks at the CPU deadline, and every
     value is at most ``templates.max_bytes``. No template or data can stall the batch

@@ -1,4 +1,4 @@
-"""The pool's own configuration sections (SPEC section 3): ``smtp``, ``pool``, ``retry``.
+"""The pool's own configuration sections (docs/configuration.md): ``smtp``, ``pool``, ``retry``.
 
 They live here, not in ``dispatcher``, so that ``SMTPPool.from_config`` needs nothing
 but the library; ``dispatcher.config.Settings`` composes them with its own sections.

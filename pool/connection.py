@@ -3,7 +3,7 @@
 aiosmtplib opens every session (TCP, TLS or STARTTLS, EHLO, AUTH); when the server
 advertises PIPELINING, ``PipelineProtocol`` then takes over the transport. The pool
 creates all ``size`` slots up front and a slot reconnects in place, so sessions can
-never outnumber slots (SPEC behaviour 2 by construction; asyncpg's
+never outnumber slots (docs/library.md promise 2 by construction; asyncpg's
 ``PoolConnectionHolder`` is the model). A slot counts as open from the moment it
 starts connecting.
 
@@ -170,7 +170,7 @@ class Connection:
         self.state = ConnState.CONNECTING
         start_tls = o.start_tls
         if start_tls is None and o.username is not None and not o.use_tls:
-            # SPEC behaviour 11: a password is never sent over a plain connection, so a
+            # docs/library.md promise 11: a password is never sent over a plain connection, so a
             # relay (or a man in the middle) that drops STARTTLS is refused.
             start_tls = True
         client = aiosmtplib.SMTP(

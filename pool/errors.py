@@ -54,7 +54,7 @@ class DeliveryError(PoolError):
 
 
 class RelayError(PoolError):
-    """The relay, not the message, is the problem (SPEC behaviour 10).
+    """The relay, not the message, is the problem (docs/library.md promise 10).
 
     ``transient=True``: no session could be opened for ``relay_down_timeout`` seconds;
     the message was not sent and may be submitted again later. ``transient=False``: a

@@ -1,7 +1,7 @@
 """Prometheus metrics of one pool, registered on the registry it was given.
 
-The hot path only adds to plain ints; a custom collector turns them into the SPEC
-section 4 families when scraped. prometheus_client's Counter and Histogram take a lock
+The hot path only adds to plain ints; a custom collector turns them into the families
+of docs/metrics.md when scraped. prometheus_client's Counter and Histogram take a lock
 per update: about 5 us of the ~50 us a pipelined message costs (profiled).
 """
 

@@ -98,7 +98,7 @@ class PipelineProtocol(asyncio.Protocol):
         except ValueError:
             self._fail(ConnectionFailed(f"malformed reply line: {line[:80]!r}"))
             return False
-        text = line[4:].decode("utf-8", "replace").strip()  # SPEC behaviour 13: never a surrogate
+        text = line[4:].decode("utf-8", "replace").strip()  # docs/library.md promise 13: never a surrogate
         if line[3:4] == b"-":
             self._lines.append(text)
             if len(self._lines) > MAX_REPLY_LINES:

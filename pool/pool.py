@@ -10,7 +10,7 @@ idles on a sleep while other messages wait.
 Ownership: one supervisor task runs a ``TaskGroup`` holding every worker, backoff
 timer and probe; ``close()`` and ``terminate()`` stop them by calls, never by markers
 in the queue. A relay that cannot be reached holds the queue without spending the
-messages' attempts (SPEC behaviour 10).
+messages' attempts (docs/library.md promise 10).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class _Job:
 class SMTPPool:
     """A pool of long-lived SMTP sessions. ``result = await pool.submit(message)``.
 
-    See SPEC section 1 for every option. Use as ``async with SMTPPool(...) as pool``
+    See docs/library.md for every option. Use as ``async with SMTPPool(...) as pool``
     or call ``await pool.close()`` when done. ``rate_limiter`` takes a limiter shared
     with other processes (``async acquire()``), applied on top of ``rate_limit``.
     """
@@ -192,7 +192,7 @@ class SMTPPool:
     @classmethod
     def from_config(cls, settings: Any, **overrides: Any) -> SMTPPool:
         """Build a pool from a settings object with ``smtp``, ``pool`` and ``retry``
-        sections (``dispatcher.config.Settings``; SPEC section 3)."""
+        sections (``dispatcher.config.Settings``; docs/configuration.md)."""
         from pool.config import pool_kwargs
 
         if settings.smtp is None:
@@ -243,7 +243,7 @@ class SMTPPool:
 
     @property
     def relay_error(self) -> RelayError | None:
-        """Set while the relay is down or refuses the session (SPEC behaviour 10)."""
+        """Set while the relay is down or refuses the session (docs/library.md promise 10)."""
         return self._relay_error
 
     def _start(self) -> None:

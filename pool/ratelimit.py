@@ -1,5 +1,5 @@
 """The pool's sending rate: a cap shared by every worker, lowered when the relay
-says "slow down" and raised again while it stays quiet (SPEC behaviours 9 and 12)."""
+says "slow down" and raised again while it stays quiet (docs/library.md promises 9 and 12)."""
 
 from __future__ import annotations
 

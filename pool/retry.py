@@ -40,7 +40,7 @@ def backoff_delay(
     return (rng or random).uniform(0.0, ceiling)
 
 
-#: Texts of transient replies that mean "slow down" (SPEC behaviour 12). Collected from
+#: Texts of transient replies that mean "slow down" (docs/library.md promise 12). Collected from
 #: providers: SES "454 Throttling failure: Maximum sending rate exceeded", Gmail
 #: "421 4.7.0 ... unusual rate", "450 4.2.1 ... receiving mail at a rate", Outlook
 #: "451 4.7.500 Server busy", Postfix "421 4.7.0 Error: too many connections", SendGrid
@@ -65,7 +65,7 @@ def is_throttling(code: int, text: str) -> bool:
 def readable(text: str) -> str:
     """A server reply's text as valid Unicode: bytes that were not UTF-8 (decoded with
     surrogateescape by aiosmtplib) become U+FFFD, so the text can be logged, encoded
-    and recorded anywhere (SPEC behaviour 13)."""
+    and recorded anywhere (docs/library.md promise 13)."""
     if text.isascii():
         return text
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

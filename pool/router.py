@@ -1,4 +1,4 @@
-"""SMTPRouter: several relays behind one ``submit`` (SPEC section 1, "Several relays").
+"""SMTPRouter: several relays behind one ``submit`` (docs/library.md, "Several relays").
 
 Messages are spread by weight (smooth weighted round robin, as nginx does for its
 upstreams: deterministic, and no relay waits long for its turn). A relay whose pool is
@@ -137,7 +137,7 @@ class SMTPRouter:
                 raise
             if earlier:
                 result = dataclasses.replace(result, refused={**earlier, **result.refused})
-            # From this submit, through every relay tried (SPEC: submit to result).
+            # From this submit, through every relay tried (as documented: submit to result).
             return dataclasses.replace(result, relay=name, elapsed=time.monotonic() - started)
         if last is not None:
             raise last

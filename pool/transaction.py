@@ -53,7 +53,7 @@ class Outcome:
     decided a failure, for the caller's error. ``ambiguous``: the session was lost after
     the end of DATA was sent and before its reply — the server may have the message.
     ``session_lost``: the session cannot be used again. ``throttled``: a reply asked us
-    to slow down (SPEC behaviour 12).
+    to slow down (docs/library.md promise 12).
     """
 
     accepted: list[str] = field(default_factory=list)

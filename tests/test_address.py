@@ -1,4 +1,4 @@
-"""Strict addresses (SPEC section 2): one mailbox a string, never a guess."""
+"""Strict addresses (docs/run.md): one mailbox a string, never a guess."""
 
 from __future__ import annotations
 

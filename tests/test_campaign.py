@@ -1,4 +1,4 @@
-"""Campaigns end to end (SPEC section 6): ``dispatcher run`` in a subprocess against a
+"""Campaigns end to end (docs/campaigns.md): ``dispatcher run`` in a subprocess against a
 real SMTP server, with templates, unsubscribe headers and DKIM; every check is made on
 the message the server received."""
 

@@ -216,7 +216,7 @@ async def test_password_never_reaches_the_logs(tmp_path: Path) -> None:
         jobs = write_jobs(tmp_path / "jobs.jsonl", [job(1)])
         code, out, err = await dispatcher("run", str(jobs), "--config", str(config), cwd=tmp_path,
                                           env={"PW": "wrong-s3cret-value"})
-    # A refused login is a permanent session failure (SPEC section 2): exit 2, the reason
+    # A refused login is a permanent session failure (docs/run.md): exit 2, the reason
     # on stderr, nothing recorded so the next run (with the right password) sends it.
     assert code == 2, err
     assert "535" in err and not (tmp_path / "jobs.results.jsonl").exists()

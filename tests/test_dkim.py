@@ -1,5 +1,5 @@
 """``pool.dkim.DKIMSigner``: every signed message verifies with dkimpy against the
-test key's TXT record; altered messages do not; ``h=`` is what SPEC section 6 lists;
+test key's TXT record; altered messages do not; ``h=`` is what docs/campaigns.md lists;
 and a signed message sent through a real SMTP server still verifies on arrival."""
 
 from __future__ import annotations
@@ -419,7 +419,7 @@ def test_the_signature_is_byte_for_byte_dkimpys(signer: DKIMSigner, keys: dict[s
     assert ours == theirs + message
 
 
-# -- bad raw input is ValueError, never a crash (SPEC section 1 behaviour 16) ---------------
+# -- bad raw input is ValueError, never a crash (docs/library.md promise 16) ---------------
 
 @pytest.mark.parametrize("raw", [
     b" From: a@example.org\r\nSubject: x\r\n\r\nbody\r\n",

@@ -156,7 +156,7 @@ async def test_every_generated_line_ends_as_exactly_one_result(server: FaultySer
     assert len(server.messages) == len(sent)
 
 
-# -- item: strict addresses (SPEC section 2) ---------------------------------------------
+# -- item: strict addresses (docs/run.md) ---------------------------------------------
 
 _AMBIGUOUS_FIELDS = [
     ({"to": ["bob@example.com <alice@example.net>"]}, "to.0"),
@@ -218,7 +218,7 @@ async def test_ambiguous_recipient_is_never_sent_and_the_batch_goes_on(server: F
     assert [m.rcpt_tos for m in server.messages] == [["carol@example.net"]]
 
 
-# -- Message-ID from the job and its batch (SPEC section 2) ---------------------------------
+# -- Message-ID from the job and its batch (docs/run.md) ---------------------------------
 
 def test_message_id_is_derived_from_the_id_and_the_batch() -> None:
     raw = json.dumps({"id": "j1", "from": "Zoë <a@Bücher.example>", "to": ["b@example.net"], "subject": "s",

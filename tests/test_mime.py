@@ -570,7 +570,7 @@ def test_built_jobs_are_prepared_and_end_with_a_line_break() -> None:
     assert not build(parse_job(Line(2, raw, len(raw)))).prepared  # the caller's bytes: checked in full
 
 
-# -- nothing 8-bit undeclared (SPEC section 1 behaviour 14), on the wire --------------------
+# -- nothing 8-bit undeclared (docs/library.md promise 14), on the wire --------------------
 
 def _composed(**fields: Any) -> bytes:
     document = {"id": "8", "from": "a@example.org", "to": ["b@example.net"], "subject": "s", "text": "t", **fields}
@@ -614,7 +614,7 @@ async def test_nothing_8bit_goes_out_undeclared(pipelining: bool, smtputf8: bool
                 assert server.messages[0].content.isascii()
 
 
-# -- structured headers, custom headers, unsubscribe URLs (SPEC section 6) -----------------
+# -- structured headers, custom headers, unsubscribe URLs (docs/campaigns.md) -----------------
 
 def _job_error(**fields: Any) -> JobError:
     document = {"id": "h", "from": "a@example.org", "to": ["b@example.net"], "subject": "s", "text": "t", **fields}

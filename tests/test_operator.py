@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DISPATCHER = [sys.executable, "-m", "dispatcher.cli"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-NEW_METRICS = {  # SPEC section 4 "Also", by type
+NEW_METRICS = {  # the later metrics of docs/metrics.md, by type
     "smtp_pool_transaction_seconds": "histogram",
     "smtp_pool_replies": "counter",
     "smtp_pool_rate_current": "gauge",

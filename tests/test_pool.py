@@ -1,4 +1,4 @@
-"""SPEC section 1, promise by promise, against a real aiosmtpd server on 127.0.0.1.
+"""docs/library.md, promise by promise, against a real aiosmtpd server on 127.0.0.1.
 
 Every test runs once per transaction mode: command-by-command (aiosmtplib) and, when
 the server advertises it, RFC 2920 pipelining.

@@ -1,4 +1,4 @@
-"""SPEC section 5 end to end: a real ``redis-server`` (AOF on), a real SMTP server
+"""docs/redis.md end to end: a real ``redis-server`` (AOF on), a real SMTP server
 (``FaultyServer``), and ``dispatcher enqueue|worker|status|results`` as subprocesses."""
 
 from __future__ import annotations

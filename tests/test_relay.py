@@ -1,4 +1,4 @@
-"""What a hostile or failing relay does to the pool (SPEC behaviours 7, 8, 10-14),
+"""What a hostile or failing relay does to the pool (docs/library.md promises 7, 8, 10-14),
 against a real aiosmtpd server on 127.0.0.1, in both transaction modes."""
 
 from __future__ import annotations
@@ -491,7 +491,7 @@ async def test_close_without_drain_never_connects_again_to_a_silent_relay() -> N
 
 
 async def test_421_with_enhanced_status_4_7_halves_the_rate(server: FaultyServer, mode: str) -> None:
-    """SPEC 12: a 421 that ends the session is a throttling reply by its 4.7.x status
+    """docs/library.md promise 12: a 421 that ends the session is a throttling reply by its 4.7.x status
     too, not only by its words (Gmail: "421 4.7.0 Try again later, closing connection")."""
     server.faults.mail_code = "421 4.7.0 Try again later, closing connection."
     server.faults.mail_code_times = 1
@@ -503,7 +503,7 @@ async def test_421_with_enhanced_status_4_7_halves_the_rate(server: FaultyServer
 
 async def test_close_without_drain_does_not_send_a_message_waiting_for_the_rate(server: FaultyServer,
                                                                                mode: str) -> None:
-    """SPEC 8 and the first signal of `dispatcher run`: a message a worker holds while it
+    """docs/library.md promise 8 and the first signal of `dispatcher run`: a message a worker holds while it
     waits for the rate limiter is not on the wire; close(drain=False) fails it at once."""
     pool = SMTPPool(**options(server, mode, size=1, rate_limit=0.5))  # one message every 2 s
     async with pool:
@@ -555,7 +555,7 @@ async def test_a_message_prepared_ahead_is_sent_as_it_is(server: FaultyServer, m
 
 
 async def test_a_message_moved_to_another_relay_counts_its_time_on_the_first() -> None:
-    """SPEC: SendResult.elapsed is submit to result, through every relay tried."""
+    """As documented: SendResult.elapsed is submit to result, through every relay tried."""
     from pool import SMTPRouter
 
     async with FaultyServer() as backup:

@@ -147,7 +147,7 @@ async def test_rejected_login_exits_2_after_one_login_and_the_rerun_with_the_rig
     jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(count)])
     async with FaultyServer(credentials=("user", "right-one")) as server:
         # start_tls: false — the test server speaks plain text, and a password is never
-        # sent in clear unless the config says so (SPEC behaviour 11).
+        # sent in clear unless the config says so (docs/library.md promise 11).
         config = write_yaml(tmp_path / "c.yaml", {
             "smtp": smtp(server.port, start_tls=False, username="user", password="${SMTP_PASSWORD}"),
             "pool": {"size": size}})

@@ -363,7 +363,7 @@ def test_a_bad_template_name_or_directory_is_one_clear_line(tmp_path: Path) -> N
         Templates(tmp_path / "nowhere").render("welcome", {})
 
 
-# -- bounded rendering (SPEC section 6: templates.timeout, templates.max_bytes) --------------
+# -- bounded rendering (docs/campaigns.md: templates.timeout, templates.max_bytes) --------------
 
 _RUNAWAY = {
     "nested loops": "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",

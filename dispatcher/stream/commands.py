@@ -1,4 +1,4 @@
-"""The four Redis commands (SPEC section 5): options -> settings -> run -> exit status.
+"""The four Redis commands (docs/redis.md): options -> settings -> run -> exit status.
 
 ``dispatcher.cli`` declares their arguments and calls these; Redis is imported only
 when one of them runs.

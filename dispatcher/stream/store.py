@@ -180,7 +180,7 @@ def result_row(
     elapsed_ms: float = 0,
     message_id: str | None = None,
 ) -> bytes:
-    """One row of the results file (SPEC section 2), as bytes, encoded as ``run`` does."""
+    """One row of the results file (docs/run.md), as bytes, encoded as ``run`` does."""
     row = {"id": job_id, "line": line, "status": status, "attempts": attempts, "code": code,
            "response": response, "refused": refused or {}, "error": error, "elapsed_ms": elapsed_ms,
            "message_id": message_id}
