@@ -4,10 +4,13 @@ that stands alone (a clone has nothing outside the repository to point to)."""
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import pool
 
@@ -25,7 +28,7 @@ _LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def _pages() -> list[Path]:
-    return [README, ROOT / "CHANGELOG.md", *sorted(DOCS.rglob("*.md"))]
+    return [README, ROOT / "CHANGELOG.md", ROOT / "CONTRIBUTING.md", *sorted(DOCS.rglob("*.md"))]
 
 
 def test_readme_starts_with_the_name_a_sentence_and_the_two_commands() -> None:
@@ -83,3 +86,12 @@ def test_licence_and_changelog_are_there() -> None:
     assert 'license = "MIT"' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
     assert "## Unreleased" in changelog
+
+
+def test_the_docs_build_with_no_broken_link_or_reference(tmp_path: Path) -> None:
+    mkdocs = Path(sys.executable).parent / "mkdocs"
+    if not mkdocs.exists():
+        pytest.skip("mkdocs is not installed (pip install -e '.[docs]'; ./dev installs it)")
+    done = subprocess.run([str(mkdocs), "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
