@@ -523,9 +523,13 @@ class Run:
             if not recipients:
                 self._count("skipped", size)
                 return
+        asked = recipients
         recipients, suppressed = self.admission.admit(recipients)
         if not recipients:  # every recipient is on the suppression list: nothing to send
-            self._record(number, job_id, "suppressed", size, suppressed=suppressed)
+            # On --retry-failed the row is about the recipients retried, not the whole
+            # job: an earlier delivery to the others stays on record.
+            self._record(number, job_id, "suppressed", size, suppressed=suppressed,
+                         recipients=list(asked) if item.retry else None)
             return
         if self._stop.is_set():
             return  # not submitted: the next run sends it
@@ -559,7 +563,7 @@ class Run:
                          response=result.response, refused=_refusals(result.refused), suppressed=suppressed,
                          elapsed_ms=round(result.elapsed * 1000, 1), recipients=retried, relay=result.relay,
                          message_id=result.message_id)
-            await self.admission.refused(job_id, result.refused)
+            await self.admission.refused(job_id, result.refused, delivered=True)
 
     async def _progress(self) -> None:
         """The live display on a terminal (``--progress`` forces it), else a

@@ -26,6 +26,8 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
+from dispatcher.address import parse_address
+
 log = structlog.get_logger("dispatcher.suppression")
 
 REFRESH_EVERY = 2.0  # seconds between checks for changes made by other processes
@@ -45,8 +47,15 @@ def now() -> str:
 
 
 def key_of(address: str) -> str:
-    """The address as the list compares it: case-insensitively, without surrounding space."""
-    return address.strip().lower()
+    """The address as the list compares it: as the envelope carries it (a Unicode domain
+    in IDNA, ``ada@bücher.example`` as ``ada@xn--bcher-kva.example``), case-insensitively,
+    without surrounding space. A string that is no valid address is compared as given."""
+    address = address.strip()
+    try:
+        address = parse_address(address).address
+    except ValueError:
+        pass
+    return address.lower()
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +258,11 @@ class SuppressionMetrics:
 # Enhanced status codes (RFC 3463) that say the address itself is bad: 5.1.x (no such
 # user, bad domain, bad syntax...) and 5.2.1 (mailbox disabled). 5.2.2 (mailbox full),
 # 5.7.x (policy, spam) and anything transient say nothing for good about the address.
+#: X.1.7 (bad sender's mailbox syntax) and X.1.8 (bad sender's system address) are
+#: about the sender (RFC 3463 section 3.2), never the recipient.
+SENDER_STATUSES = frozenset({"7", "8"})
+
+
 def is_hard_bounce(status: str | None) -> bool:
     """``status`` (``5.1.1``) says the address is bad for good."""
     if not status:
@@ -256,7 +270,11 @@ def is_hard_bounce(status: str | None) -> bool:
     parts = status.strip().split(".")
     if len(parts) != 3 or not all(p.isdigit() for p in parts):
         return False
-    return parts[0] == "5" and (parts[1] == "1" or (parts[1] == "2" and parts[2] == "1"))
+    if parts[0] != "5":
+        return False
+    if parts[1] == "1":
+        return parts[2] not in SENDER_STATUSES
+    return parts[1] == "2" and parts[2] == "1"
 
 
 def enhanced_status(text: str | None) -> str | None:
@@ -307,7 +325,7 @@ class Admission:
         kept: list[str] = []
         suppressed: list[str] = []
         for address in recipients:
-            reason = listed.get(address.lower())
+            reason = listed.get(address.lower())  # envelope addresses: already as key_of makes them
             if reason is None:
                 kept.append(address)
             else:
@@ -326,9 +344,18 @@ class Admission:
                 self._listed = listed
                 log.debug("suppression.reloaded", listed=len(listed))
 
-    async def refused(self, job_id: str, refused: Mapping[str, tuple[int, str]]) -> list[Record]:
-        """Suppress (``auto``) the recipients ``refused`` with 5.1.x or 5.2.1; returns the records added."""
+    async def refused(self, job_id: str, refused: Mapping[str, tuple[int, str]], *,
+                      delivered: bool = False) -> list[Record]:
+        """Suppress (``auto``) the recipients ``refused`` with 5.1.x or 5.2.1; returns the
+        records added. ``delivered``: some recipient accepted the message, so every
+        refusal came from a recipient's own RCPT."""
         if not self.auto or not refused:
+            return []
+        if not delivered and len(refused) > 1 and len(set(refused.values())) == 1:
+            # One reply for every recipient: MAIL FROM or the end of DATA refused the
+            # message, which says nothing for good about any one address. (A relay
+            # that answers several RCPTs with the very same text loses its automatic
+            # suppression here; its DSNs or the next campaign's refusal still count.)
             return []
         records = []
         for address, (code, text) in refused.items():
