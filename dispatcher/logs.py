@@ -21,6 +21,9 @@ from collections.abc import MutableMapping
 from typing import Any, TextIO, cast
 
 import structlog
+from rich.console import Console
+from rich.file_proxy import FileProxy
+from rich.text import Text
 
 _SECRET_KEYS = ("password", "secret", "token", "authorization")
 _STANDARD = (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w"))
@@ -197,10 +200,23 @@ def _write_fully(fd: int, data: bytes) -> None:
 class CurrentStderr:
     """Writes to whatever ``sys.stderr`` is at the time of each write: while the live
     progress display (``dispatcher.progress``) runs, that is rich's proxy, which prints
-    each log line above the display instead of through it."""
+    each log line above the display instead of through it. On a terminal otherwise,
+    a line is wrapped at a space to the terminal's width, as the proxy does (the
+    terminal itself would cut the last line of a run, ``run.summary``, inside a word)."""
+
+    def __init__(self) -> None:
+        self._line: list[str] = []
 
     def write(self, text: str) -> int:
-        return sys.stderr.write(text)
+        stream = sys.stderr
+        if isinstance(stream, FileProxy) or not stream.isatty():
+            return stream.write(text)
+        self._line.append(text)  # print() writes the line, then its newline
+        if text.endswith("\n"):
+            line, self._line = "".join(self._line), []
+            console = Console(file=stream, soft_wrap=False, highlight=False, markup=False, emoji=False)
+            console.print(Text.from_ansi(line[:-1]))
+        return len(text)
 
     def flush(self) -> None:
         sys.stderr.flush()

@@ -64,6 +64,21 @@ class Speed:
         return (messages - messages_then) / elapsed, (bytes_done - bytes_then) / elapsed
 
 
+def progress_fields(tally: Tally, speed: Speed, now: float | None = None) -> dict[str, float | None]:
+    """What a ``run.progress`` log line says besides the counts: ``rate`` (messages/s
+    over ``speed``'s window) and, when the jobs file's size is known, ``share`` (0-1,
+    of its bytes whose jobs have ended) and ``eta_s`` (None while nothing moves)."""
+    counts = tally.counts
+    message_rate, byte_rate = speed.sample(time.monotonic() if now is None else now,
+                                           counts["sent"] + counts["failed"], tally.bytes_done)
+    fields: dict[str, float | None] = {"rate": round(message_rate, 1)}
+    if tally.bytes_total:
+        fields["share"] = round(min(1.0, tally.bytes_done / tally.bytes_total), 4)
+        left = max(0, tally.bytes_total - tally.bytes_done)
+        fields["eta_s"] = round(left / byte_rate) if byte_rate > 0 else None
+    return fields
+
+
 class ProgressView:
     """The display as a rich renderable, laid out for the width rich gives it."""
 

@@ -43,13 +43,14 @@ from dispatcher.journal import Claim, Journal, JournalBusy, TempFileError
 from dispatcher.loop.suppression import Admission, StoreError, SuppressionStore
 from dispatcher.metrics import MetricsError, RunMetrics, write_textfile
 from dispatcher.metrics import serve as serve_metrics
-from dispatcher.progress import LiveDisplay
+from dispatcher.progress import LiveDisplay, Speed, progress_fields
 from dispatcher.relays import Sender
 from dispatcher.sender import Sending, build_sender
 from dispatcher.signals import signal_handlers
 from dispatcher.sink import DEFAULT_MAILDIR
 from dispatcher.templates import SETTINGS_FIELDS, TemplatesSettings
 from pool import DeliveryError, PoolClosedError, RelayError
+from pool.budget import ByteBudget
 from pool.envelope import for_recipients
 
 log = structlog.get_logger("dispatcher")
@@ -62,6 +63,7 @@ STATUSES = ("sent", "failed", "invalid", "suppressed", "skipped")
 LOG_PROGRESS_EVERY = 10.0
 TTY_PROGRESS_EVERY = 0.25
 READ_CHUNK = 1 << 18  # a chunk's lines are split at once: keep it small
+COMPOSE_AHEAD = 4  # jobs composed by their senders at once (each holds its message until it fits the budget)
 
 
 class RunError(Exception):
@@ -89,6 +91,7 @@ class _Item:
     outgoing: Outgoing | None  # None: composed by the sender, off the event loop (attachment files, DKIM)
     job: AnyJob | None = None
     retry: bool = False  # --retry-failed: done by an earlier run; only its transient recipients
+    held: int = 0  # message bytes it holds of the run's budget (pool.max_bytes_in_flight)
 
 
 @dataclass
@@ -129,6 +132,11 @@ class Run:
         self._idle.set()
         self._senders = 0
         self._room = asyncio.Semaphore(1)  # replaced once the pool's size is known
+        # Messages in flight are bounded by bytes too: 1,000 queued 10 MB messages would
+        # need 10 GB. Jobs composed by their sender (attachment files, DKIM) compose a
+        # few at a time, each holding its place until its bytes fit.
+        self._bytes = ByteBudget(settings.pool.max_bytes_in_flight)
+        self._compose_ahead = asyncio.Semaphore(COMPOSE_AHEAD)
         self._source: _ChunkReader | None = None
         self._composing: ComposeProcess | None = None  # the compose stage's own process, when there is one
         self._said: set[str] = set()
@@ -397,6 +405,13 @@ class Run:
         self.tally.jobs_read += 1
         if item is not None:
             await self._room.acquire()
+            if item.outgoing is not None:  # composed already: its bytes are known
+                item.held = _message_bytes(item.outgoing)
+                try:
+                    await self._bytes.acquire(item.held)
+                except BaseException:
+                    self._room.release()
+                    raise
             self._senders += 1
             self._idle.clear()
             group.create_task(self._send(pool, item))
@@ -502,6 +517,7 @@ class Run:
             log.exception("run.sender_failed", line=item.line, id=item.job_id)
             self._halt(EXIT_ERROR, f"internal error on line {item.line}: {type(exc).__name__}: {exc}")
         finally:
+            self._bytes.release(item.held)
             self._room.release()
             self._senders -= 1
             if self._senders == 0:
@@ -512,11 +528,15 @@ class Run:
         outgoing = item.outgoing
         if outgoing is None:
             assert item.job is not None and self.composer is not None
-            try:  # attachment files are read and RSA runs here, never on the event loop
-                outgoing = await asyncio.to_thread(self.composer.finish, item.job)
-            except JobError as exc:
-                self._invalid(number, job_id, exc, size)
-                return
+            async with self._compose_ahead:
+                try:  # attachment files are read and RSA runs here, never on the event loop
+                    outgoing = await asyncio.to_thread(self.composer.finish, item.job)
+                except JobError as exc:
+                    self._invalid(number, job_id, exc, size)
+                    return
+                held = _message_bytes(outgoing)
+                await self._bytes.acquire(held)
+                item.held = held
         recipients = outgoing.recipients
         if item.retry:
             recipients = self.journal.to_retry(job_id, recipients)
@@ -576,9 +596,12 @@ class Run:
                 while True:
                     await asyncio.sleep(TTY_PROGRESS_EVERY)
                     display.refresh()
+        # The rate of the last few periods, not since the start: a relay that died a
+        # minute ago shows as 0/s, not as a slowly sinking average.
+        speed = Speed(window=3 * LOG_PROGRESS_EVERY)
         while True:
             await asyncio.sleep(LOG_PROGRESS_EVERY)
-            log.info("run.progress", **self.tally.counts, rate=round(self.tally.rate(), 1),
+            log.info("run.progress", **self.tally.counts, **progress_fields(self.tally, speed),
                      queue_depth=self.pool.queue_depth() if self.pool else 0)
 
     @contextmanager
@@ -678,6 +701,10 @@ def _check_results_file(results: Path, jobs: os.stat_result) -> None:
         raise RunError(f"{results}: the results file must be a regular file, not {kind}")
     if (found.st_dev, found.st_ino) == (jobs.st_dev, jobs.st_ino):
         raise RunError(f"{results}: the results file is the jobs file; name another one with --results")
+
+
+def _message_bytes(outgoing: Outgoing) -> int:
+    return len(outgoing.envelope.content) if outgoing.envelope is not None else len(outgoing.message)
 
 
 def _text(value: Any) -> Any:

@@ -73,6 +73,7 @@ class PoolSettings(Section):
     idle_timeout: float | None = Field(60.0, gt=0)
     rate_limit: float | None = Field(None, gt=0)
     queue_size: int = Field(1000, ge=1)
+    max_bytes_in_flight: int = Field(256 << 20, ge=1)  # message bytes submitted and not yet ended
     pipelining: bool | None = None
 
 
@@ -101,6 +102,7 @@ def pool_kwargs(smtp: SMTPSettings, pool: PoolSettings, retry: RetrySettings) ->
         "idle_timeout": pool.idle_timeout,
         "rate_limit": pool.rate_limit,
         "queue_size": pool.queue_size,
+        "max_bytes_in_flight": pool.max_bytes_in_flight,
         "pipelining": pool.pipelining,
         "max_attempts": retry.max_attempts,
         "backoff_base": retry.backoff_base,

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from email.message import Message
 from typing import TYPE_CHECKING, Any
 
+from pool.budget import ByteBudget
 from pool.connection import Connection, ConnState, SessionOptions
 from pool.envelope import Envelope, build_envelope
 from pool.errors import (
@@ -101,6 +102,7 @@ class SMTPPool:
         rate_limit: float | None = None,
         pipelining: bool | None = None,
         queue_size: int = 1000,
+        max_bytes_in_flight: int = 256 << 20,
         registry: CollectorRegistry | None = None,
         local_hostname: str | None = None,
         ca_file: str | None = None,
@@ -129,6 +131,7 @@ class SMTPPool:
                 raise ValueError(f"ca_file: {exc}") from None
         self.size = size
         self.queue_size = queue_size
+        self.max_bytes_in_flight = max_bytes_in_flight
         self.max_messages_per_connection = max_messages_per_connection
         self.idle_timeout = idle_timeout
         self.max_attempts = max_attempts
@@ -165,6 +168,11 @@ class SMTPPool:
         # failed connect or a backoff must never wait, so when the queue is full it goes
         # to ``_retry``, which workers read first (a full queue means no worker is waiting).
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
+        # Bytes of the messages submitted and not yet ended: with large messages the
+        # queue's length alone would let memory grow with message size x queue_size.
+        if max_bytes_in_flight < 1:
+            raise ValueError("max_bytes_in_flight must be at least 1")
+        self._bytes = ByteBudget(max_bytes_in_flight)
         self._retry: deque[_Job] = deque()
         self._slots = [Connection(self._options) for _ in range(size)]
         self.max_open = 0  # most sessions ever open at once: for tests and stats
@@ -335,7 +343,8 @@ class SMTPPool:
 
         Raises DeliveryError when none did, RelayError when the relay is down or
         refuses the session, PoolClosedError when the pool is closed, ValueError at
-        once for bad input. Waits while the queue is full. ``prepared=True`` says that
+        once for bad input. Waits while the queue is full, or while the message's bytes
+        would exceed ``max_bytes_in_flight`` (a larger one waits to go alone). ``prepared=True`` says that
         ``message`` (bytes) has CRLF line endings only and ends with one, as
         ``dispatcher.mime`` builds it: it is not scanned for bare line ends again.
         ``message`` may also be an ``Envelope`` that ``pool.prepare`` made ahead, off
@@ -354,6 +363,14 @@ class SMTPPool:
             envelope = build_envelope(message, sender, recipients, sign=self._sign, prepared=prepared)
         self._check_open()
         self._start()
+        size = len(envelope.content)
+        await self._bytes.acquire(size)
+        try:
+            return await self._submit(envelope, admit)
+        finally:
+            self._bytes.release(size)
+
+    async def _submit(self, envelope: Envelope, admit: Callable[[], bool] | None) -> SendResult:
         loop = asyncio.get_running_loop()
         job = _Job(envelope, loop.create_future(), time.monotonic(), envelope.recipients, admit=admit)
         self._unfinished += 1

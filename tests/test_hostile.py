@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +19,9 @@ import pytest
 from conftest import make_message
 from prometheus_client import CollectorRegistry
 from smtpserver import FaultyServer
-from test_dispatcher import job, results, write_config, write_jobs
-from test_run_faults import finish, spawn
+from test_dispatcher import DISPATCHER, job, results, write_config, write_jobs
+from test_operator import Pty, Terminal
+from test_run_faults import ENV, finish, spawn
 
 import dispatcher.compose_process as compose_module
 import dispatcher.journal as journal_module
@@ -310,3 +312,120 @@ async def test_the_metrics_textfile_carries_when_the_run_finished(server: Faulty
     finished = [line for line in (tmp_path / "m.prom").read_text().splitlines()
                 if line.startswith("dispatcher_run_finished_timestamp_seconds ")]
     assert len(finished) == 1 and started <= float(finished[0].split()[1]) <= time.time()
+
+
+# -- 10. memory bounded by bytes in flight -------------------------------------------------------
+
+
+async def test_the_pool_queue_is_bounded_by_bytes_as_well_as_by_messages(server: FaultyServer) -> None:
+    server.gate = asyncio.Event()
+    body = ("x" * 99 + "\n") * 1000  # ~101 KB a message on the wire
+    messages = [make_message(i, body=body) for i in range(10)]
+    pool = SMTPPool(hostname="127.0.0.1", port=server.port, size=1, queue_size=100,
+                    max_bytes_in_flight=350_000)  # three of these messages
+    async with pool:
+        sends = [asyncio.create_task(pool.submit(m)) for m in messages]
+        try:
+            await server.wait_for(lambda: server.data_started >= 1, timeout=10)
+            for _ in range(20):
+                await asyncio.sleep(0)  # every submit has had its turn
+            assert "unfinished=3" in repr(pool)  # three queued or on the wire: the other seven wait outside
+        finally:
+            server.gate.set()
+        async with asyncio.timeout(20):
+            await asyncio.gather(*sends)
+    assert len(server.messages) == 10
+
+
+async def test_a_run_admits_jobs_by_bytes_as_well_as_by_messages(server: FaultyServer, tmp_path: Path) -> None:
+    server.gate = asyncio.Event()
+    text = ("x" * 99 + "\n") * 1000
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i, text=text) for i in range(20)])
+    settings = load_settings(write_config(tmp_path / "c.yaml", server, size=1, queue_size=100,
+                                          max_bytes_in_flight=350_000))
+    run = Run(RunOptions(jobs=str(jobs), results=tmp_path / "r.jsonl", progress=False, compose_process=False),
+              settings)
+    running = asyncio.create_task(run.execute())
+    try:
+        await server.wait_for(lambda: server.data_started >= 1, timeout=10)
+        async with asyncio.timeout(10):
+            while run.tally.jobs_read < 4:  # the fourth waits for room
+                await asyncio.sleep(0.01)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert run.tally.jobs_read == 4 and "unfinished=3" in repr(run.pool)
+    finally:
+        server.gate.set()
+    async with asyncio.timeout(30):
+        assert await running == 0
+    assert len(server.messages) == 20
+
+
+# -- 14. the operator's view ------------------------------------------------------------------
+
+
+async def test_progress_log_lines_give_the_recent_rate_the_share_and_an_eta(
+    server: FaultyServer, tmp_path: Path
+) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(40)])
+    config = write_config(tmp_path / "c.yaml", server, size=1, queue_size=2)
+    stalled = asyncio.Event()
+    server.faults.delay = 0.1  # 40 messages take 4 s at least: the run cannot end before the stall
+    server.gate = asyncio.Event()  # the relay stops answering after the first messages
+    server.gate.set()
+    # The period shortened from 10 s, in the child only.
+    script = ("import sys, dispatcher.runner as r; r.LOG_PROGRESS_EVERY = 0.05; from dispatcher.cli import main; "
+              "sys.exit(main(sys.argv[1:]))")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, "run", str(jobs), "--config", str(config), cwd=tmp_path, env=ENV,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+    seen: list[dict[str, Any]] = []
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                line = await proc.stderr.readline()
+                assert line, "the run ended"
+                event = json.loads(line)
+                if event["event"] != "run.progress":
+                    continue
+                seen.append(event)
+                if not stalled.is_set() and event["sent"] >= 3:
+                    server.gate.clear()  # from here on, nothing ends
+                    stalled.set()
+                elif stalled.is_set() and event["rate"] == 0.0:
+                    break  # the recent rate, not the average since the start
+    finally:
+        server.gate.set()
+    async with asyncio.timeout(30):
+        await proc.communicate()
+    assert proc.returncode == 0
+    moving = next(e for e in seen if e["rate"] > 0)
+    assert 0 < moving["share"] < 1 and moving["eta_s"] is not None
+    assert 0 < seen[-1]["share"] < 1 and seen[-1]["eta_s"] is None  # nothing moves: no ETA made up
+
+
+async def test_the_last_log_lines_on_an_80_column_terminal_wrap_at_a_space(
+    server: FaultyServer, tmp_path: Path
+) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(5)])
+    config = write_config(tmp_path / "c.yaml", server)
+    term = Pty(80)
+    env = {**ENV, "COLUMNS": "80", "LINES": "24", "TERM": "xterm-256color"}
+    env.pop("NO_COLOR", None)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *DISPATCHER, "run", str(jobs), "--config", str(config), cwd=tmp_path, env=env,
+            stdin=term.slave, stdout=term.slave, stderr=term.slave, start_new_session=True)
+        os.close(term.slave)
+        async with asyncio.timeout(45):
+            code = await proc.wait()
+            await term.eof.wait()
+    finally:
+        term.close()
+    output = term.text()
+    assert code == 0, output
+    screen = Terminal(80)
+    screen.feed(output)
+    assert "run.summary" in output and "elapsed_s" in output
+    assert not screen.wrapped, screen.wrapped  # every line wrapped by the program, at a space
