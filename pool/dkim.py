@@ -185,6 +185,10 @@ def sign_all(signers: Sequence[DKIMSigner], message: bytes) -> bytes:
     import dkim
 
     message = _crlf(bytes(message))
+    if message and not message.endswith(b"\r\n"):
+        # What SMTP sends anyway (RFC 5321 section 4.1.1.4): signed as it will arrive.
+        # mailauth hashes an unterminated last line with trailing white space otherwise.
+        message += b"\r\n"
     check_headers(message)  # dkimpy fails on a folded first line with IndexError
     try:
         headers, body = dkim.rfc822_parse(message)
