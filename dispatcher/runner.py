@@ -38,6 +38,7 @@ from dispatcher.compose import AnyJob, Composer, Done, Invalid, Ready
 from dispatcher.compose_process import ComposeProcess, ComposeProcessError
 from dispatcher.compose_process import usable as compose_process_usable
 from dispatcher.config import Settings
+from dispatcher.engine.outcome import result_row
 from dispatcher.jobs import JobError, Line, LineSplitter, Outgoing
 from dispatcher.journal import Claim, Journal, JournalBusy, TempFileError
 from dispatcher.loop.suppression import Admission, StoreError, SuppressionStore
@@ -154,18 +155,7 @@ class Run:
     # -- results --
 
     def _record(self, line: int, job_id: str | None, status: str, size: int, **fields: Any) -> None:
-        result = {
-            "id": job_id, "line": line, "status": status,
-            "attempts": fields.get("attempts", 0), "code": fields.get("code"),
-            "response": _text(fields.get("response")), "refused": fields.get("refused", {}),
-            "suppressed": fields.get("suppressed", []),
-            "error": _text(fields.get("error")), "elapsed_ms": fields.get("elapsed_ms", 0),
-            "message_id": fields.get("message_id"),  # what the message was sent with (None: not sent)
-        }
-        if fields.get("recipients") is not None:
-            result["recipients"] = fields["recipients"]  # a --retry-failed row speaks for these only
-        if fields.get("relay") is not None:
-            result["relay"] = fields["relay"]  # its name under relays: (no such field with smtp:)
+        result = result_row(job_id, line, status, **fields)
         try:
             self.journal.record(result)
         except OSError as exc:
@@ -566,7 +556,7 @@ class Run:
                                            prepared=outgoing.prepared)
         except DeliveryError as exc:
             self._record(number, job_id, "failed", size, attempts=exc.attempts, code=exc.code,
-                         response=exc.response, refused=_refusals(exc.refused), error=str(exc),
+                         response=exc.response, refused=exc.refused, error=str(exc),
                          elapsed_ms=_ms(started), recipients=retried, suppressed=suppressed,
                          message_id=exc.message_id,
                          relay=getattr(exc, "relay", None))  # set by SMTPRouter once DeliveryError carries it
@@ -580,7 +570,7 @@ class Run:
             self._invalid(number, job_id, JobError("", str(exc)), size)
         else:
             self._record(number, job_id, "sent", size, attempts=result.attempts, code=result.code,
-                         response=result.response, refused=_refusals(result.refused), suppressed=suppressed,
+                         response=result.response, refused=result.refused, suppressed=suppressed,
                          elapsed_ms=round(result.elapsed * 1000, 1), recipients=retried, relay=result.relay,
                          message_id=result.message_id)
             await self.admission.refused(job_id, result.refused, delivered=True)
@@ -705,22 +695,6 @@ def _check_results_file(results: Path, jobs: os.stat_result) -> None:
 
 def _message_bytes(outgoing: Outgoing) -> int:
     return len(outgoing.envelope.content) if outgoing.envelope is not None else len(outgoing.message)
-
-
-def _text(value: Any) -> Any:
-    """Text for the results file: a lone surrogate (a reply byte that was not UTF-8,
-    decoded with ``surrogateescape``) becomes U+FFFD, as docs/library.md promise 13 keeps replies."""
-    if not isinstance(value, str):
-        return value
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    return value
-
-
-def _refusals(refused: dict[str, tuple[int, str]]) -> dict[str, list[Any]]:
-    return {rcpt: [code, _text(text)] for rcpt, (code, text) in refused.items()}
 
 
 def _ms(started: float) -> float:

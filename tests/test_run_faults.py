@@ -183,10 +183,10 @@ async def test_a_bug_in_a_sender_stops_the_run_with_one_line_instead_of_hanging(
 ) -> None:
     import dispatcher.runner as runner_module
 
-    def broken(refused: Any) -> Any:
+    def broken(*args: Any, **fields: Any) -> Any:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(runner_module, "_refusals", broken)
+    monkeypatch.setattr(runner_module, "result_row", broken)
     jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(300)])
     settings = load_settings(write_config(tmp_path / "c.yaml", server, size=2, queue_size=5))
     run = Run(RunOptions(jobs=str(jobs), results=tmp_path / "r.jsonl", progress=False), settings)

@@ -30,7 +30,7 @@ from dispatcher.jobs import JobError, Line, parse_line, read_lines
 from dispatcher.journal import IdSet
 from dispatcher.stream.keys import Keys
 from dispatcher.stream.scripts import ENQUEUE
-from dispatcher.stream.store import ensure_group, result_row, retrying
+from dispatcher.stream.store import encoded_row, ensure_group, retrying
 from dispatcher.templates import TemplatedJob
 
 log = structlog.get_logger("dispatcher.enqueue")
@@ -151,7 +151,7 @@ class Enqueuer:
         self.counts.invalid_lines += 1
         message = f"line {line.number}: {exc}"
         log.warning("job.invalid", line=line.number, id=job_id, field=exc.field, error=str(exc))
-        row = result_row(job_id, line.number, "invalid", error=message)
+        row = encoded_row(job_id, line.number, "invalid", error=message)
         marked = job_id.encode() if kind == b"I" and job_id is not None else b""
         return (kind, key, marked, str(line.number).encode(), row)
 

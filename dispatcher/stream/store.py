@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from dispatcher.engine.outcome import result_row
 from dispatcher.journal import encode_result
 from dispatcher.stream.keys import Keys
 
@@ -167,21 +168,7 @@ async def retrying(
         return result
 
 
-def result_row(
-    job_id: str | None,
-    line: int,
-    status: str,
-    *,
-    attempts: int = 0,
-    code: int | None = None,
-    response: str | None = None,
-    refused: dict[str, list[Any]] | None = None,
-    error: str | None = None,
-    elapsed_ms: float = 0,
-    message_id: str | None = None,
-) -> bytes:
-    """One row of the results file (docs/run.md), as bytes, encoded as ``run`` does."""
-    row = {"id": job_id, "line": line, "status": status, "attempts": attempts, "code": code,
-           "response": response, "refused": refused or {}, "error": error, "elapsed_ms": elapsed_ms,
-           "message_id": message_id}
-    return encode_result(row).rstrip(b"\n")
+def encoded_row(job_id: str | None, line: int, status: str, **fields: Any) -> bytes:
+    """One row of results (``dispatcher.engine.outcome.result_row``), as bytes, encoded
+    as the results file is."""
+    return encode_result(result_row(job_id, line, status, **fields)).rstrip(b"\n")

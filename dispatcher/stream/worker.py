@@ -59,7 +59,7 @@ from dispatcher.sink import DEFAULT_MAILDIR
 from dispatcher.stream.keys import Keys
 from dispatcher.stream.ratelimit import RedisRateLimiter
 from dispatcher.stream.scripts import CONFIRM, FORGET, NAME, PRUNE, SETTLE, TAKE, TOUCH, UNNAME
-from dispatcher.stream.store import Stopped, describe, ensure_group, redact, result_row, retrying
+from dispatcher.stream.store import Stopped, describe, encoded_row, ensure_group, redact, retrying
 from dispatcher.templates import SETTINGS_FIELDS
 from pool import DeliveryError, PoolClosedError, PoolError, RelayError, Withdrawn
 
@@ -457,7 +457,7 @@ class Worker:
         except DeliveryError as exc:
             if exc.permanent:
                 self._finished(entry, "failed", attempts=exc.attempts, code=exc.code, response=exc.response,
-                               refused=_refusals(exc.refused), error=str(exc), elapsed_ms=_ms(started),
+                               refused=exc.refused, error=str(exc), elapsed_ms=_ms(started),
                                message_id=exc.message_id)
             else:
                 self.counts.deferred += 1
@@ -479,7 +479,7 @@ class Worker:
             self._finished(entry, "invalid", error=f"line {entry.line}: {exc}")
         else:
             self._finished(entry, "sent", attempts=result.attempts, code=result.code, response=result.response,
-                           refused=_refusals(result.refused), elapsed_ms=round(result.elapsed * 1000, 1),
+                           refused=result.refused, elapsed_ms=round(result.elapsed * 1000, 1),
                            message_id=result.message_id)
 
     async def _confirm(self, entry: Entry) -> bool:
@@ -526,7 +526,7 @@ class Worker:
         setattr(self.counts, status, getattr(self.counts, status) + 1)
         if status == "invalid":
             log.warning("job.invalid", id=entry.job_id, line=entry.line, error=fields.get("error"))
-        self._settle(b"F", entry, status.encode(), result_row(entry.job_id, entry.line, status, **fields))
+        self._settle(b"F", entry, status.encode(), encoded_row(entry.job_id, entry.line, status, **fields))
 
     def _settle(self, kind: bytes, entry: Entry, status: bytes = b"", payload: bytes = b"") -> None:
         if kind == b"R":
@@ -738,10 +738,6 @@ def _prepare(entries: list[Entry], composer: Composer) -> list[Outgoing | JobErr
         outcome = composer.compose(Line(entry.line, entry.job, len(entry.job)))
         out.append(outcome.outgoing if isinstance(outcome, Ready) else outcome.error)
     return out
-
-
-def _refusals(refused: dict[str, tuple[int, str]]) -> dict[str, list[Any]]:
-    return {rcpt: [code, text] for rcpt, (code, text) in refused.items()}
 
 
 def _ms(started: float) -> float:

@@ -1,0 +1,1 @@
+"""What ``run`` and ``worker`` share: how a job's outcome becomes a row of results."""

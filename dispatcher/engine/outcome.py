@@ -1,0 +1,54 @@
+"""One row of results, built one way for the results file (``run``) and the results
+stream (``worker``): ``{"id", "line", "status", "attempts", "code", "response",
+"refused", "suppressed", "error", "elapsed_ms", "message_id"}``, plus ``recipients``
+(a ``--retry-failed`` row speaks for these only) and ``relay`` (its name under
+``relays:``) when they apply."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def result_row(
+    job_id: str | None,
+    line: int,
+    status: str,
+    *,
+    attempts: int = 0,
+    code: int | None = None,
+    response: str | None = None,
+    refused: Mapping[str, tuple[int, str]] | None = None,
+    suppressed: Sequence[str] = (),
+    error: str | None = None,
+    elapsed_ms: float = 0,
+    message_id: str | None = None,
+    recipients: Sequence[str] | None = None,
+    relay: str | None = None,
+) -> dict[str, Any]:
+    """The row for one finished job. ``refused`` maps a recipient to the server's
+    (code, text); text that is not UTF-8 (a reply byte decoded with surrogateescape)
+    is kept with replacement characters, whatever the server sent."""
+    row: dict[str, Any] = {
+        "id": job_id, "line": line, "status": status, "attempts": attempts, "code": code,
+        "response": text(response),
+        "refused": {rcpt: [c, text(t)] for rcpt, (c, t) in (refused or {}).items()},
+        "suppressed": list(suppressed), "error": text(error), "elapsed_ms": elapsed_ms,
+        "message_id": message_id,  # what the message was sent with (None: not sent)
+    }
+    if recipients is not None:
+        row["recipients"] = list(recipients)
+    if relay is not None:
+        row["relay"] = relay
+    return row
+
+
+def text(value: Any) -> Any:
+    """Text for a results row: a lone surrogate becomes U+FFFD."""
+    if not isinstance(value, str):
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return value
