@@ -29,6 +29,7 @@ from rich.text import Text
 
 WINDOW = 10.0  # seconds of history behind the rates and the ETA
 MIN_BAR = 10  # cells: below this the bar goes, the numbers stay
+SPARE_CELLS = 3  # never drawn: room for the terminal's "^C" and its deferred wrap
 
 
 class Tally(Protocol):
@@ -122,9 +123,11 @@ class ProgressView:
         return [_fit(stats, width), _fit(counts, width)]
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        # One cell spare: a line that fills the last column wraps on terminals without
-        # deferred wrapping, and every redraw would then scroll.
-        yield from self.lines(max(1, options.max_width - 1))
+        # Cells spare at the end: a line that fills the last column wraps on terminals
+        # without deferred wrapping, and the terminal echoes a typed Ctrl-C as "^C" at
+        # the cursor, the end of the last line. Either would make the display one row
+        # taller than rich knows, and its redraw would leave a frozen copy behind.
+        yield from self.lines(max(1, options.max_width - SPARE_CELLS))
 
 
 class LiveDisplay:

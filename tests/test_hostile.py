@@ -429,3 +429,45 @@ async def test_the_last_log_lines_on_an_80_column_terminal_wrap_at_a_space(
     screen.feed(output)
     assert "run.summary" in output and "elapsed_s" in output
     assert not screen.wrapped, screen.wrapped  # every line wrapped by the program, at a space
+
+
+async def test_ctrl_c_on_the_terminal_leaves_no_frozen_copy_of_the_display(
+    server: FaultyServer, tmp_path: Path
+) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(300)])
+    config = write_config(tmp_path / "c.yaml", server)
+    server.gate = asyncio.Event()  # the run is under way when Ctrl-C comes
+    columns = 200  # one line: the bar fills the width
+    term = Pty(columns)
+    env = {**ENV, "COLUMNS": str(columns), "LINES": "24", "TERM": "xterm-256color"}
+    env.pop("NO_COLOR", None)
+
+    def controlling_terminal() -> None:  # Ctrl-C typed on it reaches the run, and is echoed as ^C
+        import fcntl
+        import termios
+
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *DISPATCHER, "run", str(jobs), "--config", str(config), cwd=tmp_path, env=env,
+            stdin=term.slave, stdout=term.slave, stderr=term.slave, start_new_session=True,
+            preexec_fn=controlling_terminal)
+        os.close(term.slave)
+        await term.until(lambda out: "msg/s" in out)
+        os.write(term.master, b"\x03")  # Ctrl-C
+        await term.until(lambda out: "run.stopping" in out)
+        server.gate.set()
+        async with asyncio.timeout(45):
+            code = await proc.wait()
+            await term.eof.wait()
+    finally:
+        server.gate.set()
+        term.close()
+    output = term.text()
+    assert code == 130, output
+    screen = Terminal(columns)
+    screen.feed(output)
+    lines = screen.lines()
+    assert "^C" in output
+    assert sum("━" in line for line in lines) == 1, "\n".join(lines)  # the last state, and no frozen copy
