@@ -445,10 +445,6 @@ class SMTPPool:
                         held, job = job, None
                         self._finish(held, stopped=self._stopped or PoolClosedError("the pool closed"))
                         continue
-                if job.admit is not None and not job.admit():
-                    withdrawn, job = job, None
-                    self._finish(withdrawn, stopped=Withdrawn("withdrawn by its submitter before it was sent"))
-                    continue
                 if inflight is not None and not slot.is_connected:
                     # The server closed the session behind the message on the wire: the
                     # next one gets a new session instead of spending an attempt on this one.
@@ -460,6 +456,13 @@ class SMTPPool:
                         job = None
                         await asyncio.sleep(wait)
                         continue
+                # Asked last, right before the first byte goes out: connecting (TLS, AUTH, a
+                # token fetch) and the rate limiter may have taken long enough for the
+                # submitter to lose its claim on the message (a paused Redis worker).
+                if job.admit is not None and not job.admit():
+                    withdrawn, job = job, None
+                    self._finish(withdrawn, stopped=Withdrawn("withdrawn by its submitter before it was sent"))
+                    continue
                 job.attempts += 1
                 slot.begin()
                 transaction = Transaction(slot, job.envelope, job.pending)

@@ -87,6 +87,17 @@ async def test_a_message_its_submitter_no_longer_admits_is_not_sent(server: Faul
     assert len(server.messages) == 1
 
 
+async def test_admit_is_asked_after_the_session_opens(server: FaultyServer, make_pool: Any) -> None:
+    """A slow connect (TLS, AUTH, a token fetch, a pause) lies between taking a message
+    and sending it: the lease that lapses meanwhile must still withdraw it. Here the lease
+    lapses the moment a session exists, so only a check made after connecting sees it."""
+    async with make_pool(size=1, pipelining=False) as pool:
+        with pytest.raises(Withdrawn):
+            await pool.submit(make_message(1), admit=lambda: server.connections_made == 0)
+    assert server.messages == []
+    assert server.connections_made == 1
+
+
 # 2. Never more than size open, reconnects included
 
 
