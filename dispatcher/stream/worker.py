@@ -59,7 +59,7 @@ from dispatcher.sink import DEFAULT_MAILDIR
 from dispatcher.stream.keys import Keys
 from dispatcher.stream.ratelimit import RedisRateLimiter
 from dispatcher.stream.scripts import CONFIRM, FORGET, NAME, PRUNE, SETTLE, TAKE, TOUCH, UNNAME
-from dispatcher.stream.store import Stopped, describe, encoded_row, ensure_group, redact, retrying
+from dispatcher.stream.store import Stopped, describe, encoded_row, ensure_group, out_of_memory, redact, retrying
 from dispatcher.templates import SETTINGS_FIELDS
 from pool import DeliveryError, PoolClosedError, PoolError, RelayError, Withdrawn
 
@@ -590,14 +590,11 @@ class Worker:
                 return
             except TimeoutError:
                 pass
-            ids = [entry_id for entry_id, entry in self.held.items() if not entry.settling]
+            # Every held entry, those sent and waiting to be recorded included: while
+            # Redis refuses the record (maxmemory) they must stay ours, or another worker
+            # claims them after claim_after and sends them a second time.
+            ids = list(self.held)
             try:
-                holder = await self._keep_name(self._finishing)
-                if holder:  # it expired while this worker could not renew it, and another took it
-                    self.refused = f"another worker took the name {self.consumer!r} ({holder})"
-                    log.error("worker.name_taken", consumer=self.consumer, holder=holder)
-                    self._stop()
-                    return
                 if ids:
                     args: list[Any] = [self.options.group, self.consumer, *ids]
                     sent = time.monotonic()
@@ -615,6 +612,14 @@ class Worker:
                     if lost_held:
                         log.warning("worker.entries_claimed_by_others", consumer=self.consumer,
                                     entries=len(lost_held))
+                # After the touch, and never waiting out maxmemory: renewing the name is a
+                # write Redis refuses then, and the touch must not wait behind it.
+                holder = await self._renew_name()
+                if holder:  # it expired while this worker could not renew it, and another took it
+                    self.refused = f"another worker took the name {self.consumer!r} ({holder})"
+                    log.error("worker.name_taken", consumer=self.consumer, holder=holder)
+                    self._stop()
+                    return
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + PRUNE_EVERY
                     await retrying(lambda: self._prune(keys=[self.keys.stream],
@@ -625,6 +630,20 @@ class Worker:
             except redis_errors.ResponseError as exc:
                 self._refuse(exc, "touch")
                 return
+
+    async def _renew_name(self) -> str:
+        """``_keep_name`` for the heartbeat: at maxmemory, keep the name we have (its
+        TTL is three heartbeats) and try again on the next one."""
+        try:
+            holder = await retrying(partial(self._name_script, keys=[self._name_key],
+                                            args=[self._name_token, self._name_ttl_ms]),
+                                    what="name", stop=self._finishing, wait_out_of_memory=False)
+        except redis_errors.ResponseError as exc:
+            if not out_of_memory(exc):
+                raise
+            log.warning("worker.name_not_renewed", consumer=self.consumer, error=str(exc)[:200])
+            return ""
+        return holder.decode("utf-8", "replace") if isinstance(holder, bytes) else str(holder or "")
 
     async def _keep_name(self, stop: asyncio.Event | None = None) -> str:
         """Take or keep this worker's name; '' when it is ours, else who holds it."""

@@ -1,0 +1,43 @@
+"""Redis at maxmemory while a worker records, for longer than claim_after, with a second
+worker live: the first keeps its sent entries, so the second never sends them again."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from smtpserver import FaultyServer
+from test_redis import WorkerProcess, delivered, enqueue, job, redis_server, results, workers, write_config, write_jobs  # noqa: F401
+
+
+async def test_an_outage_of_memory_longer_than_claim_after_sends_nothing_twice(
+    redis_server, tmp_path: Path, workers: list[WorkerProcess]  # noqa: F811
+) -> None:
+    n = 10
+    async with FaultyServer() as first, FaultyServer() as second:
+        first.gate = asyncio.Event()
+        url = redis_server.url
+        await enqueue(url, write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(n)]))
+        a = await WorkerProcess.start(workers, "--redis", url, "--config",
+                                      str(write_config(tmp_path / "a.yaml", first, redis={"claim_after": 1.0})),
+                                      "--name", "a", "--until-empty", cwd=tmp_path)
+        await first.wait_for(lambda: first.data_started >= 2, timeout=20)
+        b = await WorkerProcess.start(workers, "--redis", url, "--config",
+                                      str(write_config(tmp_path / "b.yaml", second, redis={"claim_after": 1.0})),
+                                      "--name", "b", "--until-empty", cwd=tmp_path)
+        await b.wait_event("worker.start")
+        client = aioredis.Redis.from_url(url)
+        try:
+            await client.config_set("maxmemory", 1)
+            first.gate.set()
+            await a.wait_event("redis.unavailable")
+            await first.wait_for(lambda: len(first.messages) == n, timeout=20)
+            await asyncio.sleep(4)  # the outage itself (a few claim_after), not a synchronisation
+            await client.config_set("maxmemory", 0)
+        finally:
+            await client.aclose()
+        await a.wait(timeout=30)
+        await b.wait(timeout=30)
+    one, two = delivered(first), delivered(second)
+    both = set(one) & set(two)
+    assert not both, f"sent twice (once by each worker): {sorted(both)}"
