@@ -15,10 +15,11 @@ from pydantic import ValidationError
 
 from dispatcher import __version__
 from dispatcher.config import ConfigError, Settings, describe_errors, load_settings, with_pool_overrides
+from dispatcher.exit import ExitCode
 from dispatcher.journal import default_results_path
 from dispatcher.logs import configure_logging, protect_stderr, standard_descriptors
 from dispatcher.loop import commands as loop_commands
-from dispatcher.runner import EXIT_OK, EXIT_SIGNAL, EXIT_USAGE, RunError, RunOptions
+from dispatcher.runner import RunError, RunOptions
 from dispatcher.stream import commands as stream_commands
 
 # argparse exits with 2 on a usage error, as docs/run.md says.
@@ -102,16 +103,16 @@ def _run(args: argparse.Namespace) -> int:
         settings = _settings(args)
     except ConfigError as exc:
         print(f"dispatcher: config error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except ValidationError as exc:  # the file was valid alone: a flag's value is wrong
         print(f"dispatcher: bad option: {_name_flags(describe_errors(exc))}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     if args.jobs == "-" and args.results is None:
         print("dispatcher: --results is required when JOBS is - (standard input)", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     if args.jobs != "-" and not Path(args.jobs).exists():
         print(f"dispatcher: {args.jobs}: no such jobs file", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     configure_logging(settings.logging.level, settings.logging.format)
     options = RunOptions(
         jobs=args.jobs,
@@ -126,12 +127,12 @@ def _run(args: argparse.Namespace) -> int:
         return _event_loop_runner()(Run(options, settings).execute())
     except RunError as exc:
         print(f"dispatcher: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except OSError as exc:
         print(f"dispatcher: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except KeyboardInterrupt:
-        return EXIT_SIGNAL
+        return ExitCode.SIGNAL
 
 
 def _sink(args: argparse.Namespace) -> int:
@@ -151,13 +152,13 @@ def _sink(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
             await stop.wait()
             print(f"dispatcher sink: stopped after {server.handler.received} messages", file=sys.stderr)
-        return EXIT_OK
+        return ExitCode.OK
 
     try:
         return _event_loop_runner()(serve())
     except OSError as exc:
         print(f"dispatcher sink: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -165,12 +166,12 @@ def _check_config(args: argparse.Namespace) -> int:
         settings = load_settings(args.file)
     except ConfigError as exc:
         print(f"{exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     try:
         campaign = _campaign_lines(settings)  # reads the DKIM key, compiles the unsubscribe templates
     except ValueError as exc:
         print(f"{args.file}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     if settings.relays:
         print(f"{args.file}: ok ({len(settings.relays)} relays)")
         for r in settings.relays:
@@ -181,7 +182,7 @@ def _check_config(args: argparse.Namespace) -> int:
         print(f"{args.file}: ok (relay {relay}, pool size {settings.pool.size})")
     for line in campaign:
         print(f"  {line}")
-    return _connect(settings) if args.connect else EXIT_OK
+    return _connect(settings) if args.connect else ExitCode.OK
 
 
 def _connect(settings: Settings) -> int:
@@ -199,7 +200,7 @@ async def _connect_relays(settings: Settings) -> int:
     checked = await check_relays(settings)
     if not checked:
         print("  connect: no relay configured; run delivers to the built-in capture server")
-        return EXIT_OK
+        return ExitCode.OK
     for relay in checked:
         for line in describe(relay):
             print(f"  {line}")
@@ -207,7 +208,7 @@ async def _connect_relays(settings: Settings) -> int:
     print("  nothing was sent" + ("" if not failed else f"; {len(failed)} of {len(checked)} relays refused"))
     for error in failed:
         print(f"dispatcher: {error}", file=sys.stderr)
-    return EXIT_USAGE if failed else EXIT_OK
+    return ExitCode.USAGE if failed else ExitCode.OK
 
 
 def _campaign_lines(settings: Settings) -> list[str]:

@@ -39,6 +39,7 @@ from dispatcher.compose_process import ComposeProcess, ComposeProcessError
 from dispatcher.compose_process import usable as compose_process_usable
 from dispatcher.config import Settings
 from dispatcher.engine.outcome import result_row
+from dispatcher.exit import ExitCode
 from dispatcher.jobs import JobError, Line, LineSplitter, Outgoing
 from dispatcher.journal import Claim, Journal, JournalBusy, TempFileError
 from dispatcher.loop.suppression import Admission, StoreError, SuppressionStore
@@ -56,10 +57,6 @@ from pool.envelope import for_recipients
 
 log = structlog.get_logger("dispatcher")
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_RELAY_DOWN, EXIT_SIGNAL = 0, 1, 2, 3, 130
-#: The run stopped on an error of its environment (results file unwritable, jobs
-#: unreadable) or a bug: like a usage error, fix the cause and run the same command.
-EXIT_ERROR = EXIT_USAGE
 STATUSES = ("sent", "failed", "invalid", "suppressed", "skipped")
 LOG_PROGRESS_EVERY = 10.0
 TTY_PROGRESS_EVERY = 0.25
@@ -274,11 +271,11 @@ class Run:
             try:
                 # A run that stopped on its configuration or the relay before its first
                 # result leaves no empty results file of its own behind.
-                self.journal.close(discard_unused=self._stop_code in (EXIT_USAGE, EXIT_RELAY_DOWN))
+                self.journal.close(discard_unused=self._stop_code in (ExitCode.USAGE, ExitCode.RELAY_DOWN))
             except OSError as exc:  # the last fsync: results of this run may not be on disk
                 self._error(f"cannot write the results file {self.options.results}: {exc.strerror or exc}")
                 if self._stop_code is None:
-                    self._stop_code = EXIT_ERROR
+                    self._stop_code = ExitCode.USAGE
             if sending is not None:
                 await sending.close()
             if self.settings.metrics.textfile is not None and self.pool is not None:  # the run started
@@ -300,7 +297,7 @@ class Run:
                  stopped_by_signal=self.signalled)
         if self._stop_code is not None:
             return self._stop_code
-        return EXIT_SOME_FAILED if counts["failed"] or counts["invalid"] or self.tally.unsent_before else EXIT_OK
+        return ExitCode.FAILED if counts["failed"] or counts["invalid"] or self.tally.unsent_before else ExitCode.OK
 
     async def _pump(self, pool: Sender) -> None:
         # One sender per message the pool can hold (its sessions and its queue).
@@ -352,16 +349,16 @@ class Run:
             else:
                 await self._read_lines(pool, group)
         except _ResultsUnwritable as exc:
-            self._halt(EXIT_ERROR, str(exc))
+            self._halt(ExitCode.USAGE, str(exc))
         except ComposeProcessError as exc:
-            self._halt(EXIT_ERROR, f"{exc}; run stopped")
+            self._halt(ExitCode.USAGE, f"{exc}; run stopped")
         except TempFileError as exc:
-            self._halt(EXIT_ERROR, f"{exc.strerror}; run stopped")
+            self._halt(ExitCode.USAGE, f"{exc.strerror}; run stopped")
         except OSError as exc:
-            self._halt(EXIT_ERROR, f"{self.options.jobs}: cannot read the jobs file: {exc.strerror or exc}")
+            self._halt(ExitCode.USAGE, f"{self.options.jobs}: cannot read the jobs file: {exc.strerror or exc}")
         except Exception as exc:  # a bug: stop the run, never hang
             log.exception("run.reader_failed")
-            self._halt(EXIT_ERROR, f"internal error while reading jobs: {type(exc).__name__}: {exc}")
+            self._halt(ExitCode.USAGE, f"internal error while reading jobs: {type(exc).__name__}: {exc}")
 
     async def _read_lines(self, pool: Sender, group: asyncio.TaskGroup) -> None:
         """Read, split and compose here (standard input, or one core)."""
@@ -491,7 +488,7 @@ class Run:
         if self._stop.is_set():
             return  # not recorded: the run stopped before this line, the next run judges it
         if exc.field in SETTINGS_FIELDS:  # every job would fail alike: stop, record nothing more
-            self._halt(EXIT_USAGE, f"{exc}; the run stopped at line {number} (nothing recorded from it on): fix "
+            self._halt(ExitCode.USAGE, f"{exc}; the run stopped at line {number} (nothing recorded from it on): fix "
                                    "the configuration and run the same command")
             return
         message = f"line {number}: {exc}"
@@ -502,10 +499,10 @@ class Run:
         try:
             await self._deliver(pool, item)
         except _ResultsUnwritable as exc:
-            self._halt(EXIT_ERROR, str(exc))
+            self._halt(ExitCode.USAGE, str(exc))
         except Exception as exc:  # a bug: stop the run, never hang
             log.exception("run.sender_failed", line=item.line, id=item.job_id)
-            self._halt(EXIT_ERROR, f"internal error on line {item.line}: {type(exc).__name__}: {exc}")
+            self._halt(ExitCode.USAGE, f"internal error on line {item.line}: {type(exc).__name__}: {exc}")
         finally:
             self._bytes.release(item.held)
             self._room.release()
@@ -563,7 +560,7 @@ class Run:
             await self.admission.refused(job_id, exc.refused)
         except RelayError as exc:
             # Not the message's fault: not recorded, so the next run sends it.
-            self._halt(EXIT_RELAY_DOWN if exc.transient else EXIT_USAGE, str(exc))
+            self._halt(ExitCode.RELAY_DOWN if exc.transient else ExitCode.USAGE, str(exc))
         except PoolClosedError:
             pass  # never sent (or not known to be): not recorded, so a re-run sends it
         except ValueError as exc:
@@ -607,7 +604,7 @@ class Run:
                 return
             self.signalled = True
             log.warning("run.stopping", signal=name)
-            self._halt(EXIT_SIGNAL, f"{name}: stopping; the messages on the wire finish, the rest are not sent "
+            self._halt(ExitCode.SIGNAL, f"{name}: stopping; the messages on the wire finish, the rest are not sent "
                                     "(the next run sends them). A second signal stops at once.")
 
         with signal_handlers(stop):

@@ -26,7 +26,8 @@ from test_run_faults import ENV, finish, spawn
 import dispatcher.compose_process as compose_module
 import dispatcher.journal as journal_module
 from dispatcher.config import load_settings
-from dispatcher.runner import EXIT_ERROR, Run, RunOptions
+from dispatcher.exit import ExitCode
+from dispatcher.runner import Run, RunOptions
 from pool import SMTPPool
 
 pytestmark = pytest.mark.timeout(60)
@@ -167,7 +168,7 @@ async def test_a_tmpdir_that_cannot_be_written_is_named_not_the_jobs_file(
               settings)
     async with asyncio.timeout(20):
         code = await run.execute()
-    assert code == EXIT_ERROR
+    assert code == ExitCode.USAGE
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dispatcher:")]
     assert said == [f"dispatcher: cannot write the job ids' temporary file in {tmp_path / 'gone'}: No such file "
                     "or directory (it needs about 21 bytes per job id; TMPDIR names the directory); run stopped"]

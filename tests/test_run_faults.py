@@ -31,8 +31,9 @@ from test_dispatcher import (
 
 import dispatcher.journal as journal_module
 from dispatcher.config import load_settings
+from dispatcher.exit import ExitCode
 from dispatcher.journal import Claim, Journal
-from dispatcher.runner import EXIT_ERROR, Run, RunOptions
+from dispatcher.runner import Run, RunOptions
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -125,7 +126,7 @@ async def test_results_file_that_cannot_be_written_stops_the_run_at_once(
         *DISPATCHER, "run", str(jobs), "--config", str(config), cwd=tmp_path, env=ENV,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, preexec_fn=_limit_file_size(4096))
     code, err = await finish(proc)
-    assert code == EXIT_ERROR, err
+    assert code == ExitCode.USAGE, err
     message = [line for line in err.splitlines() if line.startswith("dispatcher:")]
     assert "cannot write the results file" in message[0] and "File too large" in message[0]
     assert "Traceback" not in err
@@ -192,7 +193,7 @@ async def test_a_bug_in_a_sender_stops_the_run_with_one_line_instead_of_hanging(
     run = Run(RunOptions(jobs=str(jobs), results=tmp_path / "r.jsonl", progress=False), settings)
     async with asyncio.timeout(20):
         code = await run.execute()
-    assert code == EXIT_ERROR
+    assert code == ExitCode.USAGE
     err = capsys.readouterr().err
     assert "dispatcher: internal error on line 1: RuntimeError: boom" in err
     assert len(server.messages) < 300

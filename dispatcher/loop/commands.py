@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import IO
 
 from dispatcher.config import ConfigError, Settings, load_settings
+from dispatcher.exit import ExitCode
 from dispatcher.loop.suppression import Reason, Record, StoreError, SuppressionStore, now
-
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_SIGNAL = 0, 1, 2, 130
 
 # What a list entry must look like: one mailbox, local@domain, no space or brackets.
 _ADDRESS = re.compile(r"[^\s<>()\[\],;:\"@]+(?:\.[^\s<>()\[\],;:\"@]+)*@[^\s<>()\[\],;:\"@]+")
@@ -79,12 +78,12 @@ def suppress(args: argparse.Namespace) -> int:
             store.close()
     except (ConfigError, StoreError, ValueError) as exc:
         print(f"dispatcher suppress: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except OSError as exc:
         print(f"dispatcher suppress: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except BrokenPipeError:  # list | head
-        return EXIT_OK
+        return ExitCode.OK
 
 
 def _checked(address: str, where: str) -> str:
@@ -99,13 +98,13 @@ def _add(store: SuppressionStore, args: argparse.Namespace) -> int:
                for a in args.addresses]
     added = store.add(records)
     print(f"suppressed {len(added)} address(es); {len(records) - len(added)} already on the list", file=sys.stderr)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _remove(store: SuppressionStore, args: argparse.Namespace) -> int:
     removed = store.remove(args.addresses)
     print(f"removed {removed} address(es); {len(args.addresses) - removed} were not on the list", file=sys.stderr)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _list(store: SuppressionStore, args: argparse.Namespace) -> int:
@@ -113,7 +112,7 @@ def _list(store: SuppressionStore, args: argparse.Namespace) -> int:
     for record in store.records(Reason(args.reason) if args.reason else None):
         out.write(json.dumps(record.as_dict(), ensure_ascii=False) + "\n")
     out.flush()
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _export(store: SuppressionStore, args: argparse.Namespace) -> int:
@@ -125,7 +124,7 @@ def _export(store: SuppressionStore, args: argparse.Namespace) -> int:
     for record in records:
         writer.writerow([record.address, record.reason.value, record.at])
     sys.stdout.flush()
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _import(store: SuppressionStore, args: argparse.Namespace) -> int:
@@ -135,7 +134,7 @@ def _import(store: SuppressionStore, args: argparse.Namespace) -> int:
         records = list(_rows(text, name, Reason(args.reason)))
     added = store.add(records)
     print(f"imported {len(added)} address(es); {len(records) - len(added)} already on the list", file=sys.stderr)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _open_text(path: str) -> IO[str]:
@@ -218,12 +217,12 @@ def unsubscribe_server(args: argparse.Namespace) -> int:
         settings = load_settings(args.config) if args.config else Settings()
     except ConfigError as exc:
         print(f"dispatcher unsubscribe-server: config error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     secret = settings.unsubscribe.secret
     if secret is None:
         print("dispatcher unsubscribe-server: unsubscribe.secret is not set (the key that signs {{ token }} in "
               "unsubscribe.url); set it in --config", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     configure_logging(settings.logging.level, settings.logging.format)
     host = args.host or settings.unsubscribe.server.host
     port = args.port if args.port is not None else settings.unsubscribe.server.port
@@ -231,7 +230,7 @@ def unsubscribe_server(args: argparse.Namespace) -> int:
         sock = listen(host, port)
     except OSError as exc:
         print(f"dispatcher unsubscribe-server: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     store = SuppressionStore(settings.suppression.path)
     app = UnsubscribeApp(store, secret.get_secret_value())
     bound = sock.getsockname()[1]
@@ -242,10 +241,10 @@ def unsubscribe_server(args: argparse.Namespace) -> int:
 
         uvloop.run(serve(app, sock))
     except KeyboardInterrupt:
-        return EXIT_SIGNAL
+        return ExitCode.SIGNAL
     finally:
         store.close()
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def bounces(args: argparse.Namespace) -> int:
@@ -262,7 +261,7 @@ def bounces(args: argparse.Namespace) -> int:
         settings = load_settings(args.config) if args.config else Settings()
     except ConfigError as exc:
         print(f"dispatcher bounces: config error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     return_path = ReturnPath(settings.jobs.return_path) if settings.jobs.return_path else None
     password = settings.bounces.imap_password
     registry = CollectorRegistry()
@@ -271,7 +270,7 @@ def bounces(args: argparse.Namespace) -> int:
     for kind in Kind:
         counted.labels(kind.value)
     store = SuppressionStore(settings.suppression.path)
-    status = EXIT_OK
+    status = ExitCode.OK
     totals: dict[str, int] = {}
     try:
         for spec in args.sources:
@@ -280,7 +279,7 @@ def bounces(args: argparse.Namespace) -> int:
                                      timeout=settings.bounces.imap_timeout, ca_file=settings.bounces.ca_file)
             except SourceError as exc:
                 print(f"dispatcher bounces: {exc}", file=sys.stderr)
-                status = EXIT_USAGE
+                status = ExitCode.USAGE
                 continue
             try:
                 processed = []
@@ -302,12 +301,12 @@ def bounces(args: argparse.Namespace) -> int:
                     source.mark_seen(processed)
             except (SourceError, OSError) as exc:
                 print(f"dispatcher bounces: {source.name}: {exc}", file=sys.stderr)
-                status = EXIT_USAGE
+                status = ExitCode.USAGE
             finally:
                 source.close()
     except StoreError as exc:
         print(f"dispatcher bounces: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     finally:
         store.close()
     summary = ", ".join(f"{n} {kind}" for kind, n in sorted(totals.items())) or "no reports"
