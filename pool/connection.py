@@ -217,30 +217,30 @@ class Connection:
                 transport.set_protocol(self.pipe)
         self.state = ConnState.IDLE
 
-    def begin(self) -> None:
-        """A transaction starts on this session."""
+    def begin(self, now: float) -> None:
+        """A transaction starts on this session (at ``now``, ``time.monotonic()``)."""
         self.state = ConnState.BUSY
         self.transactions += 1
         self.on_the_wire += 1
-        self.last_used = time.monotonic()
+        self.last_used = now
 
-    def end(self) -> None:
-        """A transaction is done; with none left on the wire the session is free."""
-        self.on_the_wire = max(0, self.on_the_wire - 1)
-        if self.state is ConnState.BUSY and not self.on_the_wire:
+    def end(self, now: float) -> None:
+        """A transaction is done (at ``now``); with none left on the wire the session is free."""
+        self.last_used = now
+        if self.on_the_wire > 0:
+            self.on_the_wire -= 1
+        if not self.on_the_wire and self.state is ConnState.BUSY:
             self.state = ConnState.IDLE
 
     async def await_replies(self, pipe: PipelineProtocol, future: asyncio.Future[list[Reply]]) -> list[Reply]:
         """Wait for ``future``'s replies, flushing what is queued if they are not in yet
         (already-arrived replies leave the next content queued, to share a write with
-        the next envelope). The protocol's own timer ends a silent session."""
-        try:
-            if future.done():
-                return future.result()
-            await pipe.flush()
-            return await future
-        finally:
-            self.last_used = time.monotonic()
+        the next envelope). The protocol's own timer ends a silent session; ``begin``
+        and ``end`` mark the session used."""
+        if future.done():
+            return future.result()
+        await pipe.flush()
+        return await future
 
     async def quit(self) -> None:
         """End the session politely; never raises for a session already gone."""

@@ -86,18 +86,27 @@ class PipelineProtocol(asyncio.Protocol):
             return
         self._progress = self._loop.time()
         # One C-level split per read, then a few operations per line: a pipelined
-        # group's replies usually arrive together in one read.
+        # group's replies usually arrive together in one read. The usual line (a
+        # one-line reply) is handled here without a call; the rest by _reply_line.
+        groups = self._groups
         for line in data[: complete - 1].split(b"\n"):
-            if not self._reply_line(line.rstrip(b"\r")):
+            if line[3:4] == b" " and not self._lines and groups and line[:3].isdigit():
+                group = groups[0]
+                replies = group.replies
+                replies.append((int(line[:3]), line[4:].decode("utf-8", "replace").strip()))
+                if len(replies) == group.count:
+                    groups.popleft()
+                    if not group.future.done():
+                        group.future.set_result(replies)
+            elif not self._reply_line(line.rstrip(b"\r")):
                 self._buffer.clear()
                 return
 
     def _reply_line(self, line: bytes) -> bool:
-        try:
-            code = int(line[:3])
-        except ValueError:
+        if not line[:3].isdigit():
             self._fail(ConnectionFailed(f"malformed reply line: {line[:80]!r}"))
             return False
+        code = int(line[:3])
         text = line[4:].decode("utf-8", "replace").strip()  # docs/library.md promise 13: never a surrogate
         if line[3:4] == b"-":
             self._lines.append(text)
@@ -182,7 +191,11 @@ class PipelineProtocol(asyncio.Protocol):
         if self._outgoing and self.transport is not None:
             outgoing = self._outgoing
             self._outgoing = []
-            self.transport.write(outgoing[0] if len(outgoing) == 1 else b"".join(outgoing))
+            if len(outgoing) == 1:
+                self.transport.write(outgoing[0])
+            else:
+                # uvloop writes a list with one writev (no copy into one buffer first).
+                self.transport.writelines(outgoing)
             if self._timer is None:
                 self._timer = self._loop.call_at(self._progress + self.timeout, self._check_timeout)
         if self._paused and self.transport is not None:

@@ -227,7 +227,8 @@ class SMTPPool:
     # -- lifecycle --
 
     async def __aenter__(self) -> SMTPPool:
-        self._start()
+        if not self._closing:
+            self._start()
         return self
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -254,9 +255,11 @@ class SMTPPool:
         """Set while the relay is down or refuses the session (docs/library.md promise 10)."""
         return self._relay_error
 
-    def _start(self) -> None:
-        if self._supervisor is None and not self._closing:
+    def _start(self) -> asyncio.Task[None]:
+        """The supervisor task, started on first use. Call only while open."""
+        if self._supervisor is None:
             self._supervisor = asyncio.create_task(self._supervise(), name="smtp-pool")
+        return self._supervisor
 
     async def _supervise(self) -> None:
         """Own every task of the pool: workers, backoff timers. Ends when told to."""
@@ -371,12 +374,17 @@ class SMTPPool:
             self._bytes.release(size)
 
     async def _submit(self, envelope: Envelope, admit: Callable[[], bool] | None) -> SendResult:
-        loop = asyncio.get_running_loop()
-        job = _Job(envelope, loop.create_future(), time.monotonic(), envelope.recipients, admit=admit)
+        # The supervisor's loop is the running one; asking it costs no getpid() syscall.
+        job = _Job(envelope, self._start().get_loop().create_future(), time.monotonic(), envelope.recipients,
+                   admit=admit)
         self._unfinished += 1
-        self._drained.clear()
+        if self._unfinished == 1:
+            self._drained.clear()
         try:
-            await self._queue.put(job)
+            if self._queue.full():
+                await self._queue.put(job)
+            else:
+                self._queue.put_nowait(job)
         except BaseException:
             self._job_done()  # cancelled while the queue was full: never queued, never sent
             raise
@@ -424,7 +432,7 @@ class SMTPPool:
         inflight: tuple[_Job, Transaction, float] | None = None
         try:
             while True:
-                if inflight is not None and (self.queue_depth() == 0 or self._must_recycle(slot)):
+                if inflight is not None and ((self._queue.empty() and not self._retry) or self._must_recycle(slot)):
                     await self._complete(inflight, slot, bound)
                     inflight = None
                 job = self._take() if inflight is not None else await self._next_job(slot, bound)
@@ -432,7 +440,7 @@ class SMTPPool:
                     self._job_done()
                     job = None
                     continue
-                if self.rate.current != float("inf") or self._shared_limiter is not None:
+                if self.rate.current != _UNLIMITED or self._shared_limiter is not None:
                     if inflight is not None:
                         await self._complete(inflight, slot, bound)
                         inflight = None
@@ -464,13 +472,14 @@ class SMTPPool:
                     self._finish(withdrawn, stopped=Withdrawn("withdrawn by its submitter before it was sent"))
                     continue
                 job.attempts += 1
-                slot.begin()
-                transaction = Transaction(slot, job.envelope, job.pending)
                 started = time.monotonic()
+                slot.begin(started)
+                transaction = Transaction(slot, job.envelope, job.pending)
                 await transaction.start()
                 if inflight is not None:
-                    await self._complete(inflight, slot, bound)
-                    inflight = None
+                    outcome = await inflight[1].finish()  # cancelled here: inflight is still stranded
+                    done, inflight = inflight, None
+                    self._route(done[0], outcome, slot, done[2], bound)
                 if transaction.open:
                     inflight = (job, transaction, started)
                 else:
@@ -661,9 +670,10 @@ class SMTPPool:
 
     def _route(self, job: _Job, outcome: Outcome, slot: Connection, started: float, bound: EventLogger) -> None:
         """Fold one attempt's outcome into the job: finished, or retried after a backoff."""
-        slot.end()  # this transaction is off the wire
+        now = time.monotonic()
+        slot.end(now)  # this transaction is off the wire
         metrics = self.metrics
-        metrics.observe_transaction(time.monotonic() - started)
+        metrics.observe_transaction(now - started)
         if outcome.delivered is not None:
             metrics.reply(outcome.delivered[0])
             job.accepted.extend(outcome.accepted)
@@ -747,8 +757,9 @@ class SMTPPool:
             elapsed = time.monotonic() - job.submitted
             if job.accepted:
                 code, response = job.delivered or (250, "")
+                # The job ends here: its list and dict go to the caller, not copies.
                 job.future.set_result(SendResult(
-                    message_id=job.envelope.message_id, accepted=list(job.accepted), refused=dict(job.refused),
+                    message_id=job.envelope.message_id, accepted=job.accepted, refused=job.refused,
                     code=code, response=response, attempts=job.attempts, elapsed=elapsed,
                 ))
                 self.metrics.sent += 1
@@ -777,6 +788,9 @@ class SMTPPool:
         self._unfinished -= 1
         if self._unfinished == 0:
             self._drained.set()
+
+
+_UNLIMITED = float("inf")
 
 
 def _fresh(error: PoolError) -> PoolError:

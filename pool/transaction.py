@@ -140,6 +140,16 @@ def _address(address: str, smtputf8: bool) -> bytes:
     return b"<" + address.encode("utf-8") + b">"
 
 
+def envelope_commands(envelope: Envelope, recipients: tuple[str, ...], smtputf8: bool,
+                      params: list[bytes]) -> list[bytes]:
+    """``MAIL FROM`` with ``params`` (from ``mail_parameters``) and one ``RCPT TO`` per
+    recipient, each a CRLF-ended command line, for the pipelined and the command path
+    alike."""
+    mail = b" ".join([b"MAIL FROM:" + _address(envelope.sender, smtputf8), *params]) if params else (
+        b"MAIL FROM:" + _address(envelope.sender, smtputf8))
+    return [mail + b"\r\n", *[b"RCPT TO:" + _address(address, smtputf8) + b"\r\n" for address in recipients]]
+
+
 def _checked(code: int, text: str) -> Reply:
     if code == SERVICE_CLOSING:
         # 421 (RFC 5321 section 3.8): the server is closing the channel. A 421 to the
@@ -160,7 +170,8 @@ def _data_refused(start: Reply) -> Reply:
 class Transaction:
     """One attempt to send ``envelope`` to ``recipients`` on one connection."""
 
-    __slots__ = ("_connection", "_envelope", "_mail", "_pending", "_pipe", "_rcpt", "_recipients", "outcome")
+    __slots__ = ("_clean", "_connection", "_envelope", "_mail", "_params", "_pending", "_pipe", "_rcpt",
+                 "_recipients", "outcome")
 
     def __init__(self, connection: Connection, envelope: Envelope, recipients: tuple[str, ...]) -> None:
         self._connection = connection
@@ -168,8 +179,10 @@ class Transaction:
         self._recipients = recipients
         self._pipe: PipelineProtocol | None = None
         self._pending: asyncio.Future[list[Reply]] | None = None  # the end-of-DATA reply, pipelined
+        self._clean = False  # pipelined: MAIL and every RCPT accepted, DATA answered 354
         self._mail: Reply = (0, "")
         self._rcpt: list[Reply] = []
+        self._params: list[bytes] = []  # MAIL FROM parameters on this session
         self.outcome: Outcome | None = None
 
     @property
@@ -183,21 +196,21 @@ class Transaction:
         the session."""
         conn, envelope, recipients = self._connection, self._envelope, self._recipients
         try:
-            smtputf8 = conn.smtputf8
-            params = mail_parameters(envelope, recipients, smtputf8=smtputf8, eightbitmime=conn.eightbitmime)
+            params = mail_parameters(envelope, recipients, smtputf8=conn.smtputf8, eightbitmime=conn.eightbitmime)
             if isinstance(params, tuple):
                 # Nothing is sent: the session stays as it is, the message fails for good.
                 self.outcome = Outcome(refused=dict.fromkeys(recipients, params), reply=params)
                 return
+            self._params = params
             pipe = conn.pipe
             if pipe is not None:
                 self._pipe = pipe
-                await self._start_pipelined(pipe, smtputf8, params)
+                await self._start_pipelined(pipe)
             else:
                 client = conn.client
                 if client is None:
                     raise ConnectionFailed("not connected")
-                self.outcome = await self._command_by_command(client, smtputf8, params)
+                self.outcome = await self._command_by_command(client)
         except ConnectionFailed as exc:
             conn.close()
             self.outcome = self._lost(exc)
@@ -211,12 +224,16 @@ class Transaction:
 
     async def finish(self) -> Outcome:
         """Read the end-of-DATA reply if it is still due; return the outcome."""
-        pending, self._pending = self._pending, None
+        pending = self._pending
         if pending is not None:
+            self._pending = None
             assert self._pipe is not None
             try:
-                replies = await self._connection.await_replies(self._pipe, pending)
-                data = _checked(*replies[0])
+                replies = pending.result() if pending.done() else await self._connection.await_replies(
+                    self._pipe, pending)
+                code, text = replies[0]
+                if code == SERVICE_CLOSING:
+                    _checked(code, text)  # raises: a 421 is an answer, not an ambiguity
             except ConnectionFailed as exc:
                 # The end of DATA went out and its reply never came (a 421 is an answer).
                 exc.ambiguous = exc.code is None
@@ -226,7 +243,10 @@ class Transaction:
                 self._connection.close()
                 raise
             else:
-                self.outcome = _outcome(self._recipients, self._mail, self._rcpt, data)
+                if self._clean and 200 <= code < 300:
+                    self.outcome = Outcome(accepted=list(self._recipients), delivered=(code, text))
+                else:
+                    self.outcome = _outcome(self._recipients, self._mail, self._rcpt, (code, text))
         assert self.outcome is not None
         return self.outcome
 
@@ -242,15 +262,25 @@ class Transaction:
 
     # -- pipelined (RFC 2920) --
 
-    async def _start_pipelined(self, pipe: PipelineProtocol, smtputf8: bool, params: list[bytes]) -> None:
+    async def _start_pipelined(self, pipe: PipelineProtocol) -> None:
         envelope, recipients, conn = self._envelope, self._recipients, self._connection
-        commands = [b" ".join([b"MAIL FROM:" + _address(envelope.sender, smtputf8), *params]) + b"\r\n"]
-        for address in recipients:
-            commands.append(b"RCPT TO:" + _address(address, smtputf8) + b"\r\n")
+        commands = envelope_commands(envelope, recipients, conn.smtputf8, self._params)
         commands.append(b"DATA\r\n")
-        replies = [_checked(*r) for r in await conn.await_replies(pipe, pipe.send(b"".join(commands), len(commands)))]
+        # The pipe's replies are valid Unicode already (decoded with replacement).
+        replies = await conn.await_replies(pipe, pipe.send(b"".join(commands), len(commands)))
+        clean = True
+        for code, text in replies:
+            if code >= 400:
+                if code == SERVICE_CLOSING:
+                    _checked(code, text)  # raises
+                clean = False
         mail, rcpt, start = replies[0], replies[1:-1], replies[-1]
         self._mail, self._rcpt = mail, rcpt
+        if clean and start[0] == START_DATA:
+            self._clean = True
+            # Not flushed here: the next transaction's envelope, or finish(), sends it.
+            self._pending = pipe.send(envelope.content, 1)
+            return
         willing = is_positive(mail[0]) and any(is_positive(code) for code, _ in rcpt)
         if start[0] != START_DATA:
             await self._reset_pipelined(pipe)
@@ -262,7 +292,6 @@ class Transaction:
             _checked(*(await conn.await_replies(pipe, pipe.send(END_OF_DATA, 1)))[0])
             self.outcome = _outcome(recipients, mail, rcpt, None)
             return
-        # Not flushed here: the next transaction's envelope, or finish(), sends it.
         self._pending = pipe.send(envelope.content, 1)
 
     async def _reset_pipelined(self, pipe: PipelineProtocol) -> None:
@@ -272,17 +301,19 @@ class Transaction:
 
     # -- command by command (aiosmtplib) --
 
-    async def _command_by_command(self, client: aiosmtplib.SMTP, smtputf8: bool, params: list[bytes]) -> Outcome:
+    async def _command_by_command(self, client: aiosmtplib.SMTP) -> Outcome:
         envelope, recipients = self._envelope, self._recipients
-        response = await client.execute_command(b"MAIL", b"FROM:" + _address(envelope.sender, smtputf8), *params)
+        mail_line, *rcpt_lines = envelope_commands(envelope, recipients, self._connection.smtputf8, self._params)
+        # execute_command joins its arguments and adds CRLF: each line goes as one.
+        response = await client.execute_command(mail_line[:-2])
         mail = _checked(response.code, response.message)
         if not is_positive(mail[0]):
             await self._reset(client)
             return _outcome(recipients, mail, [], None)
         rcpt: list[Reply] = []
         self._rcpt = rcpt  # filled as replies come: kept if the session is lost midway
-        for address in recipients:
-            response = await client.execute_command(b"RCPT", b"TO:" + _address(address, smtputf8))
+        for line in rcpt_lines:
+            response = await client.execute_command(line[:-2])
             rcpt.append(_checked(response.code, response.message))
         if not any(is_positive(code) for code, _ in rcpt):
             await self._reset(client)
