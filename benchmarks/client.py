@@ -51,6 +51,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         from pool import SMTPPool
 
         options: dict[str, Any] = {"size": args.size, "max_attempts": 1}
+        if args.tls_ca:
+            options.update(use_tls=True, ca_file=args.tls_ca)
         if args.pipelining != "default":
             options["pipelining"] = None if args.pipelining == "on" else False
         async with SMTPPool(host, port, **options) as pool:
@@ -59,7 +61,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     elif args.impl == "minimal":
         from benchmarks.minimal_pool import MinimalPool
 
-        async with MinimalPool(host, port, args.size) as minimal:
+        async with MinimalPool(host, port, args.size, tls_ca=args.tls_ca) as minimal:
             sent, failed, error = await _drive(lambda: minimal.submit(raw, SENDER, to), args.count, args.concurrency)
     elif args.impl == "naive":
         import aiosmtplib
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--message-size", type=int, default=2048)
     parser.add_argument("--recipients", type=int, default=1)
     parser.add_argument("--attachment", type=int, default=0, help="attachment bytes")
+    parser.add_argument("--tls-ca", help="implicit TLS (SMTPS), trusting this CA file (pool, minimal)")
     args = parser.parse_args(argv)
     import structlog
 

@@ -14,13 +14,14 @@ import aiosmtplib
 
 
 class MinimalPool:
-    def __init__(self, hostname: str, port: int, size: int) -> None:
-        self.hostname, self.port, self.size = hostname, port, size
+    def __init__(self, hostname: str, port: int, size: int, tls_ca: str | None = None) -> None:
+        self.hostname, self.port, self.size, self.tls_ca = hostname, port, size, tls_ca
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1000)
         self._workers: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> MinimalPool:
-        clients = [aiosmtplib.SMTP(hostname=self.hostname, port=self.port, start_tls=False) for _ in range(self.size)]
+        tls = {"use_tls": True, "cert_bundle": self.tls_ca} if self.tls_ca else {"start_tls": False}
+        clients = [aiosmtplib.SMTP(hostname=self.hostname, port=self.port, **tls) for _ in range(self.size)]
         await asyncio.gather(*(client.connect() for client in clients))
         self._workers = [asyncio.create_task(self._worker(client)) for client in clients]
         return self

@@ -707,7 +707,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sink", choices=["auto", "smtp-sink", "aiosmtpd"], default="auto")
     parser.add_argument("--install-sink", action="store_true",
                         help="apt-get install postfix (root) when smtp-sink is missing; the daemon is never started")
-    parser.add_argument("--only", help="comma-separated sections: loopback,shapes,proxy,e2e,memory,redis")
+    parser.add_argument("--only", help="comma-separated sections: loopback,shapes,proxy,e2e,memory,redis,tls")
     parser.add_argument("--e2e-jobs", type=int, help="jobs per dispatcher run row (default 50000: start-up is "
                                                      "~0.35 s, a tenth of a 5,000-job run)")
     parser.add_argument("--memory-jobs", help="two job counts for the RSS rows (default 100000,1000000)")
@@ -731,11 +731,26 @@ def redis_rows(cfg: Settings) -> str:
     return "\n## Redis workers (`python -m benchmarks.redis_workers`)\n\n" + done.stdout
 
 
+def tls_rows(cfg: Settings) -> str:
+    """SMTPPool, the minimal pool and Nodemailer over implicit TLS (stunnel in front of
+    the sink), 4 and 16 connections, in their own processes (issue 20's TLS target:
+    SMTPPool >= 2x the minimal pool and >= 4x Nodemailer at 4 connections)."""
+    if shutil.which("stunnel4") is None and shutil.which("stunnel") is None:
+        return "\n## Over TLS\n\nNot run: stunnel is not installed (apt-get install stunnel4).\n"
+    count = 1_000 if cfg.quick else 6_000
+    log(f"tls: SMTPPool, minimal pool, Nodemailer behind stunnel, {count} messages x {cfg.runs} rounds")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.tls", "--count", str(count), "--rounds", str(cfg.runs)],
+                          capture_output=True, text=True, check=False, cwd=ROOT, env=_env())
+    if done.returncode != 0:
+        return f"\n## Over TLS\n\nFailed: {done.stderr.strip().splitlines()[-1:] or done.returncode}\n"
+    return "\n## Over TLS (`python -m benchmarks.tls`)\n\n" + done.stdout
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     quick = args.quick
-    sections = {"loopback", "shapes", "proxy", "e2e", "memory", "redis"}
+    sections = {"loopback", "shapes", "proxy", "e2e", "memory", "redis", "tls"}
     if args.only:
         sections = {s.strip() for s in args.only.split(",")} & sections
     memory_jobs = (2000, 20000) if quick else (100_000, 1_000_000)
@@ -812,6 +827,8 @@ def main(argv: list[str] | None = None) -> int:
     text = report(cases, memory, info, cfg)
     if "redis" in sections:
         text += redis_rows(cfg)
+    if "tls" in sections:
+        text += tls_rows(cfg)
     print(text)
     if not args.no_write:
         args.output.write_text(text)
