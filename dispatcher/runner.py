@@ -51,7 +51,7 @@ from dispatcher.sender import Sending, build_sender
 from dispatcher.signals import signal_handlers
 from dispatcher.sink import DEFAULT_MAILDIR
 from dispatcher.templates import SETTINGS_FIELDS, TemplatesSettings
-from pool import DeliveryError, PoolClosedError, RelayError
+from pool import DeliveryError, PoolClosedError, RelayError, SMTPPool
 from pool.budget import ByteBudget
 from pool.envelope import for_recipients
 
@@ -344,12 +344,18 @@ class Run:
 
     async def _read(self, pool: Sender, group: asyncio.TaskGroup) -> None:
         try:
+            if isinstance(pool, SMTPPool):
+                # A session first: a wrong password, an untrusted certificate or a relay
+                # that is down ends the run before any line is read or recorded.
+                await pool.connect()
             if self._composing is not None:
                 await self._read_composed(pool, group)
             else:
                 await self._read_lines(pool, group)
         except _ResultsUnwritable as exc:
             self._halt(ExitCode.USAGE, str(exc))
+        except RelayError as exc:
+            self._halt(ExitCode.RELAY_DOWN if exc.transient else ExitCode.USAGE, str(exc))
         except ComposeProcessError as exc:
             self._halt(ExitCode.USAGE, f"{exc}; run stopped")
         except TempFileError as exc:

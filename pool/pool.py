@@ -239,6 +239,40 @@ class SMTPPool:
         """Messages waiting for a session now."""
         return self._queue.qsize() + len(self._retry)
 
+    async def connect(self) -> None:
+        """Open a session now, before any message: a batch learns that the login is
+        wrong or the relay is down before it reads a job. Returns once a session is
+        open. Raises RelayError when the relay refuses the session, or stays
+        unreachable for ``relay_down_timeout``; PoolClosedError when the pool is closed."""
+        self._check_open()
+        self._start()
+        slot = self._slots[0]
+        bound = log.bind(connection=slot.id)
+        while True:
+            async with self._first_session:  # the workers' first connect waits on it too
+                if any(s.is_connected for s in self._slots):
+                    return
+                if (refusal := self._no_connect()) is not None:
+                    raise refusal
+                self.max_open = max(self.max_open, self.connections_open() + 1)
+                try:
+                    await slot.connect()
+                except ConnectionFailed as exc:
+                    self.metrics.connect_errors += 1
+                    (bound.warning if self._connect_failures == 0 else bound.debug)(
+                        "smtp.connect_error", error=exc.reason, relay=self._options.relay)
+                    delay = self._connect_failed(exc)
+                except SessionRefused as exc:
+                    self.metrics.connect_errors += 1
+                    self._refused(exc, bound)
+                    delay = 0.0
+                else:
+                    self._connected(slot, bound)
+                    return
+                if self._relay_error is not None:
+                    raise _fresh(self._relay_error)
+            await asyncio.sleep(delay)
+
     def connections_open(self) -> int:
         """SMTP sessions open or opening now (never more than ``size``)."""
         return sum(1 for slot in self._slots if slot.is_open)

@@ -200,7 +200,7 @@ async def test_a_missing_templates_dir_is_said_before_anything_is_sent_or_record
 
 
 async def test_an_exit_2_run_leaves_no_results_file_of_its_own(tmp_path: Path) -> None:
-    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(5)])
+    jobs = write_jobs(tmp_path / "jobs.jsonl", ["not json"] + [job(i) for i in range(5)])
     async with FaultyServer(credentials=("user", "right")) as server:
         config = tmp_path / "c.yaml"
         config.write_text(f"smtp:\n  hostname: 127.0.0.1\n  port: {server.port}\n  start_tls: false\n"
@@ -219,6 +219,23 @@ async def test_an_exit_2_run_leaves_no_results_file_of_its_own(tmp_path: Path) -
         assert code == 2 and "already in use" in err
         assert not (tmp_path / "jobs.results.jsonl").exists()
         assert server.messages == []
+        assert len(server.auth_attempts) == 1  # the login is tried once, before any line is read
+
+
+async def test_a_relay_down_from_the_start_records_nothing(tmp_path: Path) -> None:
+    server = FaultyServer()
+    await server.start()
+    port = server.port
+    await server.stop()  # nothing listens
+    jobs = write_jobs(tmp_path / "jobs.jsonl", ["not json"] + [job(i) for i in range(5)])
+    config = tmp_path / "c.yaml"
+    config.write_text(f"smtp:\n  hostname: 127.0.0.1\n  port: {port}\n  relay_down_timeout: 0.5\n"
+                      "retry:\n  backoff_base: 0.01\n  backoff_max: 0.05\n")
+    proc = await spawn("run", str(jobs), "--config", str(config), cwd=tmp_path)
+    code, err = await finish(proc)
+    assert code == 3, err
+    assert "unreachable" in err
+    assert not (tmp_path / "jobs.results.jsonl").exists()  # not even the invalid line: run it again later
 
 
 @pytest.mark.parametrize("compose_process", ["--compose-process", "--no-compose-process"])
