@@ -149,6 +149,10 @@ class _Ticks:
     started: float = field(default_factory=time.monotonic)
 
 
+class _CannotStart(Exception):
+    """The worker cannot start (exit 2): one line for the user."""
+
+
 class Worker:
     def __init__(self, redis: Redis, keys: Keys, settings: Settings, options: WorkerOptions) -> None:
         self.redis = redis
@@ -192,81 +196,100 @@ class Worker:
         self._name_key = keys.worker(self.consumer)
         self._name_token = f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%H:%M:%S')}"
         self._name_ttl_ms = round(max(3 * self._touch_every, 2.0) * 1000)
+        self._named = False  # this worker holds its name: give it back when leaving
 
     # -- the run --
 
     async def execute(self) -> int:
         """Work until stopped (or, with ``until_empty``, until the stream is empty).
         Returns the exit status. Redis must have answered a PING already."""
-        try:
-            await retrying(lambda: ensure_group(self.redis, self.keys, self.options.group), what="create group")
-        except redis_errors.RedisError as exc:
-            print(f"dispatcher worker: {describe(exc, self.keys, self.options.group)}", file=sys.stderr)
-            return ExitCode.USAGE
-        settings = self.settings
-        root = self.options.attachments_root
-        try:  # the compose stage of `run`: templates, unsubscribe headers, DKIM, attachments under root
-            self.composer = Composer(settings, base_dir=root, attachments_root=root, batch=self.keys.stream)
-        except ValueError as exc:
-            print(f"dispatcher worker: {exc}", file=sys.stderr)
-            return ExitCode.USAGE
-        try:
-            holder = await self._keep_name()
-        except redis_errors.RedisError as exc:
-            print(f"dispatcher worker: {describe(exc, self.keys, self.options.group)}", file=sys.stderr)
-            return ExitCode.USAGE
-        if holder:
-            print(f"dispatcher worker: a worker named {self.consumer!r} is running already ({holder}); give each "
-                  f"worker its own --name", file=sys.stderr)
-            return ExitCode.USAGE
         metrics_server: MetricsServer | None = None
-        if settings.metrics.port is not None:
-            try:
-                metrics_server = serve_metrics(settings.metrics.address, settings.metrics.port, self.registry)
-            except MetricsError as exc:
-                await self._give_name_back()
-                print(f"dispatcher worker: {exc}", file=sys.stderr)
-                return ExitCode.USAGE
         sending: Sending | None = None
         try:
-            # The rate limit is held in Redis, across workers, not by each pool: the pool
-            # takes a slot of the shared bucket as each message goes on the wire.
-            if settings.pool.rate_limit:
-                self.limiter = RedisRateLimiter(self.redis, self.keys.rate, settings.pool.rate_limit)
-            try:
-                sending = await build_sender(settings, self.registry, maildir=self.options.maildir,
-                                             command="dispatcher worker", rate_limiter=self.limiter)
-            except (ValueError, OSError) as exc:  # a CA file that cannot be read, a capture server's port
-                print(f"dispatcher worker: {exc}", file=sys.stderr)
-                return ExitCode.USAGE
-            self.pool = sending.sender
+            await self._start()
+            if self.settings.metrics.port is not None:
+                metrics_server = self._serve_metrics()
+            sending = await self._build_sender()
             log.info("worker.start", consumer=self.consumer, stream=self.keys.stream, group=self.options.group,
                      redis=redact(self.options.url), **sending.where, slots=self.slots,
                      claim_after=self.options.claim_after, max_deliveries=self.options.max_deliveries,
-                     rate_limit=settings.pool.rate_limit,
+                     rate_limit=self.settings.pool.rate_limit,
                      metrics=metrics_server.url if metrics_server is not None else None)
-            with self._signals():
-                self._work = asyncio.create_task(self._run())
-                try:
-                    await self._work
-                except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if not self._aborted or (task is not None and task.cancelling()):
-                        raise
-                else:
-                    await self._forget()
+            await self._work_until_stopped()
+        except _CannotStart as exc:
+            print(f"dispatcher worker: {exc}", file=sys.stderr)
+            return ExitCode.USAGE
         finally:
-            if self.pool is not None:
-                if self._aborted:
-                    self.pool.terminate()
-                await self.pool.close(drain=False)
-            if sending is not None:
-                await sending.close()
-            if metrics_server is not None:
-                metrics_server.stop()
-            await self._give_name_back()
+            await self._close(sending, metrics_server)
         log.info("worker.summary", consumer=self.consumer, **self.counts.as_dict(),
                  elapsed_s=round(time.monotonic() - self._ticks.started, 3), stopped_by_signal=self.signalled)
+        return self._exit_code()
+
+    async def _start(self) -> None:
+        """The group, the compose stage of `run` (templates, unsubscribe headers, DKIM,
+        attachments under the root) and this worker's name. Raises _CannotStart."""
+        try:
+            await retrying(lambda: ensure_group(self.redis, self.keys, self.options.group), what="create group")
+        except redis_errors.RedisError as exc:
+            raise _CannotStart(describe(exc, self.keys, self.options.group)) from None
+        root = self.options.attachments_root
+        try:
+            self.composer = Composer(self.settings, base_dir=root, attachments_root=root, batch=self.keys.stream)
+        except ValueError as exc:
+            raise _CannotStart(str(exc)) from None
+        try:
+            holder = await self._keep_name()
+        except redis_errors.RedisError as exc:
+            raise _CannotStart(describe(exc, self.keys, self.options.group)) from None
+        if holder:
+            raise _CannotStart(f"a worker named {self.consumer!r} is running already ({holder}); give each worker "
+                               f"its own --name")
+        self._named = True
+
+    def _serve_metrics(self) -> MetricsServer:
+        try:
+            return serve_metrics(self.settings.metrics.address, self.settings.metrics.port or 0, self.registry)
+        except MetricsError as exc:
+            raise _CannotStart(str(exc)) from None
+
+    async def _build_sender(self) -> Sending:
+        # The rate limit is held in Redis, across workers, not by each pool: the pool
+        # takes a slot of the shared bucket as each message goes on the wire.
+        if self.settings.pool.rate_limit:
+            self.limiter = RedisRateLimiter(self.redis, self.keys.rate, self.settings.pool.rate_limit)
+        try:
+            sending = await build_sender(self.settings, self.registry, maildir=self.options.maildir,
+                                         command="dispatcher worker", rate_limiter=self.limiter)
+        except (ValueError, OSError) as exc:  # a CA file that cannot be read, a capture server's port
+            raise _CannotStart(str(exc)) from None
+        self.pool = sending.sender
+        return sending
+
+    async def _work_until_stopped(self) -> None:
+        with self._signals():
+            self._work = asyncio.create_task(self._run())
+            try:
+                await self._work
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not self._aborted or (task is not None and task.cancelling()):
+                    raise
+            else:
+                await self._forget()
+
+    async def _close(self, sending: Sending | None, metrics_server: MetricsServer | None) -> None:
+        if self.pool is not None:
+            if self._aborted:
+                self.pool.terminate()
+            await self.pool.close(drain=False)
+        if sending is not None:
+            await sending.close()
+        if metrics_server is not None:
+            metrics_server.stop()
+        if self._named:
+            await self._give_name_back()
+
+    def _exit_code(self) -> ExitCode:
         if self.signalled:
             return ExitCode.SIGNAL
         if self.fatal is not None:
