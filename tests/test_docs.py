@@ -67,6 +67,27 @@ def test_nothing_points_outside_the_repository() -> None:
     assert offenders == []
 
 
+_OUTSIDE = re.compile(r"\bSPEC\b")
+_TEXT = {".py", ".md", ".yml", ".yaml", ".toml", ".json", ".service", ".example", ".cfg", ".txt", ".sh"}
+_SKIP = {".venv", ".git", "site", "build", "node_modules", "outbox", "__pycache__"}
+
+
+def test_no_file_of_the_project_points_to_a_contract_outside_it() -> None:
+    """Comments, docstrings and messages name a docs/ page (docs/library.md promise 10),
+    never a SPEC a clone does not have."""
+    offenders = []
+    for path in sorted(ROOT.rglob("*")):
+        parts = set(path.relative_to(ROOT).parts)
+        if path.suffix not in _TEXT or not path.is_file() or parts & _SKIP or any(p.endswith(".egg-info") for p in parts):
+            continue
+        if path == Path(__file__).resolve():  # names what it looks for
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if _OUTSIDE.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:80]}")
+    assert offenders == [], "point to a docs/ page instead:\n" + "\n".join(offenders)
+
+
 def test_every_docs_page_is_in_the_navigation() -> None:
     nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     missing = [p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md") if p.relative_to(DOCS).as_posix() not in nav]
