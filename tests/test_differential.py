@@ -5,7 +5,9 @@ filenames, encoded-word lookalikes, injection attempts, every body and attachmen
 are built by ``dispatcher.mime``, signed with an rsa-sha256 and an ed25519-sha256 key
 (``pool.dkim.sign_all``), then:
 
-- both signatures verify with dkimpy and with Node's ``mailauth`` (tests/verify_mail.js);
+- both signatures verify with dkimpy and with Node's ``mailauth`` (tests/verify_mail.js),
+  and copies with a Subject, Cc, From or List-Unsubscribe added on top, or Reply-To
+  replaced, verify with neither signature;
 - Python's ``email`` parses each back equal to its job (``test_mime.check``);
 - Node's ``mailparser`` parses each back equal to its job: subject, addresses, text,
   html, attachment names, types and bytes (but for three liberties it takes: see
@@ -116,6 +118,24 @@ def _mailparser_equal(parsed: dict[str, Any], job: dict[str, Any]) -> list[str]:
     return wrong
 
 
+def _prepend(header: bytes) -> Any:
+    """Adds ``header`` on top of the header (right under the signatures)."""
+    def change(message: bytes) -> bytes:
+        return header + b"\r\n" + message
+    return change
+
+
+def _replace_reply_to(message: bytes) -> bytes:
+    head, body = message.split(b"\r\n\r\n", 1)
+    head = re.sub(rb"(?im)^reply-to:.*(\r\n[ \t].*)*\r\n", b"", head + b"\r\n").removesuffix(b"\r\n")
+    return head + b"\r\nReply-To: evil@evil.example\r\n\r\n" + body
+
+
+_TAMPERINGS = [_prepend(b"Subject: Your account is locked"), _prepend(b"Cc: evil@evil.example"),
+               _prepend(b"List-Unsubscribe: <https://evil.example/u>"), _replace_reply_to,
+               _prepend(b"From: security@example.org")]
+
+
 def test_generated_jobs_verify_and_parse_equal_with_independent_implementations() -> None:
     node = _node()
     signers = _signers()
@@ -135,12 +155,18 @@ def test_generated_jobs_verify_and_parse_equal_with_independent_implementations(
         if all(verifier.verify(idx=i, dnsfunc=lookup) for i in range(len(signers))):
             counts["verified by dkimpy (both signatures)"] += 1
 
-    payload = json.dumps({"dns": records, "messages": [base64.b64encode(m).decode() for m in messages]})
+    # Headers an attacker adds or replaces after signing (oversigning, RFC 6376 section 8.15).
+    tampered = [change(m) for m in messages[:25] for change in _TAMPERINGS]
+    every = messages + tampered
+    payload = json.dumps({"dns": records, "messages": [base64.b64encode(m).decode() for m in every]})
     done = subprocess.run([node, str(HERE / "verify_mail.js")], input=payload.encode(), capture_output=True,
                           timeout=100, check=False)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
     results = json.loads(done.stdout)
-    assert len(results) == len(jobs)
+    assert len(results) == len(every)
+    results, after_tampering = results[:len(jobs)], results[len(jobs):]
+    passed = [r["dkim"] for r in after_tampering if any(d["result"] == "pass" for d in r["dkim"])]
+    assert not passed, passed
     differences: Counter[str] = Counter()
     for job, result in zip(jobs, results, strict=True):
         outcomes = sorted((r["algo"], r["result"]) for r in result["dkim"])
@@ -152,6 +178,7 @@ def test_generated_jobs_verify_and_parse_equal_with_independent_implementations(
         if not wrong:
             counts["parsed equal by mailparser"] += 1
         differences.update(f"mailparser: {field}" for field in wrong)
-    print(f"\n{len(jobs)} messages: " + ", ".join(f"{name} {n}" for name, n in sorted(counts.items())))
+    print(f"\n{len(jobs)} messages: " + ", ".join(f"{name} {n}" for name, n in sorted(counts.items()))
+          + f"; {len(after_tampering)} tampered copies, none verified by mailauth")
     assert not differences, differences
     assert all(n == len(jobs) for n in counts.values()), counts

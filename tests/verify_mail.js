@@ -26,7 +26,8 @@ async function main() {
     const message = Buffer.from(encoded, "base64");
     const verified = await dkimVerify(message, { resolver });
     const parsed = await simpleParser(message, { skipHtmlToText: true, skipTextToHtml: true, skipTextLinks: true });
-    const addresses = (field) => (field ? field.value.map((a) => ({ name: a.name, address: a.address })) : []);
+    const addresses = (field) => [].concat(field || []).flatMap((f) => f.value || [])
+      .map((a) => ({ name: a.name, address: a.address }));
     out.push({
       dkim: verified.results.map((r) => ({ result: r.status.result, comment: r.status.comment || "",
                                            domain: r.signingDomain, selector: r.selector, algo: r.algo })),
