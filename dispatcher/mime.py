@@ -16,7 +16,9 @@ a folded non-ASCII Subject that decodes with a leading space). The promises:
   section 6.2 says is not text: a name's word is split only when one encoded word
   cannot hold it) and line breaks in text (CR, LF and CRLF are each one line break).
 
-The caller validates (addresses, header names); this module only renders.
+The caller validates header names and values (``dispatcher.jobs``); mailboxes are
+parsed here again, strictly and cached (``dispatcher.address``). Message-ID, In-Reply-To,
+References and List-* are structured: written as given, never as encoded words.
 """
 
 from __future__ import annotations
