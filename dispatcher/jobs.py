@@ -132,7 +132,8 @@ class ComposedJob(BaseModel):
 
     @model_validator(mode="after")
     def _header_names(self) -> ComposedJob:
-        check_custom_headers(self.headers)
+        if self.headers:
+            check_custom_headers(self.headers)
         return self
 
 

@@ -23,7 +23,6 @@ References and List-* are structured: written as given, never as encoded words.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import itertools
@@ -166,7 +165,7 @@ def derived_message_id(job_id: str, batch: str, domain: str) -> str:
     The id itself is not shown (it may hold an address): 120 bits of BLAKE2b."""
     digest = hashlib.blake2b(f"{batch}\0{job_id}".encode("utf-8", "surrogatepass"), digest_size=15,
                              person=b"dispatcher-msgid").digest()
-    return f"<{base64.b32encode(digest).decode('ascii').lower()}@{_id_domain(domain)}>"
+    return f"<{digest.hex()}@{_id_domain(domain)}>"  # hex: base64.b32encode is pure Python, 10 µs
 
 
 def _id_domain(domain: str) -> str:
