@@ -36,6 +36,7 @@ class Sender(Protocol):
         recipients: list[str] | tuple[str, ...] | None = None,
         prepared: bool = False,
         admit: Callable[[], bool] | None = None,
+        envelope_id: str | None = None,
     ) -> SendResult: ...
 
     async def close(self, drain: bool = True) -> None: ...

@@ -43,6 +43,7 @@ from dispatcher.exit import ExitCode
 from dispatcher.jobs import JobError, Line, LineSplitter, Outgoing
 from dispatcher.journal import Claim, Journal, JournalBusy, TempFileError
 from dispatcher.loop.suppression import Admission, StoreError, SuppressionStore
+from dispatcher.loop.verp import envelope_id_for
 from dispatcher.metrics import MetricsError, RunMetrics, write_textfile
 from dispatcher.metrics import serve as serve_metrics
 from dispatcher.progress import LiveDisplay, Speed, progress_fields
@@ -553,10 +554,10 @@ class Run:
                 envelope = outgoing.envelope
                 if len(recipients) != len(envelope.recipients):
                     envelope = for_recipients(envelope, recipients)
-                result = await pool.submit(envelope)
+                result = await pool.submit(envelope, envelope_id=envelope_id_for(job_id))
             else:
                 result = await pool.submit(outgoing.message, sender=outgoing.sender, recipients=recipients,
-                                           prepared=outgoing.prepared)
+                                           prepared=outgoing.prepared, envelope_id=envelope_id_for(job_id))
         except DeliveryError as exc:
             self._record(number, job_id, "failed", size, attempts=exc.attempts, code=exc.code,
                          response=exc.response, refused=exc.refused, error=str(exc),

@@ -131,6 +131,7 @@ class Connection:
         self.pipe: PipelineProtocol | None = None
         self.smtputf8 = False
         self.eightbitmime = False
+        self.dsn = False  # the relay offers DSN (RFC 3461): MAIL and RCPT may carry RET, ENVID, NOTIFY, ORCPT
 
     def __repr__(self) -> str:
         mode = "pipelined" if self.pipe is not None else "command"
@@ -207,6 +208,7 @@ class Connection:
         self.client = client
         self.smtputf8 = client.supports_extension("smtputf8")
         self.eightbitmime = client.supports_extension("8bitmime")
+        self.dsn = client.supports_extension("dsn")
         self.transactions = 0
         self.last_used = time.monotonic()
         if o.pipelining is not False and client.supports_extension("pipelining"):

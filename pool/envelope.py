@@ -28,6 +28,7 @@ class Envelope:
     content: bytes  # CRLF-normalized, dot-stuffed, ending in the end-of-data line
     message_id: str | None
     all_ascii: bool = True  # sender and every recipient are ASCII
+    envelope_id: str | None = None  # RFC 3461 ENVID, sent when the relay offers DSN (submit's envelope_id)
     #: The header has non-ASCII text (RFC 6532): the session needs SMTPUTF8.
     utf8_headers: bool = field(init=False)
     #: The body has 8-bit bytes: MAIL needs BODY=8BITMIME (RFC 6152).
@@ -46,6 +47,23 @@ class Envelope:
     def ascii_addresses(self, recipients: tuple[str, ...]) -> bool:
         """The sender and ``recipients`` need no SMTPUTF8 (RFC 6531 section 3.4)."""
         return self.all_ascii or (self.sender.isascii() and all(r.isascii() for r in recipients))
+
+
+def xtext(text: str) -> str:
+    """RFC 3461 section 4: ``+`` and ``=``, and every byte outside ``!``-``~``, as ``+XX``."""
+    return "".join(chr(b) if 33 <= b <= 126 and b not in (43, 61) else f"+{b:02X}" for b in text.encode("utf-8"))
+
+
+def with_envelope_id(envelope: Envelope, envelope_id: str | None) -> Envelope:
+    """``envelope`` carrying ``envelope_id`` (ENVID). Raises ValueError when it holds a
+    control character or is longer than RFC 3461's 100 characters of xtext."""
+    if envelope_id is None:
+        return envelope
+    if not isinstance(envelope_id, str) or not envelope_id or _FORBIDDEN_IN_ADDRESS.search(envelope_id):
+        raise ValueError("envelope_id: must be a non-empty string without control characters")
+    if len(xtext(envelope_id)) > 100:
+        raise ValueError("envelope_id: longer than 100 characters as xtext (RFC 3461 section 4.4)")
+    return dataclasses.replace(envelope, envelope_id=envelope_id)
 
 
 def check_address(address: str, field: str) -> str:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pool.budget import ByteBudget
 from pool.connection import Connection, ConnState, SessionOptions
-from pool.envelope import Envelope, build_envelope
+from pool.envelope import Envelope, build_envelope, with_envelope_id
 from pool.errors import (
     ConnectionFailed,
     DeliveryError,
@@ -375,6 +375,7 @@ class SMTPPool:
         recipients: list[str] | tuple[str, ...] | None = None,
         prepared: bool = False,
         admit: Callable[[], bool] | None = None,
+        envelope_id: str | None = None,
     ) -> SendResult:
         """Send one message. Returns a SendResult when at least one recipient accepted.
 
@@ -390,6 +391,9 @@ class SMTPPool:
         (a slot has taken the message, it has waited for the rate limit): False raises
         Withdrawn and the message is not sent, for a caller whose right to send it can
         lapse while it waits in the queue (a Redis worker that was paused).
+        ``envelope_id``: when the relay offers DSN (RFC 3461), MAIL carries
+        ``RET=HDRS ENVID=envelope_id`` and each RCPT ``NOTIFY=FAILURE,DELAY
+        ORCPT=rfc822;ADDR``, so that a bounce names the message and the recipient.
         """
         if isinstance(message, Envelope):  # prepared ahead (pool.prepare): sent as it is
             if sender is not None or recipients is not None or self.dkim is not None:
@@ -398,6 +402,7 @@ class SMTPPool:
             envelope = message
         else:
             envelope = build_envelope(message, sender, recipients, sign=self._sign, prepared=prepared)
+        envelope = with_envelope_id(envelope, envelope_id)
         self._check_open()
         self._start()
         size = len(envelope.content)

@@ -96,6 +96,7 @@ class SMTPRouter:
         relay: str | None = None,
         prepared: bool = False,
         admit: Callable[[], bool] | None = None,
+        envelope_id: str | None = None,
     ) -> SendResult:
         """Send through one relay (``relay`` pins one); same results and errors as
         ``SMTPPool.submit``, plus ``SendResult.relay``. RelayError only when every
@@ -105,7 +106,7 @@ class SMTPRouter:
                 raise ValueError(f"relay: no relay named {relay!r}")
             try:
                 result = await self.pools[relay].submit(message, sender=sender, recipients=recipients,
-                                                        prepared=prepared, admit=admit)
+                                                        prepared=prepared, admit=admit, envelope_id=envelope_id)
             except DeliveryError as exc:
                 exc.relay = relay
                 raise
@@ -118,7 +119,7 @@ class SMTPRouter:
             tried.add(name)
             try:
                 result = await self.pools[name].submit(message, sender=sender, recipients=recipients,
-                                                       prepared=prepared, admit=admit)
+                                                       prepared=prepared, admit=admit, envelope_id=envelope_id)
             except RelayError as exc:
                 # Not delivered through this relay (or, if maybe_delivered, perhaps: the
                 # next relay makes it at-least-once). A recipient it refused for good is

@@ -359,11 +359,6 @@ def xtext_decode(text: str) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def xtext_encode(text: str) -> str:
-    """RFC 3461 section 4: every byte outside ``!``-``~``, and ``+`` and ``=``, as ``+XX``."""
-    return "".join(chr(b) if 33 <= b <= 126 and b not in (43, 61) else f"+{b:02X}" for b in text.encode("utf-8"))
-
-
 # -- sources ---------------------------------------------------------------------------
 
 

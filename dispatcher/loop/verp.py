@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from pool.envelope import xtext
+
 _PLACEHOLDER = re.compile(r"\{\{\s*id\s*\}\}")
 _KEEP = re.compile(r"[A-Za-z0-9_-]")
 _ESCAPE = re.compile(r"=([0-9A-Fa-f]{2})")
@@ -40,6 +42,15 @@ def _unescape(text: str) -> bytearray:
             out += text[i].encode("ascii")
             i += 1
     return out
+
+
+def envelope_id_for(job_id: str) -> str | None:
+    """The DSN ENVID a job is sent with: its id, when RFC 3461 allows it (at most 100
+    characters of xtext, no control character); None otherwise (VERP and the returned
+    Message-ID still name the job)."""
+    if len(xtext(job_id)) > 100 or any(ord(c) < 32 or ord(c) == 127 for c in job_id):
+        return None
+    return job_id
 
 
 class ReturnPath:
