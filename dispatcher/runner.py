@@ -42,7 +42,7 @@ from dispatcher.engine.outcome import result_row
 from dispatcher.exit import ExitCode
 from dispatcher.jobs import JobError, Line, LineSplitter, Outgoing
 from dispatcher.journal import Claim, Journal, JournalBusy, TempFileError
-from dispatcher.loop.suppression import Admission, StoreError, SuppressionStore
+from dispatcher.loop.suppression import Admission, StoreError, open_store
 from dispatcher.loop.verp import envelope_id_for
 from dispatcher.metrics import MetricsError, RunMetrics, write_textfile
 from dispatcher.metrics import serve as serve_metrics
@@ -147,8 +147,12 @@ class Run:
             self.base = Path(os.path.abspath(options.jobs)).parent
         self.attachments_root = options.attachments_root or settings.jobs.attachments_root or self.base
         self.composer: Composer | None = None  # the compose stage, made by _open (it reads the DKIM key)
-        self.admission = Admission(SuppressionStore(settings.suppression.path), auto=settings.suppression.auto,
-                                   refresh=settings.suppression.refresh, registry=self.registry)
+        try:
+            store = open_store(settings.suppression, settings.redis.url)
+        except StoreError as exc:
+            raise RunError(str(exc)) from None
+        self.admission = Admission(store, auto=settings.suppression.auto, refresh=settings.suppression.refresh,
+                                   registry=self.registry)
 
     # -- results --
 

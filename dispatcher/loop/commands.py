@@ -15,7 +15,7 @@ from typing import IO
 
 from dispatcher.config import ConfigError, Settings, load_settings
 from dispatcher.exit import ExitCode
-from dispatcher.loop.suppression import Reason, Record, StoreError, SuppressionStore, now
+from dispatcher.loop.suppression import Reason, Record, Store, StoreError, now, open_store
 
 # What a list entry must look like: one mailbox, local@domain, no space or brackets.
 _ADDRESS = re.compile(r"[^\s<>()\[\],;:\"@]+(?:\.[^\s<>()\[\],;:\"@]+)*@[^\s<>()\[\],;:\"@]+")
@@ -64,9 +64,9 @@ def add_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     server.add_argument("--port", type=int, help="port (default: unsubscribe.server.port, 8025; 0: any free one)")
 
 
-def _store(args: argparse.Namespace) -> SuppressionStore:
+def _store(args: argparse.Namespace) -> Store:
     settings = load_settings(args.config) if args.config else Settings()
-    return SuppressionStore(settings.suppression.path)
+    return open_store(settings.suppression, settings.redis.url)
 
 
 def suppress(args: argparse.Namespace) -> int:
@@ -93,7 +93,7 @@ def _checked(address: str, where: str) -> str:
     return address
 
 
-def _add(store: SuppressionStore, args: argparse.Namespace) -> int:
+def _add(store: Store, args: argparse.Namespace) -> int:
     records = [Record(_checked(a, "ADDRESS"), Reason(args.reason), "suppress add", None, args.detail)
                for a in args.addresses]
     added = store.add(records)
@@ -101,13 +101,13 @@ def _add(store: SuppressionStore, args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _remove(store: SuppressionStore, args: argparse.Namespace) -> int:
+def _remove(store: Store, args: argparse.Namespace) -> int:
     removed = store.remove(args.addresses)
     print(f"removed {removed} address(es); {len(args.addresses) - removed} were not on the list", file=sys.stderr)
     return ExitCode.OK
 
 
-def _list(store: SuppressionStore, args: argparse.Namespace) -> int:
+def _list(store: Store, args: argparse.Namespace) -> int:
     out = sys.stdout
     for record in store.records(Reason(args.reason) if args.reason else None):
         out.write(json.dumps(record.as_dict(), ensure_ascii=False) + "\n")
@@ -115,7 +115,7 @@ def _list(store: SuppressionStore, args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _export(store: SuppressionStore, args: argparse.Namespace) -> int:
+def _export(store: Store, args: argparse.Namespace) -> int:
     records = store.records(Reason(args.reason) if args.reason else None)
     if args.format == "jsonl":
         return _list(store, args)
@@ -127,7 +127,7 @@ def _export(store: SuppressionStore, args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _import(store: SuppressionStore, args: argparse.Namespace) -> int:
+def _import(store: Store, args: argparse.Namespace) -> int:
     """All or nothing: a bad row names its line and nothing is added."""
     name = "standard input" if args.file == "-" else args.file
     with _open_text(args.file) as text:
@@ -204,7 +204,7 @@ def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
     yield from rest
 
 
-_ACTIONS: dict[str, Callable[[SuppressionStore, argparse.Namespace], int]] = {
+_ACTIONS: dict[str, Callable[[Store, argparse.Namespace], int]] = {
     "add": _add, "remove": _remove, "list": _list, "import": _import, "export": _export,
 }
 
@@ -231,11 +231,15 @@ def unsubscribe_server(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"dispatcher unsubscribe-server: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return ExitCode.USAGE
-    store = SuppressionStore(settings.suppression.path)
+    try:
+        store = open_store(settings.suppression, settings.redis.url)
+    except StoreError as exc:
+        print(f"dispatcher unsubscribe-server: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     app = UnsubscribeApp(store, secret.get_secret_value())
     bound = sock.getsockname()[1]
     print(f"dispatcher unsubscribe-server: listening on http://{host}:{bound}/ (suppression list "
-          f"{settings.suppression.path})", file=sys.stderr, flush=True)
+          f"{store.path})", file=sys.stderr, flush=True)
     try:
         import uvloop
 
@@ -269,7 +273,11 @@ def bounces(args: argparse.Namespace) -> int:
                       registry=registry)
     for kind in Kind:
         counted.labels(kind.value)
-    store = SuppressionStore(settings.suppression.path)
+    try:
+        store = open_store(settings.suppression, settings.redis.url)
+    except StoreError as exc:
+        print(f"dispatcher bounces: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     status = ExitCode.OK
     totals: dict[str, int] = {}
     try:

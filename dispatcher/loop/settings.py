@@ -13,7 +13,8 @@ class SuppressionSettings(Section):
     """The ``suppression`` section."""
 
     path: Path = Path("suppressions.sqlite")  # the SQLite store, created when first written
-    redis: bool = False  # the workers' Redis holds the list instead (shared by every machine)
+    redis: bool = False  # the workers' Redis (redis.url) holds the list instead, shared by every machine
+    redis_key: str = Field(default="dispatcher:suppressions", min_length=1)  # the hash, with redis: true
     auto: bool = True  # a recipient refused with 5.1.x or 5.2.1 at send time is suppressed
     refresh: float = Field(default=2.0, gt=0)  # seconds between checks for changes by other processes
 

@@ -14,19 +14,22 @@ recipient costs one dictionary lookup whatever the size of the list.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
 from dispatcher.address import parse_address
+from dispatcher.loop.settings import SuppressionSettings
 
 log = structlog.get_logger("dispatcher.suppression")
 
@@ -231,6 +234,129 @@ class SuppressionStore:
             return bool(db.execute("PRAGMA data_version").fetchone()[0] != self._version)
 
 
+class RedisSuppressionStore:
+    """The list as one Redis hash (``suppression.redis: true``): field = the address in
+    lower case, value = the record as JSON; ``KEY:version`` counts changes, so that a
+    reader reloads only when the list changed. Blocking (redis-py): call from a thread
+    on an event loop, as :class:`SuppressionStore`."""
+
+    def __init__(self, url: str, key: str = "dispatcher:suppressions") -> None:
+        import redis
+
+        self.key = key
+        self.path = f"redis hash {key}"
+        self._version_key = f"{key}:version"
+        self._redis = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10)
+        self._version: Any = None  # the version key's value when the list was read
+
+    def __repr__(self) -> str:
+        return f"<RedisSuppressionStore {self.key}>"
+
+    def _call(self, what: str, op: Callable[[], Any]) -> Any:
+        import redis
+
+        try:
+            return op()
+        except redis.RedisError as exc:  # never the URL: it may hold a password
+            raise StoreError(f"the suppression list (Redis hash {self.key}): {what}: {exc}") from None
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def add(self, records: Iterable[Record]) -> list[Record]:
+        batch = list(records)
+        if not batch:
+            return []
+
+        def write() -> list[Record]:
+            pipe = self._redis.pipeline(transaction=False)
+            for r in batch:
+                row = {**r.as_dict(), "address": r.address.strip()}
+                pipe.hsetnx(self.key, key_of(r.address), json.dumps(row, ensure_ascii=False))
+            added = [r for r, new in zip(batch, pipe.execute(), strict=True) if new]
+            if added:
+                self._redis.incr(self._version_key)
+            return added
+
+        return list(self._call("add", write))
+
+    def remove(self, addresses: Iterable[str]) -> int:
+        keys = [key_of(a) for a in addresses]
+        if not keys:
+            return 0
+
+        def delete() -> int:
+            removed = int(self._redis.hdel(self.key, *keys))
+            if removed:
+                self._redis.incr(self._version_key)
+            return removed
+
+        return int(self._call("remove", delete))
+
+    def find(self, addresses: Sequence[str]) -> dict[str, Record]:
+        keys = list(dict.fromkeys(key_of(a) for a in addresses))
+        if not keys:
+            return {}
+        values = self._call("read", lambda: self._redis.hmget(self.key, keys))
+        return {k: _from_json(v) for k, v in zip(keys, values, strict=True) if v is not None}
+
+    def records(self, reason: Reason | None = None) -> Iterator[Record]:
+        found = [_from_json(v) for _, v in self._call("read", lambda: list(self._redis.hscan_iter(self.key,
+                                                                                                    count=1000)))]
+        found.sort(key=lambda r: (r.at, r.address.lower()))
+        return iter([r for r in found if reason is None or r.reason is reason])
+
+    def reasons(self) -> dict[str, Reason]:
+        def read() -> dict[str, Reason]:
+            self._version = self._redis.get(self._version_key)
+            return {k.decode("utf-8", "surrogateescape"): _from_json(v).reason
+                    for k, v in self._redis.hscan_iter(self.key, count=1000)}
+
+        return dict(self._call("read", read))
+
+    def changed(self) -> bool:
+        return bool(self._call("read", lambda: self._redis.get(self._version_key)) != self._version)
+
+
+def _from_json(value: bytes | str) -> Record:
+    row = json.loads(value)
+    try:
+        reason = Reason(row.get("reason"))
+    except ValueError:
+        reason = Reason.MANUAL
+    return Record(str(row.get("address", "")), reason, str(row.get("source") or ""), row.get("job_id"),
+                  row.get("detail"), str(row.get("at") or ""))
+
+
+class Store(Protocol):
+    """What the list is kept in: :class:`SuppressionStore` or :class:`RedisSuppressionStore`."""
+
+    @property
+    def path(self) -> Any: ...
+    def add(self, records: Iterable[Record]) -> list[Record]: ...
+    def remove(self, addresses: Iterable[str]) -> int: ...
+    def find(self, addresses: Sequence[str]) -> dict[str, Record]: ...
+    def records(self, reason: Reason | None = None) -> Iterator[Record]: ...
+    def reasons(self) -> dict[str, Reason]: ...
+    def changed(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+REDIS_URL_VARIABLE = "DISPATCHER_REDIS_URL"
+
+
+def open_store(settings: SuppressionSettings, redis_url: str | None = None) -> Store:
+    """The configured store. ``redis_url`` (else the environment's DISPATCHER_REDIS_URL)
+    is needed with ``redis: true``; raises StoreError without one."""
+    if not settings.redis:
+        return SuppressionStore(settings.path)
+    url = redis_url or os.environ.get(REDIS_URL_VARIABLE)
+    if not url:
+        raise StoreError("suppression.redis is true but no Redis is given (redis.url, --redis or "
+                         f"${REDIS_URL_VARIABLE})")
+    return RedisSuppressionStore(url, settings.redis_key)
+
+
 def _record(row: Sequence[Any]) -> Record:
     address, reason, source, job_id, detail, at = row
     try:
@@ -297,7 +423,7 @@ class Admission:
     when another process changes the store, at most every ``refresh`` seconds. With
     ``auto``, recipients refused with 5.1.x or 5.2.1 are added as ``hard_bounce``."""
 
-    def __init__(self, store: SuppressionStore, *, auto: bool = True, source: str = "run",
+    def __init__(self, store: Store, *, auto: bool = True, source: str = "run",
                  refresh: float = REFRESH_EVERY, registry: CollectorRegistry | None = None) -> None:
         self.store = store
         self.auto = auto

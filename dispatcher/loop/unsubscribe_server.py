@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from dispatcher.loop.suppression import Reason, Record, SuppressionMetrics, SuppressionStore
+from dispatcher.loop.suppression import Reason, Record, Store, SuppressionMetrics
 from dispatcher.loop.tokens import BadToken, read_token
 
 log = structlog.get_logger("dispatcher.unsubscribe")
@@ -86,7 +86,7 @@ def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
 class UnsubscribeApp:
     """The ASGI application: ``UnsubscribeApp(store, secret).app`` (a Starlette app)."""
 
-    def __init__(self, store: SuppressionStore, secret: str, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, store: Store, secret: str, *, registry: CollectorRegistry | None = None) -> None:
         self.store = store
         self._secret = secret
         self.registry = registry if registry is not None else CollectorRegistry()

@@ -67,6 +67,8 @@ async def status(redis: Redis, keys: Keys, group: str) -> Status:
     result.rejected = stats.get("rejected", 0)
     for status_name in result.done:
         result.done[status_name] = stats.get(status_name, 0)
+    if stats.get("suppressed"):  # jobs whose every recipient is on the suppression list
+        result.done["suppressed"] = stats["suppressed"]
     length = int(await redis.xlen(keys.stream))
     try:
         consumers = await redis.xinfo_consumers(keys.stream, group)

@@ -50,6 +50,8 @@ from dispatcher.compose import Composer, Ready
 from dispatcher.config import Settings
 from dispatcher.exit import ExitCode
 from dispatcher.jobs import JobError, Line, Outgoing
+from dispatcher.loop.suppression import Admission, StoreError, open_store
+from dispatcher.loop.verp import envelope_id_for
 from dispatcher.metrics import MetricsError, MetricsServer
 from dispatcher.metrics import serve as serve_metrics
 from dispatcher.relays import Sender
@@ -133,6 +135,7 @@ class WorkerCounts:
     sent: int = 0
     failed: int = 0
     invalid: int = 0
+    suppressed: int = 0  # every recipient on the suppression list: not sent
     skipped: int = 0  # already done when read
     deferred: int = 0
     released: int = 0
@@ -174,6 +177,9 @@ class Worker:
         WorkerMetrics(self, self.registry)
         self.composer: Composer | None = None  # made by execute (it reads the DKIM key)
         self.limiter: RedisRateLimiter | None = None
+        # The suppression list, in memory, reloaded when changed (SQLite here, or a Redis hash shared by all).
+        self.admission = Admission(open_store(settings.suppression, options.url), auto=settings.suppression.auto,
+                                   source="worker", refresh=settings.suppression.refresh)
         self._room = asyncio.Event()  # a slot was freed (or we are stopping)
         self._finishing = asyncio.Event()  # every handler is done: heartbeat may end
         self._settles: asyncio.Queue[_Settle | None] = asyncio.Queue()
@@ -236,6 +242,10 @@ class Worker:
         try:
             self.composer = Composer(self.settings, base_dir=root, attachments_root=root, batch=self.keys.stream)
         except ValueError as exc:
+            raise _CannotStart(str(exc)) from None
+        try:
+            await asyncio.to_thread(self.admission.load)
+        except StoreError as exc:
             raise _CannotStart(str(exc)) from None
         try:
             holder = await self._keep_name()
@@ -309,12 +319,14 @@ class Worker:
             group.create_task(self._finisher())
             group.create_task(self._heartbeat())
             group.create_task(self._close_when_stopping())
+            watch = group.create_task(self.admission.watch())
             try:
                 async with asyncio.TaskGroup() as handlers:
                     await self._read(handlers)
             finally:
                 self._finishing.set()
                 self._settles.put_nowait(None)
+                watch.cancel()
 
     async def _close_when_stopping(self) -> None:
         """Once stopping (a signal, a relay failure, or empty), finish what is on the wire
@@ -467,21 +479,27 @@ class Worker:
         if self.stopping.is_set():
             self._settle(b"R", entry)
             return
+        recipients, suppressed = self.admission.admit(ready.recipients)
+        if not recipients:
+            self._finished(entry, "suppressed", suppressed=suppressed)
+            return
         started = time.monotonic()
         try:
             while True:
                 try:
-                    result = await self.pool.submit(ready.message, sender=ready.sender, recipients=ready.recipients,
-                                                    prepared=ready.prepared, admit=entry.admitted)
+                    result = await self.pool.submit(ready.message, sender=ready.sender, recipients=recipients,
+                                                    prepared=ready.prepared, admit=entry.admitted,
+                                                    envelope_id=envelope_id_for(entry.job_id))
                     break
                 except Withdrawn:
                     if not await self._confirm(entry):
                         return
         except DeliveryError as exc:
+            await self.admission.refused(entry.job_id, exc.refused)
             if exc.permanent:
                 self._finished(entry, "failed", attempts=exc.attempts, code=exc.code, response=exc.response,
                                refused=exc.refused, error=str(exc), elapsed_ms=_ms(started),
-                               message_id=exc.message_id)
+                               message_id=exc.message_id, suppressed=suppressed)
             else:
                 self.counts.deferred += 1
                 log.info("job.deferred", id=entry.job_id, deliveries=entry.deliveries, error=str(exc))
@@ -503,7 +521,8 @@ class Worker:
         else:
             self._finished(entry, "sent", attempts=result.attempts, code=result.code, response=result.response,
                            refused=result.refused, elapsed_ms=round(result.elapsed * 1000, 1),
-                           message_id=result.message_id)
+                           message_id=result.message_id, suppressed=suppressed)
+            await self.admission.refused(entry.job_id, result.refused, delivered=True)
 
     async def _confirm(self, entry: Entry) -> bool:
         """The entry's lease lapsed before it went on the wire: True when it is still

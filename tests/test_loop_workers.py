@@ -1,0 +1,66 @@
+"""The suppression list with Redis workers (``suppression.redis: true``: one hash shared
+by every machine): two ``dispatcher worker``s leave listed recipients out, suppress a
+5.1.1 refusal for the other, and the next campaign skips exactly those."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from redisserver import RedisServer
+from smtpserver import FaultyServer
+from test_redis import WorkerProcess, cli, redis_server, results, workers, write_config, write_jobs
+
+__all__ = ["redis_server", "workers"]  # fixtures
+
+pytestmark = pytest.mark.timeout(150)
+
+
+def campaign(name: str) -> list[dict[str, object]]:
+    return [{"id": f"{name}-{i}", "from": "news@example.org", "to": to, "subject": "news", "text": "Hi.\n"}
+            for i, to in enumerate([["ok1@example.net"], ["Listed@example.net"], ["refused@example.net"],
+                                    ["ok2@example.net", "listed@example.net"], ["ok3@example.net"]])]
+
+
+async def run_campaign(name: str, url: str, config: Path, tmp_path: Path, started: list[WorkerProcess]) -> None:
+    jobs = write_jobs(tmp_path / f"{name}.jsonl", campaign(name))
+    code, _, err = await cli("enqueue", str(jobs), "--redis", url, "--config", str(config), cwd=tmp_path)
+    assert code == 0, err
+    pair = [await WorkerProcess.start(started, "--redis", url, "--config", str(config), "--name", f"{name}-w{k}",
+                                      "--until-empty", cwd=tmp_path) for k in (1, 2)]
+    assert [await worker.wait() for worker in pair] == [0, 0]
+
+
+async def test_two_workers_share_one_suppression_list_in_redis(redis_server: RedisServer, tmp_path: Path,
+                                                               workers: list[WorkerProcess]) -> None:
+    url = redis_server.url
+    async with FaultyServer() as server:
+        server.faults.rcpt["refused@example.net"] = "550 5.1.1 <refused@example.net>: User unknown"
+        config = write_config(tmp_path / "c.yaml", server, redis={"url": url})
+        config.write_text(config.read_text() + f"suppression:\n  redis: true\n  path: {tmp_path / 'unused.sqlite'}\n")
+        code, _, err = await cli("suppress", "add", "listed@example.net", "--reason", "complaint", "--config",
+                                 str(config), cwd=tmp_path)
+        assert code == 0, err
+
+        await run_campaign("c1", url, config, tmp_path, workers)
+        rows = {r["id"]: r for r in await results(url, tmp_path)}
+        assert rows["c1-1"]["status"] == "suppressed" and rows["c1-1"]["suppressed"] == ["Listed@example.net"]
+        assert rows["c1-2"]["status"] == "failed"
+        assert rows["c1-3"]["status"] == "sent" and rows["c1-3"]["suppressed"] == ["listed@example.net"]
+        assert sorted(r for m in server.messages for r in m.rcpt_tos) == [
+            "ok1@example.net", "ok2@example.net", "ok3@example.net"]
+        code, out, _ = await cli("suppress", "list", "--config", str(config), cwd=tmp_path)
+        listed = {r["address"]: (r["reason"], r["job_id"], r["source"]) for r in map(json.loads, out.splitlines())}
+        assert listed == {"listed@example.net": ("complaint", None, "suppress add"),
+                          "refused@example.net": ("hard_bounce", "c1-2", "worker")}
+        assert not (tmp_path / "unused.sqlite").exists()  # the Redis hash, not the file
+
+        before = len(server.messages)
+        await run_campaign("c2", url, config, tmp_path, workers)
+        rows = {r["id"]: r for r in await results(url, tmp_path)}
+        assert [rows[f"c2-{i}"]["status"] for i in range(5)] == ["sent", "suppressed", "suppressed", "sent", "sent"]
+        assert sorted(r for m in server.messages[before:] for r in m.rcpt_tos) == [
+            "ok1@example.net", "ok2@example.net", "ok3@example.net"]
+        code, out, err = await cli("status", "--redis", url, "--json", cwd=tmp_path)
+        assert json.loads(out)["done"]["suppressed"] == 3, out
