@@ -55,12 +55,13 @@ def xtext(text: str) -> str:
 
 
 def with_envelope_id(envelope: Envelope, envelope_id: str | None) -> Envelope:
-    """``envelope`` carrying ``envelope_id`` (ENVID). Raises ValueError when it holds a
-    control character or is longer than RFC 3461's 100 characters of xtext."""
+    """``envelope`` carrying ``envelope_id`` (ENVID). Raises ValueError unless it is
+    printable ASCII (RFC 3461 section 4.4) of at most 100 characters as xtext."""
     if envelope_id is None:
         return envelope
-    if not isinstance(envelope_id, str) or not envelope_id or _FORBIDDEN_IN_ADDRESS.search(envelope_id):
-        raise ValueError("envelope_id: must be a non-empty string without control characters")
+    if not isinstance(envelope_id, str) or not envelope_id or not envelope_id.isascii() \
+            or not envelope_id.isprintable():
+        raise ValueError("envelope_id: must be printable ASCII (RFC 3461 section 4.4)")
     if len(xtext(envelope_id)) > 100:
         raise ValueError("envelope_id: longer than 100 characters as xtext (RFC 3461 section 4.4)")
     return dataclasses.replace(envelope, envelope_id=envelope_id)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import aiosmtplib
 from aiosmtplib import SMTPException
 
-from pool.envelope import END_OF_DATA, Envelope
+from pool.envelope import END_OF_DATA, Envelope, xtext
 from pool.errors import ConnectionFailed, Refusals
 from pool.retry import SERVICE_CLOSING, is_permanent, is_positive, is_throttling, readable
 
@@ -111,7 +111,7 @@ def _outcome(recipients: tuple[str, ...], mail: Reply, rcpt: list[Reply], data: 
 
 
 def mail_parameters(envelope: Envelope, recipients: tuple[str, ...], *, smtputf8: bool,
-                    eightbitmime: bool) -> list[bytes] | Reply:
+                    eightbitmime: bool, dsn: bool = False) -> list[bytes] | Reply:
     """The MAIL FROM parameters ``envelope`` needs on a session that offers what the
     flags say, or the permanent refusal when it lacks one: nothing 8-bit goes out
     undeclared. Non-ASCII addresses or header text need SMTPUTF8 (RFC 6531, 6532); an
@@ -128,7 +128,22 @@ def mail_parameters(envelope: Envelope, recipients: tuple[str, ...], *, smtputf8
             params.append(b"BODY=8BITMIME")
         elif not utf8:
             return NO_8BITMIME
+    if dsn and envelope.envelope_id is not None:
+        # RFC 3461: a bounce returns only the headers and names this envelope.
+        params += [b"RET=HDRS", b"ENVID=" + xtext(envelope.envelope_id).encode("ascii")]
     return params
+
+
+_NOTIFY = b"NOTIFY=FAILURE,DELAY"
+
+
+def rcpt_parameters(address: str) -> list[bytes]:
+    """The RCPT TO parameters of a DSN envelope (RFC 3461 sections 4.1, 4.2): bounces
+    and delays are reported, and name the address as given. A non-ASCII address gets no
+    ORCPT (its utf-8 address type is RFC 6533's, which few servers take)."""
+    if not address.isascii():
+        return [_NOTIFY]
+    return [_NOTIFY, b"ORCPT=rfc822;" + xtext(address).encode("ascii")]
 
 
 def _address(address: str, smtputf8: bool) -> bytes:
@@ -141,12 +156,16 @@ def _address(address: str, smtputf8: bool) -> bytes:
 
 
 def envelope_commands(envelope: Envelope, recipients: tuple[str, ...], smtputf8: bool,
-                      params: list[bytes]) -> list[bytes]:
+                      params: list[bytes], *, dsn: bool = False) -> list[bytes]:
     """``MAIL FROM`` with ``params`` (from ``mail_parameters``) and one ``RCPT TO`` per
     recipient, each a CRLF-ended command line, for the pipelined and the command path
-    alike."""
+    alike; with ``dsn`` (the relay offers DSN and the envelope has an id) each RCPT
+    carries ``rcpt_parameters``."""
     mail = b" ".join([b"MAIL FROM:" + _address(envelope.sender, smtputf8), *params]) if params else (
         b"MAIL FROM:" + _address(envelope.sender, smtputf8))
+    if dsn:
+        return [mail + b"\r\n", *[b" ".join([b"RCPT TO:" + _address(address, smtputf8), *rcpt_parameters(address)])
+                                   + b"\r\n" for address in recipients]]
     return [mail + b"\r\n", *[b"RCPT TO:" + _address(address, smtputf8) + b"\r\n" for address in recipients]]
 
 
@@ -196,7 +215,8 @@ class Transaction:
         the session."""
         conn, envelope, recipients = self._connection, self._envelope, self._recipients
         try:
-            params = mail_parameters(envelope, recipients, smtputf8=conn.smtputf8, eightbitmime=conn.eightbitmime)
+            params = mail_parameters(envelope, recipients, smtputf8=conn.smtputf8, eightbitmime=conn.eightbitmime,
+                                     dsn=conn.dsn and envelope.envelope_id is not None)
             if isinstance(params, tuple):
                 # Nothing is sent: the session stays as it is, the message fails for good.
                 self.outcome = Outcome(refused=dict.fromkeys(recipients, params), reply=params)
@@ -264,7 +284,8 @@ class Transaction:
 
     async def _start_pipelined(self, pipe: PipelineProtocol) -> None:
         envelope, recipients, conn = self._envelope, self._recipients, self._connection
-        commands = envelope_commands(envelope, recipients, conn.smtputf8, self._params)
+        commands = envelope_commands(envelope, recipients, conn.smtputf8, self._params,
+                                     dsn=conn.dsn and envelope.envelope_id is not None)
         commands.append(b"DATA\r\n")
         # The pipe's replies are valid Unicode already (decoded with replacement).
         replies = await conn.await_replies(pipe, pipe.send(b"".join(commands), len(commands)))
@@ -303,7 +324,9 @@ class Transaction:
 
     async def _command_by_command(self, client: aiosmtplib.SMTP) -> Outcome:
         envelope, recipients = self._envelope, self._recipients
-        mail_line, *rcpt_lines = envelope_commands(envelope, recipients, self._connection.smtputf8, self._params)
+        conn = self._connection
+        mail_line, *rcpt_lines = envelope_commands(envelope, recipients, conn.smtputf8, self._params,
+                                                   dsn=conn.dsn and envelope.envelope_id is not None)
         # execute_command joins its arguments and adds CRLF: each line goes as one.
         response = await client.execute_command(mail_line[:-2])
         mail = _checked(response.code, response.message)

@@ -24,6 +24,7 @@ def test_envelope_id_is_the_job_id_when_rfc_3461_allows_it() -> None:
     assert envelope_id_for("x" * 100) == "x" * 100
     assert envelope_id_for("+" * 40) is None  # 120 characters of xtext
     assert envelope_id_for("a\nb") is None
+    assert envelope_id_for("é") is None  # ENVID is printable ASCII (RFC 3461 section 4.4)
 
 
 async def test_a_relay_without_dsn_gets_no_dsn_parameters(server: FaultyServer) -> None:
@@ -35,3 +36,16 @@ async def test_a_relay_without_dsn_gets_no_dsn_parameters(server: FaultyServer) 
             await pool.submit(b"Subject: x\r\n\r\nHi\r\n", sender="b@example.org", recipients=["a@example.net"],
                               envelope_id="+" * 40)
     assert server.messages[0].mail_options == []
+
+
+def test_the_parameters_on_the_wire() -> None:
+    from pool.envelope import prepare, with_envelope_id
+    from pool.transaction import mail_parameters, rcpt_parameters
+
+    envelope = with_envelope_id(prepare(b"Subject: x\r\n\r\nHi\r\n", sender="b@example.org",
+                                        recipients=["a+b@example.net"]), "job 1=x")
+    assert mail_parameters(envelope, envelope.recipients, smtputf8=False, eightbitmime=False, dsn=True) == [
+        b"RET=HDRS", b"ENVID=job+201+3Dx"]
+    assert mail_parameters(envelope, envelope.recipients, smtputf8=False, eightbitmime=False) == []
+    assert rcpt_parameters("a+b@example.net") == [b"NOTIFY=FAILURE,DELAY", b"ORCPT=rfc822;a+2Bb@example.net"]
+    assert rcpt_parameters("é@example.net") == [b"NOTIFY=FAILURE,DELAY"]

@@ -66,3 +66,43 @@ async def test_postfix_dsns_suppress_exactly_the_unknown_users(tmp_path: Path) -
         assert sorted(r["id"] for r in rows2 if r["status"] == "sent") == ["c2-0", "c2-3"]
     finally:
         await asyncio.to_thread(postfix.stop)
+
+
+async def test_dsn_parameters_name_the_job_and_recipient_without_verp(tmp_path: Path) -> None:
+    """SMTPPool offers RET/ENVID/NOTIFY/ORCPT to a relay that offers DSN; Postfix's bounce
+    carries them back, and bounces matches the job by ENVID alone (no return_path)."""
+    import email
+    import email.policy
+
+    from postfixserver import start_postfix
+
+    from pool import SMTPPool
+
+    postfix = await asyncio.to_thread(start_postfix)
+    try:
+        for pipelining in (True, False):  # both ways of writing the commands
+            async with SMTPPool(hostname="127.0.0.1", port=postfix.port, size=1, pipelining=pipelining) as pool:
+                await pool.submit(b"From: news@example.org\r\nSubject: dsn\r\n\r\nHi\r\n",
+                                  sender="bounces@example.org",
+                                  recipients=[f"no+body{int(pipelining)}@test.example", "good@example.com"],
+                                  envelope_id=f"job {int(pipelining)}+x=")
+        await asyncio.to_thread(postfix.wait_for, "bounces", 2)
+        dsns = [email.message_from_bytes(p.read_bytes(), policy=email.policy.compat32)
+                for p in sorted((postfix.bounce_maildir / "new").iterdir())]
+        status_parts = [next(part for part in m.walk() if part.get_content_type() == "message/delivery-status")
+                        for m in dsns]
+        blocks = [part.get_payload() for part in status_parts]
+        envids = sorted(str(b[0]["Original-Envelope-Id"]) for b in blocks)
+        assert envids == ["job 0+x=", "job 1+x="]  # sent as xtext (job+200+2Bx+3D), written back decoded
+        assert sorted(str(b[1]["Original-Recipient"]) for b in blocks) == [
+            "rfc822;no+body0@test.example", "rfc822;no+body1@test.example"]  # ORCPT, sent as no+2Bbody0@...
+        assert all(len(b) == 2 for b in blocks)  # good@ was delivered: not reported
+        # RET=HDRS: the headers come back, not the message (Postfix returns it whole by default).
+        assert all(any(p.get_content_type() == "text/rfc822-headers" for p in m.walk()) for m in dsns)
+        assert not any(p.get_content_type() == "message/rfc822" for m in dsns for p in m.walk())
+        code, out, err = await dispatcher("bounces", str(postfix.bounce_maildir), "--dry-run", cwd=tmp_path)
+        assert code == 0, err
+        assert sorted((r["job_id"], r["recipient"], r["status"]) for r in map(json.loads, out.splitlines())) == [
+            ("job 0+x=", "no+body0@test.example", "5.1.1"), ("job 1+x=", "no+body1@test.example", "5.1.1")]
+    finally:
+        await asyncio.to_thread(postfix.stop)

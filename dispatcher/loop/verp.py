@@ -45,10 +45,10 @@ def _unescape(text: str) -> bytearray:
 
 
 def envelope_id_for(job_id: str) -> str | None:
-    """The DSN ENVID a job is sent with: its id, when RFC 3461 allows it (at most 100
-    characters of xtext, no control character); None otherwise (VERP and the returned
+    """The DSN ENVID a job is sent with: its id, when RFC 3461 allows it (printable
+    ASCII, at most 100 characters as xtext); None otherwise (VERP and the returned
     Message-ID still name the job)."""
-    if len(xtext(job_id)) > 100 or any(ord(c) < 32 or ord(c) == 127 for c in job_id):
+    if not job_id.isascii() or not job_id.isprintable() or len(xtext(job_id)) > 100:
         return None
     return job_id
 
