@@ -75,6 +75,7 @@ class PoolSettings(Section):
     queue_size: int = Field(1000, ge=1)
     max_bytes_in_flight: int = Field(256 << 20, ge=1)  # message bytes submitted and not yet ended
     pipelining: bool | None = None
+    pipeline_depth: int = Field(8, ge=1, le=1000)
 
 
 class RetrySettings(Section):
@@ -104,6 +105,7 @@ def pool_kwargs(smtp: SMTPSettings, pool: PoolSettings, retry: RetrySettings) ->
         "queue_size": pool.queue_size,
         "max_bytes_in_flight": pool.max_bytes_in_flight,
         "pipelining": pool.pipelining,
+        "pipeline_depth": pool.pipeline_depth,
         "max_attempts": retry.max_attempts,
         "backoff_base": retry.backoff_base,
         "backoff_max": retry.backoff_max,

@@ -61,6 +61,7 @@ class SessionOptions:
     ca_file: str | None = None
     tls_context: ssl.SSLContext | None = None
     oauth2: OAuth2 | None = None  # log in with an access token instead of the password
+    pipeline_depth: int = 8  # transactions in flight with BDAT (CHUNKING and PIPELINING)
 
     @property
     def relay(self) -> str:
@@ -132,6 +133,8 @@ class Connection:
         self.smtputf8 = False
         self.eightbitmime = False
         self.dsn = False  # the relay offers DSN (RFC 3461): MAIL and RCPT may carry RET, ENVID, NOTIFY, ORCPT
+        self.chunking = False  # RFC 3030 CHUNKING offered (BDAT)
+        self.unclean = False  # a BDAT transaction may have left the server mid-transaction: RSET first
 
     def __repr__(self) -> str:
         mode = "pipelined" if self.pipe is not None else "command"
@@ -156,6 +159,12 @@ class Connection:
     @property
     def pipelined(self) -> bool:
         return self.pipe is not None
+
+    @property
+    def bdat(self) -> bool:
+        """Transactions go as MAIL, RCPT, ``BDAT n LAST`` and the content, several in
+        flight (RFC 3030 CHUNKING over RFC 2920 PIPELINING)."""
+        return self.chunking and self.pipe is not None and self.options.pipeline_depth > 1
 
     def idle_for(self) -> float:
         return time.monotonic() - self.last_used
@@ -209,6 +218,8 @@ class Connection:
         self.smtputf8 = client.supports_extension("smtputf8")
         self.eightbitmime = client.supports_extension("8bitmime")
         self.dsn = client.supports_extension("dsn")
+        self.chunking = client.supports_extension("chunking")
+        self.unclean = False
         self.transactions = 0
         self.last_used = time.monotonic()
         if o.pipelining is not False and client.supports_extension("pipelining"):

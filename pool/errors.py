@@ -84,15 +84,20 @@ class ConnectionFailed(Exception):
 
     ``ambiguous`` is True when the end of DATA was sent and its reply never came:
     the server may have accepted the message. Never reaches the pool's callers.
+    On a pipelined session, ``replies`` are those that came for the failed group of
+    commands and ``written`` says whether the group had been handed to the socket.
     """
 
     def __init__(self, reason: str, *, code: int | None = None, ambiguous: bool = False,
-                 text: str | None = None) -> None:
+                 text: str | None = None, replies: list[tuple[int, str]] | None = None,
+                 written: bool = True) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
         self.ambiguous = ambiguous
         self.text = text  # the server's reply text after ``code``, when a reply ended the session
+        self.replies = replies if replies is not None else []
+        self.written = written
 
 
 class SessionRefused(Exception):

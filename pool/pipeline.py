@@ -19,18 +19,20 @@ from pool.errors import ConnectionFailed
 Reply = tuple[int, str]
 
 # RFC 5321 section 4.5.3.1.5: a reply line is at most 512 octets; be lenient.
+SERVICE_CLOSING = 421
 MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 100
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 0)  # Linux only
 
 
 class _Group:
-    __slots__ = ("count", "future", "replies")
+    __slots__ = ("count", "future", "replies", "written")
 
     def __init__(self, count: int, future: asyncio.Future[list[Reply]]) -> None:
         self.count = count
         self.replies: list[Reply] = []
         self.future = future
+        self.written = False  # handed to the transport: the server may act on it
 
 
 class PipelineProtocol(asyncio.Protocol):
@@ -57,6 +59,9 @@ class PipelineProtocol(asyncio.Protocol):
             except OSError:
                 self._quickack = None
         self._groups: deque[_Group] = deque()
+        self._unwritten: list[_Group] = []  # sent but not yet flushed
+        # The group a 421 answered: the server takes nothing after it (RFC 5321 section 3.8).
+        self._closing: _Group | None = None
         self._buffer = bytearray()
         self._lines: list[str] = []
         self._lost: ConnectionFailed | None = None
@@ -93,7 +98,10 @@ class PipelineProtocol(asyncio.Protocol):
             if line[3:4] == b" " and not self._lines and groups and line[:3].isdigit():
                 group = groups[0]
                 replies = group.replies
-                replies.append((int(line[:3]), line[4:].decode("utf-8", "replace").strip()))
+                code = int(line[:3])
+                if code == SERVICE_CLOSING:
+                    self._closing = group
+                replies.append((code, line[4:].decode("utf-8", "replace").strip()))
                 if len(replies) == group.count:
                     groups.popleft()
                     if not group.future.done():
@@ -125,6 +133,8 @@ class PipelineProtocol(asyncio.Protocol):
             self._fail(ConnectionFailed(f"unsolicited reply: {code} {text}", code=code, text=text))
             return False
         group = groups[0]
+        if code == SERVICE_CLOSING:
+            self._closing = group
         replies = group.replies
         replies.append((code, text))
         if len(replies) == group.count:
@@ -164,23 +174,31 @@ class PipelineProtocol(asyncio.Protocol):
     def is_connected(self) -> bool:
         return self._lost is None and self.transport is not None and not self.transport.is_closing()
 
-    def send(self, data: bytes, replies: int) -> asyncio.Future[list[Reply]]:
-        """Queue ``data`` (commands and/or content) expecting ``replies`` replies to it.
+    def send(self, data: bytes, replies: int, *more: bytes) -> asyncio.Future[list[Reply]]:
+        """Queue ``data`` (commands and/or content, then ``more`` parts) expecting
+        ``replies`` replies to it.
 
         Nothing is written until ``flush``: what is sent before the next reply is
-        awaited leaves in one write (one segment where it fits).
+        awaited leaves in one write (one segment where it fits). If the session is
+        lost first, the future's ConnectionFailed carries the replies that did come
+        (``replies``) and whether the data had been written (``written``).
         """
         future: asyncio.Future[list[Reply]] = self._loop.create_future()
         if self._lost is not None or self.transport is None:
-            future.set_exception(self._lost or ConnectionFailed("not connected"))
+            lost = self._lost or ConnectionFailed("not connected")
+            future.set_exception(ConnectionFailed(lost.reason, code=lost.code, text=lost.text, written=False))
             future.exception()
             return future
         if not self._groups:
             # Nothing was outstanding: the silence that may time out starts now, not
             # at the last reply of an earlier exchange.
             self._progress = self._loop.time()
-        self._groups.append(_Group(replies, future))
+        group = _Group(replies, future)
+        self._groups.append(group)
+        self._unwritten.append(group)
         self._outgoing.append(data)
+        if more:
+            self._outgoing.extend(more)
         return future
 
     async def flush(self) -> None:
@@ -191,6 +209,9 @@ class PipelineProtocol(asyncio.Protocol):
         if self._outgoing and self.transport is not None:
             outgoing = self._outgoing
             self._outgoing = []
+            for group in self._unwritten:
+                group.written = True
+            self._unwritten.clear()
             if len(outgoing) == 1:
                 self.transport.write(outgoing[0])
             else:
@@ -220,16 +241,22 @@ class PipelineProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        closed = self._closing is not None and self._closing not in self._groups  # answered and gone
         while self._groups:
             group = self._groups.popleft()
             if not group.future.done():
                 # One exception per group: each waiter marks its own as ambiguous or not.
-                failure = ConnectionFailed(error.reason, code=error.code, text=error.text)
+                # Commands written after the server's 421 were never taken: as if unsent.
+                written = group.written and not closed
+                failure = ConnectionFailed(error.reason, code=error.code, text=error.text,
+                                           replies=group.replies, written=written)
                 for code, text in group.replies:
-                    if code == 421:  # what did arrive names the reason
-                        failure = ConnectionFailed(f"{code} {text}", code=code, text=text)
+                    if code == SERVICE_CLOSING:  # what did arrive names the reason
+                        failure = ConnectionFailed(f"{code} {text}", code=code, text=text, replies=group.replies,
+                                                   written=written)
                 group.future.set_exception(failure)
                 group.future.exception()  # retrieved: nobody may await a dead group
+            closed = closed or group is self._closing
         if close and self.transport is not None:
             self.transport.abort()
 

@@ -111,6 +111,7 @@ class SMTPPool:
         dkim: DKIMSigner | Sequence[DKIMSigner] | None = None,
         rate_limiter: SharedLimiter | None = None,
         oauth2: OAuth2 | None = None,
+        pipeline_depth: int = 8,
     ) -> None:
         if size < 1:
             raise ValueError("size must be at least 1")
@@ -124,6 +125,8 @@ class SMTPPool:
             raise ValueError("relay_down_timeout must be positive")
         if oauth2 is not None and (username is None or password is not None):
             raise ValueError("oauth2 needs a username (the mailbox it logs in as) and no password")
+        if pipeline_depth < 1:
+            raise ValueError("pipeline_depth must be at least 1")
         if ca_file is not None and tls_context is None:
             try:
                 check_ca_file(ca_file)
@@ -138,6 +141,7 @@ class SMTPPool:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.relay_down_timeout = relay_down_timeout
+        self.pipeline_depth = pipeline_depth
         self.dkim = dkim
         self._sign: Callable[[bytes], bytes] | None = None
         if dkim is not None:
@@ -158,6 +162,7 @@ class SMTPPool:
             ca_file=ca_file,
             tls_context=tls_context,
             oauth2=oauth2,
+            pipeline_depth=pipeline_depth,
         )
         if not validate_certs and (use_tls or start_tls is not False):
             log.warning("smtp.validate_certs_off", relay=self._options.relay,
@@ -463,26 +468,28 @@ class SMTPPool:
         """Take jobs one after another on this slot's session.
 
         With a pipelined session, the next job's envelope is written before the
-        previous job's end-of-DATA reply is read (``inflight``), when the queue already
-        holds it: the two share one round trip.
+        previous job's end-of-DATA reply is read (``window``), when the queue already
+        holds it: the two share one round trip. With BDAT (the relay offers CHUNKING),
+        up to ``pipeline_depth`` whole transactions are on the wire at once, their
+        replies read in order.
         """
         bound = log.bind(connection=slot.id)
         job: _Job | None = None
-        inflight: tuple[_Job, Transaction, float] | None = None
+        window: deque[tuple[_Job, Transaction, float]] = deque()  # on the wire, oldest first
         try:
             while True:
-                if inflight is not None and ((self._queue.empty() and not self._retry) or self._must_recycle(slot)):
-                    await self._complete(inflight, slot, bound)
-                    inflight = None
-                job = self._take() if inflight is not None else await self._next_job(slot, bound)
+                if window and ((self._queue.empty() and not self._retry) or self._must_recycle(slot)
+                               or len(window) >= (self.pipeline_depth if slot.bdat else 2)):
+                    await self._complete(window, slot, bound)
+                    continue
+                job = self._take() if window else await self._next_job(slot, bound)
                 if job.future.done():  # cancelled by its caller while queued
                     self._job_done()
                     job = None
                     continue
                 if self.rate.current != _UNLIMITED or self._shared_limiter is not None:
-                    if inflight is not None:
-                        await self._complete(inflight, slot, bound)
-                        inflight = None
+                    while window:
+                        await self._complete(window, slot, bound)
                     # Taken but not on the wire: a stop (close without drain, a
                     # permanent refusal) must not wait for the limiter, nor send after it.
                     paced = await self._unless_halted(self.rate.acquire())
@@ -492,12 +499,11 @@ class SMTPPool:
                         held, job = job, None
                         self._finish(held, stopped=self._stopped or PoolClosedError("the pool closed"))
                         continue
-                if inflight is not None and not slot.is_connected:
-                    # The server closed the session behind the message on the wire: the
+                while window and not slot.is_connected:
+                    # The server closed the session behind the messages on the wire: the
                     # next one gets a new session instead of spending an attempt on this one.
-                    await self._complete(inflight, slot, bound)
-                    inflight = None
-                if inflight is None:
+                    await self._complete(window, slot, bound)
+                if not window:
                     wait = await self._ready(slot, job, bound)
                     if wait is not None:  # no session: the job is back in the queue, or failed
                         job = None
@@ -515,12 +521,12 @@ class SMTPPool:
                 slot.begin(started)
                 transaction = Transaction(slot, job.envelope, job.pending)
                 await transaction.start()
-                if inflight is not None:
-                    outcome = await inflight[1].finish()  # cancelled here: inflight is still stranded
-                    done, inflight = inflight, None
-                    self._route(done[0], outcome, slot, done[2], bound)
+                if not transaction.open or not transaction.bdat:
+                    # DATA: its 354 came after every earlier reply; those are in now.
+                    while window:
+                        await self._complete(window, slot, bound)
                 if transaction.open:
-                    inflight = (job, transaction, started)
+                    window.append((job, transaction, started))
                 else:
                     assert transaction.outcome is not None
                     self._route(job, transaction.outcome, slot, started, bound)
@@ -528,12 +534,12 @@ class SMTPPool:
         except BaseException as exc:
             # Stopped while idle (close: the supervisor QUITs the session), terminated, or
             # a bug: nothing on the wire may be left half done, and nobody may wait forever.
-            if slot.state is not ConnState.IDLE or job is not None or inflight is not None:
+            if slot.state is not ConnState.IDLE or job is not None or window:
                 slot.close()
             stopped = self._stopped or (PoolClosedError("the pool was terminated")
                                         if isinstance(exc, asyncio.CancelledError)
                                         else PoolError(f"the pool stopped after an internal error: {exc!r}"))
-            for stranded in (job, inflight[0] if inflight else None):
+            for stranded in (job, *(held for held, _, _ in window)):
                 if stranded is not None:
                     self._finish(stranded, stopped=stopped)
             raise
@@ -699,10 +705,13 @@ class SMTPPool:
         self._fail_waiting(self._relay_error)
 
     async def _complete(
-        self, inflight: tuple[_Job, Transaction, float], slot: Connection, bound: EventLogger
+        self, window: deque[tuple[_Job, Transaction, float]], slot: Connection, bound: EventLogger
     ) -> None:
-        job, transaction, started = inflight
+        """Read the oldest transaction's last replies and route its outcome. It leaves
+        the window only then: cancelled while waiting, it is still there, stranded."""
+        job, transaction, started = window[0]
         outcome = await transaction.finish()
+        window.popleft()
         self._route(job, outcome, slot, started, bound)
 
     # -- outcomes --
@@ -726,6 +735,8 @@ class SMTPPool:
         if outcome.throttled and self.rate.throttled():
             bound.warning("smtp.throttled", rate=round(self.rate.current, 2), code=job.last_code,
                           response=job.last_response)
+        if outcome.unsent:
+            job.attempts -= 1  # it never reached the server: no attempt was made
         if outcome.ambiguous:
             job.maybe_delivered = True
             metrics.ambiguous += 1
@@ -751,7 +762,8 @@ class SMTPPool:
                               code=job.last_code, response=job.last_response)
             self._finish(job, stopped=_fresh(reason) if reason is not None else None)
             return
-        delay = backoff_delay(job.attempts, self.backoff_base, self.backoff_max, self._rng)
+        # An attempt given back (it never reached the server) waits as after a first one.
+        delay = backoff_delay(max(1, job.attempts), self.backoff_base, self.backoff_max, self._rng)
         self.metrics.retries += 1
         bound.info("smtp.retry", message_id=job.envelope.message_id, attempt=job.attempts,
                    delay=round(delay, 3), code=job.last_code, response=job.last_response,

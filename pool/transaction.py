@@ -18,6 +18,7 @@ protocol, a bug, cancellation) closes the session.
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,8 @@ NO_SMTPUTF8_HEADERS: Reply = (554, "5.6.7 the relay does not offer SMTPUTF8, nee
                                    "(RFC 6532)")
 NO_8BITMIME: Reply = (554, "5.6.3 the relay does not offer 8BITMIME, needed for a body with 8-bit bytes (RFC 6152)")
 START_DATA = 354
+RSET = b"RSET\r\n"
+_STUFFED_LINE = re.compile(rb"\n\.\.")
 
 
 @dataclass(slots=True)
@@ -64,6 +67,7 @@ class Outcome:
     ambiguous: bool = False
     session_lost: bool = False
     throttled: bool = False
+    unsent: bool = False  # lost before any of it reached the server: the attempt does not count
 
 
 def lost(recipients: tuple[str, ...], exc: ConnectionFailed) -> Outcome:
@@ -169,6 +173,18 @@ def envelope_commands(envelope: Envelope, recipients: tuple[str, ...], smtputf8:
     return [mail + b"\r\n", *[b"RCPT TO:" + _address(address, smtputf8) + b"\r\n" for address in recipients]]
 
 
+def bdat_body(content: bytes) -> bytes:
+    """The message as ``BDAT`` carries it: an envelope's DATA content without its
+    dot-stuffing and without the end-of-data line (RFC 3030 section 2: BDAT data is
+    sent as it is, with no transparency)."""
+    body = content[: -len(END_OF_DATA)]
+    if body.startswith(b".."):  # every line that began with a dot got one more
+        body = body[1:]
+    if _STUFFED_LINE.search(body):
+        body = body.replace(b"\r\n..", b"\r\n.")
+    return body
+
+
 def _checked(code: int, text: str) -> Reply:
     if code == SERVICE_CLOSING:
         # 421 (RFC 5321 section 3.8): the server is closing the channel. A 421 to the
@@ -189,8 +205,8 @@ def _data_refused(start: Reply) -> Reply:
 class Transaction:
     """One attempt to send ``envelope`` to ``recipients`` on one connection."""
 
-    __slots__ = ("_clean", "_connection", "_envelope", "_mail", "_params", "_pending", "_pipe", "_rcpt",
-                 "_recipients", "outcome")
+    __slots__ = ("_bdat", "_clean", "_connection", "_envelope", "_mail", "_params", "_pending", "_pipe", "_rcpt",
+                 "_recipients", "_reset_first", "outcome")
 
     def __init__(self, connection: Connection, envelope: Envelope, recipients: tuple[str, ...]) -> None:
         self._connection = connection
@@ -199,6 +215,8 @@ class Transaction:
         self._pipe: PipelineProtocol | None = None
         self._pending: asyncio.Future[list[Reply]] | None = None  # the end-of-DATA reply, pipelined
         self._clean = False  # pipelined: MAIL and every RCPT accepted, DATA answered 354
+        self._bdat = False  # sent as MAIL, RCPT..., BDAT n LAST and the content, all at once
+        self._reset_first = False  # ... after an RSET
         self._mail: Reply = (0, "")
         self._rcpt: list[Reply] = []
         self._params: list[bytes] = []  # MAIL FROM parameters on this session
@@ -206,8 +224,13 @@ class Transaction:
 
     @property
     def open(self) -> bool:
-        """The end of DATA is on the wire and its reply not yet read."""
+        """The end of DATA (or the BDAT) is on the wire and its reply not yet read."""
         return self._pending is not None
+
+    @property
+    def bdat(self) -> bool:
+        """Sent with BDAT: later transactions may follow it before its replies."""
+        return self._bdat
 
     async def start(self) -> None:
         """Send the transaction; set ``outcome`` unless the end-of-DATA reply is still
@@ -225,7 +248,10 @@ class Transaction:
             pipe = conn.pipe
             if pipe is not None:
                 self._pipe = pipe
-                await self._start_pipelined(pipe)
+                if conn.bdat:
+                    self._start_bdat(pipe)
+                else:
+                    await self._start_pipelined(pipe)
             else:
                 client = conn.client
                 if client is None:
@@ -243,7 +269,7 @@ class Transaction:
             raise
 
     async def finish(self) -> Outcome:
-        """Read the end-of-DATA reply if it is still due; return the outcome."""
+        """Read the end-of-DATA (or BDAT) reply if it is still due; return the outcome."""
         pending = self._pending
         if pending is not None:
             self._pending = None
@@ -251,24 +277,64 @@ class Transaction:
             try:
                 replies = pending.result() if pending.done() else await self._connection.await_replies(
                     self._pipe, pending)
-                code, text = replies[0]
-                if code == SERVICE_CLOSING:
-                    _checked(code, text)  # raises: a 421 is an answer, not an ambiguity
+                if self._bdat:
+                    self.outcome = self._bdat_outcome(replies)
+                else:
+                    code, text = replies[0]
+                    if code == SERVICE_CLOSING:
+                        _checked(code, text)  # raises: a 421 is an answer, not an ambiguity
+                    if self._clean and 200 <= code < 300:
+                        self.outcome = Outcome(accepted=list(self._recipients), delivered=(code, text))
+                    else:
+                        self.outcome = _outcome(self._recipients, self._mail, self._rcpt, (code, text))
             except ConnectionFailed as exc:
                 # The end of DATA went out and its reply never came (a 421 is an answer).
                 exc.ambiguous = exc.code is None
+                if self._bdat:
+                    could_deliver = self._bdat_partial(exc.replies)  # keeps what was refused for good
+                    exc.ambiguous = exc.ambiguous and exc.written and could_deliver
                 self._connection.close()
                 self.outcome = self._lost(exc)
+                self.outcome.unsent = not exc.written
             except BaseException:
                 self._connection.close()
                 raise
-            else:
-                if self._clean and 200 <= code < 300:
-                    self.outcome = Outcome(accepted=list(self._recipients), delivered=(code, text))
-                else:
-                    self.outcome = _outcome(self._recipients, self._mail, self._rcpt, (code, text))
         assert self.outcome is not None
         return self.outcome
+
+    def _bdat_outcome(self, replies: list[Reply]) -> Outcome:
+        if self._reset_first:
+            reset, replies = replies[0], replies[1:]
+            if reset[0] == SERVICE_CLOSING:
+                _checked(*reset)  # raises
+        clean = True
+        for code, text in replies:
+            if code >= 300:
+                if code == SERVICE_CLOSING:
+                    _checked(code, text)  # raises: the server closes; nothing after it was taken
+                clean = False
+        mail, rcpt, bdat = replies[0], replies[1:-1], replies[-1]
+        self._mail, self._rcpt = mail, rcpt
+        if clean:
+            return Outcome(accepted=list(self._recipients), delivered=bdat)
+        # RFC 3030 section 2: after a refused BDAT the server's state is undetermined
+        # until RSET; the next transaction on this session starts with one.
+        self._connection.unclean = True
+        willing = is_positive(mail[0]) and any(is_positive(code) for code, _ in rcpt)
+        return _outcome(self._recipients, mail, rcpt, bdat if willing else None)
+
+    def _bdat_partial(self, replies: list[Reply]) -> bool:
+        """Keep the replies that came before a BDAT transaction's session was lost;
+        True unless they already refused the message (then nothing can have been
+        delivered, so the loss is not ambiguous)."""
+        if self._reset_first:
+            replies = replies[1:]
+        if not replies:
+            return True
+        mail, self._rcpt = replies[0], replies[1 : 1 + len(self._recipients)]
+        if not is_positive(mail[0]):
+            return False
+        return not (len(self._rcpt) == len(self._recipients) and not any(is_positive(c) for c, _ in self._rcpt))
 
     def _lost(self, exc: ConnectionFailed) -> Outcome:
         """The session ended mid-transaction: recipients already refused for good stay
@@ -314,6 +380,23 @@ class Transaction:
             self.outcome = _outcome(recipients, mail, rcpt, None)
             return
         self._pending = pipe.send(envelope.content, 1)
+
+    def _start_bdat(self, pipe: PipelineProtocol) -> None:
+        """Queue MAIL, every RCPT and ``BDAT n LAST`` with the content, without waiting
+        for any reply (RFC 3030 over RFC 2920): ``finish`` reads all of them, in order."""
+        conn = self._connection
+        commands = envelope_commands(self._envelope, self._recipients, conn.smtputf8, self._params)
+        if conn.unclean or conn.on_the_wire > 1:
+            # An earlier transaction's BDAT reply is not in yet, or was a refusal: RFC 3030
+            # leaves the server's state undetermined after a refused BDAT until RSET, so a
+            # transaction that may follow one begins with RSET.
+            commands.insert(0, RSET)
+            self._reset_first = True
+            conn.unclean = False
+        body = bdat_body(self._envelope.content)
+        commands.append(b"BDAT %d LAST\r\n" % len(body))
+        self._bdat = True
+        self._pending = pipe.send(b"".join(commands), len(commands), body)
 
     async def _reset_pipelined(self, pipe: PipelineProtocol) -> None:
         code, text = _checked(*(await self._connection.await_replies(pipe, pipe.send(b"RSET\r\n", 1)))[0])

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,3 +30,21 @@ def make_message(
     msg["Message-ID"] = f"<m{n}@test.local>"
     msg.set_content(body)
     return msg
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "main_cf(settings): main.cf settings for the discarding_postfix fixture")
+
+
+@pytest.fixture
+async def discarding_postfix(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """A private Postfix (tests/postfixserver.py) that discards all mail;
+    ``@pytest.mark.main_cf({...})`` adds main.cf settings."""
+    from postfixserver import DISCARD_ALL, start_postfix
+
+    marker = request.node.get_closest_marker("main_cf")
+    postfix = await asyncio.to_thread(start_postfix, {**DISCARD_ALL, **(marker.args[0] if marker else {})})
+    try:
+        yield postfix
+    finally:
+        await asyncio.to_thread(postfix.stop)

@@ -12,21 +12,29 @@ What it does with mail (all local, no DNS):
 - ``vacation@example.com``: a pipe that answers the envelope sender with an RFC 3834
   auto-reply (``Auto-Submitted: auto-replied``), sent back through this Postfix.
 
+``start_postfix(main_cf={...})`` adds or overrides main.cf settings; with
+``DISCARD_ALL`` every message goes to discard(8): queued, logged ``status=sent``, thrown
+away (``discarded()``, ``sessions()`` read what the log says).
+
 The master must be started by root (``postfix start`` runs its daemons as ``postfix``);
 without root or Postfix the test is skipped, and fails under CI=true.
 """
 
 from __future__ import annotations
 
+import asyncio
 import grp
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +52,14 @@ if sender and original.get("Auto-Submitted", "no").lower() == "no":
     with smtplib.SMTP("127.0.0.1", int(sys.argv[2]), timeout=10) as smtp:
         smtp.sendmail("", [sender], reply.encode())
 '''
+
+
+#: main.cf settings that send every message to discard(8), whatever its domain.
+DISCARD_ALL = {"mydestination": "", "virtual_mailbox_domains": "", "default_transport": "discard",
+               "relay_transport": "discard", "local_transport": "discard", "virtual_transport": "discard",
+               "transport_maps": ""}
+_DISCARDED = re.compile(r"postfix/discard\[\d+\]: \w+: to=<([^>]*)>.*status=sent")
+_SESSION = re.compile(r"postfix/smtpd\[\d+\]: disconnect from \S+ (.*)$")
 
 
 def need_postfix() -> str:
@@ -109,12 +125,37 @@ class Postfix:
                                    + self.log()[-4000:])
             time.sleep(0.1)
 
+    def discarded(self) -> Counter[str]:
+        """Recipients discard(8) took, one per copy (with ``DISCARD_ALL``)."""
+        return Counter(m.group(1) for line in self.log().splitlines() if (m := _DISCARDED.search(line)))
+
+    def sessions(self) -> list[dict[str, int]]:
+        """smtpd's command counts per ended session that said EHLO, e.g. {"mail": 3,
+        "bdat": 3, ...}: every command given, refused ones included (``bdat=39/40``)."""
+        found = []
+        for line in self.log().splitlines():
+            if m := _SESSION.search(line):
+                counts = dict(part.split("=", 1) for part in m.group(1).split() if "=" in part)
+                session = {name: int(value.rsplit("/", 1)[-1]) for name, value in counts.items()}
+                if "ehlo" in session:
+                    found.append(session)
+        return found
+
+    async def until(self, done: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+        """Wait, without blocking the event loop, until ``done()`` (Postfix logs and
+        delivers on its own time); TimeoutError naming ``what`` otherwise."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} after {timeout} s\n" + self.log()[-4000:])
+            await asyncio.sleep(0.05)
+
     def stop(self) -> None:
         subprocess.run([self.binary, "-c", str(self.config), "stop"], capture_output=True, timeout=30)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start_postfix() -> Postfix:
+def start_postfix(main_cf: dict[str, str] | None = None) -> Postfix:
     binary = need_postfix()
     root = Path(tempfile.mkdtemp(prefix="postfix-test-"))
     root.chmod(0o755)  # the postfix user reaches its queue and the Maildirs under it
@@ -159,7 +200,7 @@ smtpd_recipient_restrictions = permit_mynetworks, reject
 biff = no
 notify_classes =
 delay_warning_time = 0
-""")
+""" + "".join(f"{key} = {value}\n" for key, value in (main_cf or {}).items()))
     (root / "conf" / "master.cf").write_text(f"""\
 127.0.0.1:{port} inet n - n - - smtpd
 pickup    unix  n       -       n       60      1       pickup

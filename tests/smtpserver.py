@@ -19,6 +19,8 @@ and every message it accepted, and injects faults by script:
     server.gate = asyncio.Event()             # every end-of-DATA waits for gate.set()
     FaultyServer(oauth_tokens={"tok-1"})      # AUTH XOAUTH2 and OAUTHBEARER take these tokens
     server.oauth_tokens = {"tok-2"}           # ... and from now on only this one (tok-1 expired)
+    FaultyServer(chunking=True)               # offers CHUNKING: BDAT (RFC 3030); the end-of-DATA
+                                              # faults above apply to BDAT LAST alike
 
     async with server:                        # listening on server.port
         ...
@@ -95,6 +97,7 @@ class SessionRecord:
     closed: bool = False
     quit: bool = False
     reads: int = 0  # socket reads: about one per round trip the client made us wait for
+    ahead: list[int] = field(default_factory=list)  # per BDAT LAST: bytes of later commands already received
 
 
 class _Handler:
@@ -108,7 +111,9 @@ class _Handler:
         if not self.server.eightbitmime:
             responses = [line for line in responses if line != "250-8BITMIME"]
         if self.server.pipelining:
-            return [*responses[:-1], "250-PIPELINING", responses[-1]]
+            responses = [*responses[:-1], "250-PIPELINING", responses[-1]]
+        if self.server.chunking:
+            responses = [*responses[:-1], "250-CHUNKING", responses[-1]]
         return responses
 
     async def handle_MAIL(
@@ -154,7 +159,7 @@ class _Handler:
     async def handle_DATA(self, smtp: SMTP, session: Session, envelope: Envelope) -> str:
         srv, faults = self.server, self.server.faults
         record = srv._record(smtp)
-        record.commands.append("DATA")
+        record.commands.append(getattr(smtp, "body_command", "DATA"))
         content = envelope.original_content or b""
         srv.data_started += 1
         srv._changed()
@@ -285,6 +290,59 @@ class _SMTP(SMTP):
             transport.write(b"421 4.3.2 Not now\r\n")
             transport.close()
 
+    body_command = "DATA"  # or BDAT, while BDAT LAST hands the message to handle_DATA
+    _bdat_failed = False  # RFC 3030: after a refused BDAT the state is undetermined until RSET
+    _chunks: list[bytes] | None = None
+
+    async def smtp_BDAT(self, arg: str) -> None:
+        """RFC 3030 BDAT (aiosmtpd has none): ``BDAT size [LAST]`` then exactly
+        ``size`` octets, read whatever the state. The message goes through handle_DATA
+        at LAST, so every end-of-DATA fault applies. After a refusal, the envelope is
+        kept as it was (a next MAIL is "nested") until RSET, as RFC 3030 allows."""
+        srv = self._test_server
+        if not srv.chunking:
+            await self.push("500 5.5.1 Error: command not recognized")
+            return
+        words = arg.split()
+        if not 1 <= len(words) <= 2 or not words[0].isdigit() or (len(words) == 2 and words[1].upper() != "LAST"):
+            await self.push("501 5.5.4 Syntax: BDAT size [LAST]")
+            return
+        size, last = int(words[0]), len(words) == 2
+        record = srv._record(self)
+        try:
+            chunk = await self._reader.readexactly(size)
+        except asyncio.IncompleteReadError:
+            return  # the client went away mid-chunk
+        assert self.envelope is not None
+        if self._bdat_failed or not self.envelope.mail_from or not self.envelope.rcpt_tos:
+            self._bdat_failed = True
+            record.commands.append("BDAT")
+            await self.push("554 5.5.1 Error: no valid recipients" if self.envelope.mail_from
+                            else "503 5.5.1 Error: need MAIL command")
+            return
+        self._chunks = [*(self._chunks or []), chunk]
+        if not last:
+            await self.push(f"250 2.0.0 {size} octets received")
+            return
+        record.ahead.append(len(self._reader._buffer))  # type: ignore[attr-defined]  # pipelined behind it
+        self.envelope.original_content = self.envelope.content = b"".join(self._chunks)
+        self._chunks = None
+        self.body_command = "BDAT"
+        try:
+            status = await self.event_handler.handle_DATA(self, self.session, self.envelope)
+        finally:
+            self.body_command = "DATA"
+        await self.push(status)
+        if (status if isinstance(status, bytes) else status.encode()).startswith(b"2"):
+            self._set_post_data_state()
+        else:
+            self._bdat_failed = True
+
+    async def smtp_RSET(self, arg: str) -> None:
+        self._bdat_failed = False
+        self._chunks = None
+        await super().smtp_RSET(arg)
+
     async def smtp_DATA(self, arg: str) -> None:
         reply = self._test_server.faults.data_command_reply
         if reply is not None and self.envelope is not None and self.envelope.rcpt_tos:
@@ -326,6 +384,7 @@ class FaultyServer:
         smtputf8: bool = False,
         eightbitmime: bool = True,
         oauth_tokens: set[str] | None = None,
+        chunking: bool = False,
     ) -> None:
         """``starttls_context`` offers STARTTLS; ``tls_context`` makes the port implicit
         TLS; ``credentials`` (user, password) makes AUTH required."""
@@ -334,6 +393,7 @@ class FaultyServer:
         self.credentials = credentials
         self.smtputf8 = smtputf8  # advertise SMTPUTF8 (RFC 6531)
         self.eightbitmime = eightbitmime  # advertise 8BITMIME (RFC 6152)
+        self.chunking = chunking  # advertise CHUNKING and take BDAT (RFC 3030)
         self.auth_attempts: list[tuple[str, bool]] = []
         self.oauth_tokens = oauth_tokens  # AUTH XOAUTH2 / OAUTHBEARER accept these (None: not offered)
         self.oauth_attempts: list[tuple[str, str, str, bool]] = []  # mechanism, user, token, accepted
