@@ -53,6 +53,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         options: dict[str, Any] = {"size": args.size, "max_attempts": 1}
         if args.tls_ca:
             options.update(use_tls=True, ca_file=args.tls_ca)
+        if args.pipeline_depth is not None:
+            options["pipeline_depth"] = args.pipeline_depth
         if args.pipelining != "default":
             options["pipelining"] = None if args.pipelining == "on" else False
         async with SMTPPool(host, port, **options) as pool:
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--message-size", type=int, default=2048)
     parser.add_argument("--recipients", type=int, default=1)
     parser.add_argument("--attachment", type=int, default=0, help="attachment bytes")
+    parser.add_argument("--pipeline-depth", type=int, help="pool: transactions in flight with BDAT (1: DATA)")
     parser.add_argument("--tls-ca", help="implicit TLS (SMTPS), trusting this CA file (pool, minimal)")
     args = parser.parse_args(argv)
     import structlog

@@ -707,7 +707,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sink", choices=["auto", "smtp-sink", "aiosmtpd"], default="auto")
     parser.add_argument("--install-sink", action="store_true",
                         help="apt-get install postfix (root) when smtp-sink is missing; the daemon is never started")
-    parser.add_argument("--only", help="comma-separated sections: loopback,shapes,proxy,e2e,memory,redis,tls")
+    parser.add_argument("--only", help="comma-separated sections: loopback,shapes,proxy,e2e,memory,redis,tls,latency")
     parser.add_argument("--e2e-jobs", type=int, help="jobs per dispatcher run row (default 50000: start-up is "
                                                      "~0.35 s, a tenth of a 5,000-job run)")
     parser.add_argument("--memory-jobs", help="two job counts for the RSS rows (default 100000,1000000)")
@@ -746,11 +746,26 @@ def tls_rows(cfg: Settings) -> str:
     return "\n## Over TLS (`python -m benchmarks.tls`)\n\n" + done.stdout
 
 
+def latency_rows(cfg: Settings) -> str:
+    """Command by command, DATA-pipelined and BDAT-pipelined against a private Postfix
+    smtpd at 1 and 20 ms round trips (issue 20's target: BDAT >= 4x DATA-pipelined at
+    20 ms on one connection)."""
+    if os.geteuid() != 0 or find_tool("postfix") is None:
+        return "\n## Round trips against Postfix smtpd\n\nNot run: needs root and Postfix (apt-get install postfix).\n"
+    log(f"latency: command, DATA and BDAT against Postfix at 1 and 20 ms, {cfg.runs} rounds")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.latency", "--rounds", str(cfg.runs),
+                           "--seconds", "1" if cfg.quick else "4"],
+                          capture_output=True, text=True, check=False, cwd=ROOT, env=_env())
+    if done.returncode != 0:
+        return f"\n## Round trips against Postfix smtpd\n\nFailed: {done.stderr.strip().splitlines()[-1:]}\n"
+    return "\n## Round trips against Postfix smtpd (`python -m benchmarks.latency`)\n\n" + done.stdout
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     quick = args.quick
-    sections = {"loopback", "shapes", "proxy", "e2e", "memory", "redis", "tls"}
+    sections = {"loopback", "shapes", "proxy", "e2e", "memory", "redis", "tls", "latency"}
     if args.only:
         sections = {s.strip() for s in args.only.split(",")} & sections
     memory_jobs = (2000, 20000) if quick else (100_000, 1_000_000)
@@ -829,6 +844,8 @@ def main(argv: list[str] | None = None) -> int:
         text += redis_rows(cfg)
     if "tls" in sections:
         text += tls_rows(cfg)
+    if "latency" in sections:
+        text += latency_rows(cfg)
     print(text)
     if not args.no_write:
         args.output.write_text(text)
