@@ -290,9 +290,11 @@ class Transaction:
             except ConnectionFailed as exc:
                 # The end of DATA went out and its reply never came (a 421 is an answer).
                 exc.ambiguous = exc.code is None
-                if self._bdat:
+                if self._bdat and exc.replies:
                     could_deliver = self._bdat_partial(exc.replies)  # keeps what was refused for good
                     exc.ambiguous = exc.ambiguous and exc.written and could_deliver
+                elif self._bdat:
+                    exc.ambiguous = exc.ambiguous and exc.written
                 self._connection.close()
                 self.outcome = self._lost(exc)
                 self.outcome.unsent = not exc.written
@@ -307,14 +309,14 @@ class Transaction:
             reset, replies = replies[0], replies[1:]
             if reset[0] == SERVICE_CLOSING:
                 _checked(*reset)  # raises
+        mail, rcpt, bdat = replies[0], replies[1:-1], replies[-1]
+        self._mail, self._rcpt = mail, rcpt  # kept if a 421 below ends the session
         clean = True
         for code, text in replies:
             if code >= 300:
                 if code == SERVICE_CLOSING:
                     _checked(code, text)  # raises: the server closes; nothing after it was taken
                 clean = False
-        mail, rcpt, bdat = replies[0], replies[1:-1], replies[-1]
-        self._mail, self._rcpt = mail, rcpt
         if clean:
             return Outcome(accepted=list(self._recipients), delivered=bdat)
         # RFC 3030 section 2: after a refused BDAT the server's state is undetermined
