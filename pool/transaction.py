@@ -387,7 +387,8 @@ class Transaction:
         """Queue MAIL, every RCPT and ``BDAT n LAST`` with the content, without waiting
         for any reply (RFC 3030 over RFC 2920): ``finish`` reads all of them, in order."""
         conn = self._connection
-        commands = envelope_commands(self._envelope, self._recipients, conn.smtputf8, self._params)
+        commands = envelope_commands(self._envelope, self._recipients, conn.smtputf8, self._params,
+                                     dsn=conn.dsn and self._envelope.envelope_id is not None)
         if conn.unclean or conn.on_the_wire > 1:
             # An earlier transaction's BDAT reply is not in yet, or was a refusal: RFC 3030
             # leaves the server's state undetermined after a refused BDAT until RSET, so a

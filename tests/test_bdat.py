@@ -114,7 +114,9 @@ async def test_real_postfix_takes_bdat_across_messages_with_refusals_in_flight(d
         messages = [make_message(i) for i in range(40)]
         messages[7] = make_message(7, ["rcpt7@example.net", "nobody@nodot"])
         messages[9] = make_message(9, ["nobody@nodot"])  # no valid recipient: BDAT refused too
-        results = await asyncio.gather(*(pool.submit(m) for m in messages), return_exceptions=True)
+        # Postfix offers DSN: MAIL and every RCPT carry their DSN parameters with BDAT too.
+        results = await asyncio.gather(*(pool.submit(m, envelope_id=f"env-{i}") for i, m in enumerate(messages)),
+                                       return_exceptions=True)
     await postfix.until(lambda: sum(postfix.discarded().values()) >= 39 and len(postfix.sessions()) >= 2,
                         "39 messages discarded and 2 sessions ended")
     ninth = results[9]
