@@ -23,13 +23,15 @@ def campaign(name: str) -> list[dict[str, object]]:
                                     ["ok2@example.net", "listed@example.net"], ["ok3@example.net"]])]
 
 
-async def run_campaign(name: str, url: str, config: Path, tmp_path: Path, started: list[WorkerProcess]) -> None:
+async def run_campaign(name: str, url: str, config: Path, tmp_path: Path, started: list[WorkerProcess]) -> str:
+    """Enqueue the campaign, run two workers until the stream is empty; returns what enqueue said."""
     jobs = write_jobs(tmp_path / f"{name}.jsonl", campaign(name))
     code, _, err = await cli("enqueue", str(jobs), "--redis", url, "--config", str(config), cwd=tmp_path)
     assert code == 0, err
     pair = [await WorkerProcess.start(started, "--redis", url, "--config", str(config), "--name", f"{name}-w{k}",
                                       "--until-empty", cwd=tmp_path) for k in (1, 2)]
     assert [await worker.wait() for worker in pair] == [0, 0]
+    return err
 
 
 async def test_two_workers_share_one_suppression_list_in_redis(redis_server: RedisServer, tmp_path: Path,
@@ -43,7 +45,8 @@ async def test_two_workers_share_one_suppression_list_in_redis(redis_server: Red
                                  str(config), cwd=tmp_path)
         assert code == 0, err
 
-        await run_campaign("c1", url, config, tmp_path, workers)
+        said = await run_campaign("c1", url, config, tmp_path, workers)
+        assert "4 jobs added" in said and "1 suppressed (every recipient listed)" in said, said  # c1-1
         rows = {r["id"]: r for r in await results(url, tmp_path)}
         assert rows["c1-1"]["status"] == "suppressed" and rows["c1-1"]["suppressed"] == ["Listed@example.net"]
         assert rows["c1-2"]["status"] == "failed"
@@ -57,7 +60,8 @@ async def test_two_workers_share_one_suppression_list_in_redis(redis_server: Red
         assert not (tmp_path / "unused.sqlite").exists()  # the Redis hash, not the file
 
         before = len(server.messages)
-        await run_campaign("c2", url, config, tmp_path, workers)
+        said = await run_campaign("c2", url, config, tmp_path, workers)
+        assert "3 jobs added" in said and "2 suppressed" in said, said  # c2-1 and c2-2: never on the stream
         rows = {r["id"]: r for r in await results(url, tmp_path)}
         assert [rows[f"c2-{i}"]["status"] for i in range(5)] == ["sent", "suppressed", "suppressed", "sent", "sent"]
         assert sorted(r for m in server.messages[before:] for r in m.rcpt_tos) == [

@@ -121,6 +121,7 @@ def enqueue(args: argparse.Namespace) -> int:
     from redis.exceptions import RedisError
 
     from dispatcher.compose import Composer
+    from dispatcher.loop.suppression import Admission, StoreError, open_store
     from dispatcher.stream.enqueue import Enqueuer, open_jobs
     from dispatcher.stream.store import describe
 
@@ -143,7 +144,14 @@ def enqueue(args: argparse.Namespace) -> int:
             stream.close()
             print(f"dispatcher enqueue: {exc}", file=sys.stderr)
             return ExitCode.USAGE
-        enqueuer = Enqueuer(redis, keys, settings.redis.group, composer)
+        try:  # the suppression list: a job with no recipient left is recorded, not enqueued
+            admission = Admission(open_store(settings.suppression, url), auto=False, source="enqueue")
+            await asyncio.to_thread(admission.load)
+        except StoreError as exc:
+            stream.close()
+            print(f"dispatcher enqueue: {exc}", file=sys.stderr)
+            return ExitCode.USAGE
+        enqueuer = Enqueuer(redis, keys, settings.redis.group, composer, admission)
         try:
             with stream:
                 counts = await enqueuer.enqueue(stream)
@@ -153,8 +161,9 @@ def enqueue(args: argparse.Namespace) -> int:
             return ExitCode.USAGE
         # Invalid lines count whether recorded now or by an earlier enqueue of the file, as
         # a re-run of `run` counts them: the file still holds them.
+        suppressed = f", {counts.suppressed} suppressed (every recipient listed)" if counts.suppressed else ""
         print(f"dispatcher enqueue: {counts.added} jobs added to {keys.stream}, {counts.invalid_lines} invalid "
-              f"(in {keys.results}), {counts.already} already enqueued", file=sys.stderr)
+              f"(in {keys.results}), {counts.already} already enqueued{suppressed}", file=sys.stderr)
         return ExitCode.FAILED if counts.invalid_lines else ExitCode.OK
 
     return _run("enqueue", args, body)

@@ -25,9 +25,11 @@ import orjson
 import structlog
 from redis.asyncio import Redis
 
-from dispatcher.compose import Composer, reads_files
-from dispatcher.jobs import JobError, Line, parse_line, read_lines
+from dispatcher.address import parse_address, parse_mailbox
+from dispatcher.compose import AnyJob, Composer, reads_files
+from dispatcher.jobs import JobError, Line, RawJob, parse_line, read_lines
 from dispatcher.journal import IdSet
+from dispatcher.loop.suppression import Admission
 from dispatcher.stream.keys import Keys
 from dispatcher.stream.scripts import ENQUEUE
 from dispatcher.stream.store import encoded_row, ensure_group, retrying
@@ -47,17 +49,22 @@ class EnqueueCounts:
     rejected: int = 0  # invalid lines recorded in the results stream
     already: int = 0  # lines enqueued by an earlier call
     invalid_lines: int = 0  # invalid lines in this file, recorded now or earlier
+    suppressed: int = 0  # jobs recorded suppressed (every recipient on the suppression list)
 
 
 Row = tuple[bytes, bytes, bytes, bytes, bytes]  # kind, key, id to mark done, line, payload
 
 
 class Enqueuer:
-    def __init__(self, redis: Redis, keys: Keys, group: str, composer: Composer | None = None) -> None:
+    def __init__(self, redis: Redis, keys: Keys, group: str, composer: Composer | None = None,
+                 admission: Admission | None = None) -> None:
         """``composer`` (unsigned) validates what ``run`` would: rendered templates when
         the templates directory is here, unsubscribe headers, the message build. Without
-        it only the job's shape is checked."""
+        it only the job's shape is checked. ``admission`` (the suppression list): a job
+        whose every recipient is on it is recorded ``suppressed`` instead of enqueued
+        (one with some left goes on the stream; the worker leaves the others out)."""
         self.composer = composer
+        self.admission = admission
         self._templates_here = composer is not None and composer.templates.directory.is_dir()
         self.redis = redis
         self.keys = keys
@@ -110,6 +117,11 @@ class Enqueuer:
                 content = self._rooted(content)
             except JobError as exc:
                 return self._invalid(b"I", job.id.encode(), job.id, line, JobError(exc.field, str(exc), job.id))
+        if self.admission is not None:
+            kept, suppressed = self.admission.admit(_recipients(job))
+            if suppressed and not kept:
+                row = encoded_row(job.id, line.number, "suppressed", suppressed=suppressed)
+                return (b"S", job.id.encode(), job.id.encode(), number, row)
         return (b"J", job.id.encode(), job.id.encode(), number, content)
 
     def _rooted(self, content: bytes) -> bytes:
@@ -164,11 +176,22 @@ class Enqueuer:
         keys = [self.keys.stream, self.keys.results, self.keys.ids, self.keys.lines, self.keys.done,
                 self.keys.stats, self.keys.invalid]
         # At maxmemory: an error at once, not a wait (what is added stays; enqueuing again adds the rest).
-        added, rejected, already = await retrying(lambda: self._script(keys=keys, args=args), what="enqueue",
-                                                  wait_out_of_memory=False)
+        added, rejected, already, suppressed = await retrying(lambda: self._script(keys=keys, args=args),
+                                                              what="enqueue", wait_out_of_memory=False)
+        self.counts.suppressed += int(suppressed)
         self.counts.added += int(added)
         self.counts.rejected += int(rejected)
         self.counts.already += int(already)
+
+
+def _recipients(job: AnyJob) -> list[str]:
+    """The envelope recipients of a valid job (as the compose stage makes them)."""
+    try:
+        if isinstance(job, RawJob):
+            return [parse_address(a).address for a in job.rcpt_to]
+        return [parse_mailbox(str(a)).address for a in [*job.to, *(job.cc or ()), *(job.bcc or ())]]
+    except ValueError:  # not for the list to judge: the worker finds what is wrong
+        return []
 
 
 def _line_key(line: Line, job_id: str | None) -> bytes:

@@ -9,10 +9,12 @@ be run again without recording or sending anything twice.
 #: ARGV: rows of (kind, key, mark_id, line, payload). kind J: a job (key: its id, in
 #: the ids hash, with its line); I: an invalid line whose id is its own (the same, and
 #: the id is marked done); L: an invalid line keyed by line number and digest (lines
-#: set). A row whose key is already there adds nothing. An I row is also kept in the
-#: invalid stream (for ``requeue --invalid``). Returns {added, rejected, already}.
+#: set); S: a job whose every recipient is on the suppression list (its id is marked
+#: done as suppressed, its row recorded, nothing to send). A row whose key is already
+#: there adds nothing. An I row is also kept in the invalid stream (for ``requeue
+#: --invalid``). Returns {added, rejected, already, suppressed}.
 ENQUEUE = """
-local added, rejected, already = 0, 0, 0
+local added, rejected, already, suppressed = 0, 0, 0, 0
 for i = 1, #ARGV, 5 do
   local kind, key, id, line, payload = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
   local new
@@ -25,6 +27,10 @@ for i = 1, #ARGV, 5 do
     if kind == 'J' then
       redis.call('XADD', KEYS[1], '*', 'id', id, 'line', line, 'job', payload)
       added = added + 1
+    elseif kind == 'S' then
+      redis.call('XADD', KEYS[2], '*', 'r', payload)
+      redis.call('HSETNX', KEYS[5], id, 'suppressed')
+      suppressed = suppressed + 1
     else
       local row = redis.call('XADD', KEYS[2], '*', 'r', payload)
       if id ~= '' then
@@ -42,7 +48,8 @@ if rejected > 0 then
   redis.call('HINCRBY', KEYS[6], 'rejected', rejected)
   redis.call('HINCRBY', KEYS[6], 'invalid', rejected)
 end
-return {added, rejected, already}
+if suppressed > 0 then redis.call('HINCRBY', KEYS[6], 'suppressed', suppressed) end
+return {added, rejected, already, suppressed}
 """
 
 #: Entries carry {id, line, job} and, once handed back, ``tries``: the deliveries that
