@@ -73,7 +73,7 @@ class DroppingStream:
         self._pending: deque[bytes] = deque()
         self._pending_bytes = 0
         self._writing = False
-        self._lock = threading.Condition()
+        self._lock = threading.Condition(threading.RLock())  # _queue takes it again
         self._thread: threading.Thread | None = None
         try:
             self._fd: int | None = stream.fileno()
@@ -90,12 +90,14 @@ class DroppingStream:
             self._write_through(text)
             return len(text)
         end = text.rfind("\n")
-        if end < 0:
-            self._partial.append(text)  # print() writes the text, then the newline
-        else:
+        with self._lock:  # a log line may come from another thread (a compose thread, /metrics)
+            if end < 0:
+                self._partial.append(text)  # print() writes the text, then the newline
+                return len(text)
             self._partial.append(text[:end + 1])
-            self._queue("".join(self._partial))
+            line = "".join(self._partial)
             self._partial = [text[end + 1:]] if end + 1 < len(text) else []
+            self._queue(line)
         return len(text)
 
     def flush(self) -> None:
@@ -104,9 +106,11 @@ class DroppingStream:
                 self._stream.flush()
             except (OSError, ValueError):
                 self.broken = True
-        elif self._partial:
-            text, self._partial = "".join(self._partial), []
-            self._queue(text)
+        else:
+            with self._lock:
+                if self._partial:
+                    text, self._partial = "".join(self._partial), []
+                    self._queue(text)
 
     def isatty(self) -> bool:
         return self._tty and not self.broken

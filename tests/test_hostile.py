@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ import dispatcher.compose_process as compose_module
 import dispatcher.journal as journal_module
 from dispatcher.config import load_settings
 from dispatcher.exit import ExitCode
+from dispatcher.logs import DroppingStream
 from dispatcher.runner import Run, RunOptions
 from pool import SMTPPool
 
@@ -489,3 +491,29 @@ async def test_ctrl_c_on_the_terminal_leaves_no_frozen_copy_of_the_display(
     lines = screen.lines()
     assert "^C" in output
     assert sum("━" in line for line in lines) == 1, "\n".join(lines)  # the last state, and no frozen copy
+
+
+def test_lines_stderr_cannot_take_at_once_are_dropped_counted_and_said_at_the_end() -> None:
+    read_end, write_end = os.pipe()
+    with open(write_end, "w", closefd=True) as pipe:
+        stream = DroppingStream(pipe, limit=1 << 16)  # the pipe holds 64 KiB more
+        line = "x" * 99
+        for _ in range(5000):  # 500 KB, nobody reading: the writer thread blocks, the buffer fills
+            print(line, file=stream)  # never blocks
+        assert stream.dropped > 0
+        dropped = stream.dropped
+        received = bytearray()
+
+        def drain() -> None:
+            while not received.endswith(b"at once\n") and (chunk := os.read(read_end, 1 << 16)):
+                received.extend(chunk)
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        stream.finish(timeout=10)
+        reader.join(10)
+    os.close(read_end)
+    lines = received.decode().splitlines()
+    assert all(text == line for text in lines[:-1])  # whole lines only, in order
+    assert lines[-1] == f"dispatcher: {dropped} log line(s) dropped: standard error did not take them at once"
+    assert len(lines) - 1 + dropped == 5000
