@@ -14,10 +14,9 @@ _MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(.*?)\r?$")
 _FORBIDDEN_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
 #: RFC 5322 section 3.6: at most one of each. Two From (or Subject...) is how a signed
 #: message is made to show an unsigned value: verifiers and mail clients pick different ones.
-_UNIQUE_FIELD = re.compile(rb"(?im)^(from|sender|to|cc|subject|date|message-id)[ \t]*:")
+_UNIQUE_FIELD = re.compile(rb"\n(from|sender|to|cc|subject|date|message-id)[ \t]*:")  # on the lowered header
 _FIELD_NAMES = {name.lower().encode(): name for name in ("From", "Sender", "To", "Cc", "Subject", "Date", "Message-ID")}
 _DOT_LINE = re.compile(rb"\n\.")
-_FIELD_NEEDLES = tuple((b"\n" + name + b":", shown) for name, shown in _FIELD_NAMES.items())
 END_OF_DATA = b".\r\n"
 
 
@@ -83,15 +82,11 @@ def check_headers(message: bytes) -> None:
     if message[:1] in (b" ", b"\t"):
         raise ValueError("message: the first line starts with white space (a folded line that continues no field)")
     end = 0 if message.startswith(b"\r\n") else message.find(b"\r\n\r\n")
-    head = b"\n" + (message if end < 0 else message[:end + 2]).lower()
-    if b" :" in head or b"\t:" in head:  # white space before a colon (RFC 5322 obsolete syntax)
-        names = [name.lower() for name in _UNIQUE_FIELD.findall(head)]
-        for name in _FIELD_NAMES:
-            if names.count(name) > 1:
-                raise ValueError(f"message: two {_FIELD_NAMES[name]} fields (RFC 5322 section 3.6 allows one)")
-    for needle, shown in _FIELD_NEEDLES:  # the common case: one count in C per name
-        if head.count(needle) > 1:
-            raise ValueError(f"message: two {shown} fields (RFC 5322 section 3.6 allows one)")
+    # One pass of a case-sensitive regex over the lowered header (~2 µs for a usual one).
+    names = _UNIQUE_FIELD.findall(b"\n" + (message if end < 0 else message[:end + 2]).lower())
+    if len(names) != len(set(names)):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise ValueError(f"message: two {_FIELD_NAMES[twice]} fields (RFC 5322 section 3.6 allows one)")
 
 
 def crlf(message: bytes) -> bytes:
