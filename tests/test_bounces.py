@@ -224,3 +224,18 @@ async def test_imap_source_against_a_real_dovecot(tmp_path: Path) -> None:
         assert code == 2 and "Traceback" not in err and "wrong-password" not in err
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def test_a_report_without_verp_or_envid_is_matched_by_the_returned_message_id(tmp_path: Path) -> None:
+    box = _maildir(tmp_path, ["gmail-no-such-user.eml"])  # no ENVID; its VERP is not configured here
+    results = tmp_path / "campaign.results.jsonl"
+    results.write_text('{"id": "job-3001", "line": 1, "status": "sent", "message_id": "<job-3001.a1b2c3@example.org>"}\n'
+                       'not json\n{"id": "other", "line": 2, "status": "invalid", "message_id": null}\n')
+    code, out, err = await dispatcher("bounces", str(box), "--dry-run", cwd=tmp_path)
+    assert code == 0, err
+    assert json.loads(out)["job_id"] is None
+    code, out, err = await dispatcher("bounces", str(box), "--dry-run", "--results", str(results), cwd=tmp_path)
+    assert code == 0, err
+    assert json.loads(out)["job_id"] == "job-3001"
+    code, _, err = await dispatcher("bounces", str(box), "--results", str(tmp_path / "missing.jsonl"), cwd=tmp_path)
+    assert code == 2 and "missing.jsonl" in err and "Traceback" not in err

@@ -52,6 +52,9 @@ def add_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser])
                               "(password: bounces.imap_password)")
     bounces.add_argument("--config", type=Path, help="YAML configuration (suppression.path, jobs.return_path, "
                                                      "bounces.imap_password)")
+    bounces.add_argument("--results", type=Path, metavar="FILE", action="append", default=[],
+                         help="results file(s) of the campaigns: a report that names no job (no VERP, no ENVID) "
+                              "is matched by the returned Message-ID (repeatable)")
     bounces.add_argument("--dry-run", action="store_true",
                          help="print what would be done; suppress nothing and mark nothing seen")
     bounces.add_argument("--metrics-textfile", type=Path, metavar="FILE",
@@ -267,6 +270,11 @@ def bounces(args: argparse.Namespace) -> int:
         print(f"dispatcher bounces: config error: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     return_path = ReturnPath(settings.jobs.return_path) if settings.jobs.return_path else None
+    try:
+        by_message_id = _message_ids(args.results)
+    except OSError as exc:
+        print(f"dispatcher bounces: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return ExitCode.USAGE
     password = settings.bounces.imap_password
     registry = CollectorRegistry()
     counted = Counter("dispatcher_bounces", "Reports read by dispatcher bounces, by type.", ["type"],
@@ -295,7 +303,8 @@ def bounces(args: argparse.Namespace) -> int:
                 for item in source.messages():
                     reports = classify(item.raw, return_path)
                     for report in reports:
-                        report = dataclasses.replace(report, source=f"{source.name}#{item.key}")
+                        job_id = report.job_id or by_message_id.get(report.message_id or "")
+                        report = dataclasses.replace(report, source=f"{source.name}#{item.key}", job_id=job_id)
                         counted.labels(report.type.value).inc()
                         totals[report.type.value] = totals.get(report.type.value, 0) + 1
                         sys.stdout.write(json.dumps(report.as_dict(), ensure_ascii=False) + "\n")
@@ -325,6 +334,22 @@ def bounces(args: argparse.Namespace) -> int:
         if problem is not None:
             print(f"dispatcher bounces: {problem}", file=sys.stderr)
     return status
+
+
+def _message_ids(paths: list[Path]) -> dict[str, str]:
+    """Message-ID -> job id from results files (their rows name what each job was sent
+    with); rows that are not JSON or name no Message-ID are passed over."""
+    found: dict[str, str] = {}
+    for path in paths:
+        with path.open("rb") as rows:
+            for raw in rows:
+                try:
+                    row = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("message_id"), str) and isinstance(row.get("id"), str):
+                    found[row["message_id"]] = row["id"]
+    return found
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
