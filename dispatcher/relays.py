@@ -28,6 +28,8 @@ class Sender(Protocol):
 
     def queue_depth(self) -> int: ...
 
+    async def connect(self) -> None: ...
+
     async def submit(
         self,
         message: Message | bytes | str | Envelope,

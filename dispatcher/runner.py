@@ -52,7 +52,7 @@ from dispatcher.sender import Sending, build_sender
 from dispatcher.signals import signal_handlers
 from dispatcher.sink import DEFAULT_MAILDIR
 from dispatcher.templates import SETTINGS_FIELDS, TemplatesSettings
-from pool import DeliveryError, PoolClosedError, RelayError, SMTPPool
+from pool import DeliveryError, PoolClosedError, RelayError
 from pool.budget import ByteBudget
 from pool.envelope import for_recipients
 
@@ -349,10 +349,9 @@ class Run:
 
     async def _read(self, pool: Sender, group: asyncio.TaskGroup) -> None:
         try:
-            if isinstance(pool, SMTPPool):
-                # A session first: a wrong password, an untrusted certificate or a relay
-                # that is down ends the run before any line is read or recorded.
-                await pool.connect()
+            # A session first: a wrong password, an untrusted certificate or a relay that
+            # is down ends the run before any line is read or recorded.
+            await pool.connect()
             if self._composing is not None:
                 await self._read_composed(pool, group)
             else:

@@ -87,6 +87,29 @@ class SMTPRouter:
         self._credit[best] -= total
         return best
 
+    async def connect(self) -> None:
+        """A session on one relay at least, before any message: returns once a relay
+        has one (the others are left to connect when they are needed). Raises the
+        RelayError of the relay that failed first when none can: a transient one when
+        any relay stayed down, else a refusal."""
+        pending = {asyncio.ensure_future(pool.connect()) for pool in self.pools.values()}
+        errors: list[RelayError] = []
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    error = task.exception()
+                    if error is None:
+                        return
+                    if not isinstance(error, RelayError):
+                        raise error
+                    errors.append(error)
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        raise next((e for e in errors if e.transient), errors[0])
+
     async def submit(
         self,
         message: Message | bytes | str | Envelope,

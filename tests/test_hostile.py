@@ -517,3 +517,20 @@ def test_lines_stderr_cannot_take_at_once_are_dropped_counted_and_said_at_the_en
     assert all(text == line for text in lines[:-1])  # whole lines only, in order
     assert lines[-1] == f"dispatcher: {dropped} log line(s) dropped: standard error did not take them at once"
     assert len(lines) - 1 + dropped == 5000
+
+
+async def test_relays_that_all_refuse_the_login_record_nothing(tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", ["not json"] + [job(i) for i in range(5)])
+    async with FaultyServer(credentials=("user", "right")) as a, FaultyServer(credentials=("user", "right")) as b:
+        login = "  start_tls: false\n  username: user\n  password: wrong\n"
+        config = tmp_path / "c.yaml"
+        config.write_text(f"relays:\n  - name: a\n    hostname: 127.0.0.1\n    port: {a.port}\n"
+                          + login.replace("  ", "    ", 1).replace("\n  ", "\n    ")
+                          + f"  - name: b\n    hostname: 127.0.0.1\n    port: {b.port}\n"
+                          + login.replace("  ", "    ", 1).replace("\n  ", "\n    "))
+        proc = await spawn("run", str(jobs), "--config", str(config), cwd=tmp_path)
+        code, err = await finish(proc)
+        assert code == 2, err
+        assert "refused the login: 535" in err
+        assert not (tmp_path / "jobs.results.jsonl").exists()
+        assert len(a.auth_attempts) == len(b.auth_attempts) == 1
