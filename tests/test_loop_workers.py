@@ -68,3 +68,36 @@ async def test_two_workers_share_one_suppression_list_in_redis(redis_server: Red
             "ok1@example.net", "ok2@example.net", "ok3@example.net"]
         code, out, err = await cli("status", "--redis", url, "--json", cwd=tmp_path)
         assert json.loads(out)["done"]["suppressed"] == 3, out
+
+
+async def test_a_worker_counts_the_recipients_it_leaves_out_on_its_metrics(
+        redis_server: RedisServer, tmp_path: Path, workers: list[WorkerProcess]) -> None:
+    import asyncio
+    import signal
+    import urllib.request
+
+    from redisserver import free_port
+
+    url, port = redis_server.url, free_port()
+    async with FaultyServer() as server:
+        config = write_config(tmp_path / "c.yaml", server, redis={"url": url})
+        config.write_text(config.read_text() + f"suppression:\n  path: {tmp_path / 'list.sqlite'}\n")
+        code, _, err = await cli("suppress", "add", "gone@example.net", "--config", str(config), cwd=tmp_path)
+        assert code == 0, err
+        jobs = write_jobs(tmp_path / "j.jsonl", [{"id": "j1", "from": "news@example.org", "subject": "s",
+                                                  "text": "Hi.\n", "to": ["gone@example.net", "here@example.net"]}])
+        code, _, err = await cli("enqueue", str(jobs), "--redis", url, "--config", str(config), cwd=tmp_path)
+        assert code == 0, err
+        worker = await WorkerProcess.start(workers, "--redis", url, "--config", str(config), "--metrics-port",
+                                           str(port), cwd=tmp_path)
+        await server.wait_for(lambda: len(server.messages) >= 1, timeout=30)
+        assert server.messages[0].rcpt_tos == ["here@example.net"]
+        async with asyncio.timeout(10):
+            while True:
+                text = await asyncio.to_thread(
+                    lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+                if 'dispatcher_suppressed_total{reason="manual"} 1.0' in text:
+                    break
+                await asyncio.sleep(0.05)
+        worker.proc.send_signal(signal.SIGTERM)
+        assert await worker.wait() == 130

@@ -179,7 +179,7 @@ class Worker:
         self.limiter: RedisRateLimiter | None = None
         # The suppression list, in memory, reloaded when changed (SQLite here, or a Redis hash shared by all).
         self.admission = Admission(open_store(settings.suppression, options.url), auto=settings.suppression.auto,
-                                   source="worker", refresh=settings.suppression.refresh)
+                                   source="worker", refresh=settings.suppression.refresh, registry=self.registry)
         self._room = asyncio.Event()  # a slot was freed (or we are stopping)
         self._finishing = asyncio.Event()  # every handler is done: heartbeat may end
         self._settles: asyncio.Queue[_Settle | None] = asyncio.Queue()
