@@ -43,7 +43,10 @@ def start_stunnel(target_port: int, workdir: Path) -> tuple[subprocess.Popen[byt
     ca.cert_pem.write_to_path(str(workdir / "ca.pem"))
     port = free_port()
     config = workdir / "stunnel.conf"
-    config.write_text(f"foreground = yes\npid =\ndebug = 3\nsyslog = no\n[smtps]\naccept = 127.0.0.1:{port}\n"
+    # TCP_NODELAY both ways: a client that waits for each reply (Nodemailer, the minimal
+    # pool) must not measure Nagle against delayed ACKs through the tunnel.
+    config.write_text(f"foreground = yes\npid =\ndebug = 3\nsyslog = no\nsocket = l:TCP_NODELAY=1\n"
+                      f"socket = r:TCP_NODELAY=1\n[smtps]\naccept = 127.0.0.1:{port}\n"
                       f"connect = 127.0.0.1:{target_port}\ncert = {workdir / 'server.pem'}\n")
     process = subprocess.Popen([binary, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
