@@ -19,8 +19,10 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from email_validator import EmailNotValidError, validate_email
+if TYPE_CHECKING:
+    from email_validator import EmailNotValidError
 
 #: RFC 5322 section 3.2.3 dot-atom (ASCII), RFC 5321 section 4.5.3.1.1 at most 64 octets.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
@@ -76,6 +78,8 @@ def _parse(value: str, display_name: bool) -> Mailbox:
 
 def validated(value: str, display_name: bool) -> Mailbox:
     """The library's verdict on ``value`` alone, uncached (what the shortcuts equal)."""
+    from email_validator import EmailNotValidError, validate_email  # 75 ms to import: when first needed
+
     try:
         checked = validate_email(_quote_bare_name(value) if display_name else value, check_deliverability=False,
                                  allow_smtputf8=True, allow_display_name=display_name, allow_quoted_local=False,
@@ -93,6 +97,8 @@ def validated(value: str, display_name: bool) -> Mailbox:
 
 @functools.lru_cache(maxsize=4096)
 def _checked_domain(domain: str) -> str | EmailNotValidError:
+    from email_validator import EmailNotValidError, validate_email
+
     try:
         return validate_email("x@" + domain, check_deliverability=False, strict=True).ascii_domain
     except EmailNotValidError as exc:
@@ -102,7 +108,7 @@ def _checked_domain(domain: str) -> str | EmailNotValidError:
 def _domain(domain: str, value: str) -> str:
     """The ASCII domain of an address whose local part is a plain dot-atom."""
     checked = _checked_domain(domain)
-    if isinstance(checked, EmailNotValidError):
+    if not isinstance(checked, str):
         raise ValueError(f"{_shown(value)} is not one valid email address: {checked}")
     return checked
 
