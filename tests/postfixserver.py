@@ -28,6 +28,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -151,8 +152,47 @@ class Postfix:
             await asyncio.sleep(0.05)
 
     def stop(self) -> None:
+        """Stop the master and wait for it to exit (its daemons write into the queue while
+        they shut down), then remove the instance's directory."""
+        try:
+            master = int((self.root / "queue" / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            master = None
         subprocess.run([self.binary, "-c", str(self.config), "stop"], capture_output=True, timeout=30)
+        deadline = time.monotonic() + 10
+        while master is not None and _alive(master):
+            if time.monotonic() > deadline:
+                # A master started from a test's thread may outlive 'postfix stop': end it
+                # and its daemons, so that no instance is left listening after the test.
+                for pid in [master, *_children(master)]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                break
+            time.sleep(0.05)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children(parent: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rpartition(")")[2].split()[1]) == parent:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
 
 
 def start_postfix(main_cf: dict[str, str] | None = None) -> Postfix:
