@@ -4,31 +4,53 @@ admission: message size x queue length is what grows memory with large messages.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 
 class ByteBudget:
-    """At most ``limit`` bytes held; ``acquire(n)`` waits for room. A request larger
-    than the whole budget waits until nothing else is held, then goes alone, so
-    that a single large message is never refused."""
+    """At most ``limit`` bytes held; ``acquire(n)`` waits for room, first come first
+    served (a large request is never overtaken for ever by small ones). A request
+    larger than the whole budget waits until nothing else is held, then goes alone,
+    so that a single large message is never refused. Cancel-safe: a cancelled wait
+    holds nothing."""
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
             raise ValueError("the byte budget must be at least 1")
         self.limit = limit
         self.held = 0
-        self._freed = asyncio.Event()
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     def __repr__(self) -> str:
         return f"<ByteBudget {self.held}/{self.limit}>"
 
+    def _fits(self, size: int) -> bool:
+        return not self.held or self.held + size <= self.limit
+
     async def acquire(self, size: int) -> None:
-        """Wait until ``size`` bytes fit, then hold them. Cancel-safe: a cancelled
-        wait holds nothing."""
-        while self.held and self.held + size > self.limit:
-            self._freed.clear()
-            await self._freed.wait()
-        self.held += size
+        if not self._waiters and self._fits(size):
+            self.held += size
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (size, future)
+        self._waiters.append(entry)
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self.held -= size  # granted just as it was cancelled: give it back
+            else:
+                self._waiters.remove(entry)
+            self._wake()
+            raise
 
     def release(self, size: int) -> None:
         self.held -= size
-        self._freed.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self._fits(self._waiters[0][0]):
+            size, future = self._waiters.popleft()
+            if not future.done():
+                self.held += size
+                future.set_result(None)

@@ -16,6 +16,7 @@ messages' attempts (docs/library.md promise 10).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import socket
 import ssl
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from pool.budget import ByteBudget
 from pool.connection import Connection, ConnState, SessionOptions
-from pool.envelope import Envelope, build_envelope, with_envelope_id
+from pool.envelope import Envelope, build_envelope, check_address, with_envelope_id
 from pool.errors import (
     ConnectionFailed,
     DeliveryError,
@@ -192,6 +193,7 @@ class SMTPPool:
         self._timers: dict[asyncio.Task[None], _Job] = {}  # backoff timers and the job each holds
         self._stopping = asyncio.Event()
         self._unfinished = 0
+        self._admitting = 0  # submits waiting for room under max_bytes_in_flight
         self._drained = asyncio.Event()
         self._drained.set()
         self._closing = False  # no new submissions
@@ -404,14 +406,25 @@ class SMTPPool:
             if sender is not None or recipients is not None or self.dkim is not None:
                 raise ValueError("an Envelope carries its own sender and recipients, and is sent unsigned: "
                                  "sign the message before pool.prepare")
-            envelope = message
+            envelope = _checked(message)
         else:
             envelope = build_envelope(message, sender, recipients, sign=self._sign, prepared=prepared)
         envelope = with_envelope_id(envelope, envelope_id)
         self._check_open()
         self._start()
         size = len(envelope.content)
-        await self._bytes.acquire(size)
+        # Waiting for room is part of being submitted: a draining close() waits for
+        # these too (else one that got its room after close() had returned would wait
+        # for ever on a stopped pool).
+        self._admitting += 1
+        self._drained.clear()
+        try:
+            await self._bytes.acquire(size)
+        except BaseException:
+            self._admitting -= 1
+            self._settle_drained()
+            raise
+        self._admitting -= 1  # and _submit counts it unfinished before its first await
         try:
             return await self._submit(envelope, admit)
         finally:
@@ -512,10 +525,12 @@ class SMTPPool:
                 # Asked last, right before the first byte goes out: connecting (TLS, AUTH, a
                 # token fetch) and the rate limiter may have taken long enough for the
                 # submitter to lose its claim on the message (a paused Redis worker).
-                if job.admit is not None and not job.admit():
-                    withdrawn, job = job, None
-                    self._finish(withdrawn, stopped=Withdrawn("withdrawn by its submitter before it was sent"))
-                    continue
+                if job.admit is not None:
+                    refusal = _admission(job.admit)
+                    if refusal is not None:
+                        withdrawn, job = job, None
+                        self._finish(withdrawn, stopped=refusal)
+                        continue
                 job.attempts += 1
                 started = time.monotonic()
                 slot.begin(started)
@@ -837,11 +852,40 @@ class SMTPPool:
 
     def _job_done(self) -> None:
         self._unfinished -= 1
-        if self._unfinished == 0:
+        self._settle_drained()
+
+    def _settle_drained(self) -> None:
+        if self._unfinished == 0 and self._admitting == 0:
             self._drained.set()
 
 
 _UNLIMITED = float("inf")
+
+
+def _checked(envelope: Envelope) -> Envelope:
+    """An Envelope built by hand, checked as submit checks its arguments: addresses
+    safe on a command line, and ``all_ascii`` true only when it is (or a UTF-8
+    address would go out without SMTPUTF8)."""
+    check_address(envelope.sender, "sender")
+    for recipient in envelope.recipients:
+        check_address(recipient, "recipients")
+    if not envelope.recipients:
+        raise ValueError("recipients: at least one is needed")
+    if envelope.all_ascii and not (envelope.sender.isascii() and all(r.isascii() for r in envelope.recipients)):
+        envelope = dataclasses.replace(envelope, all_ascii=False)
+    return envelope
+
+
+def _admission(admit: Callable[[], bool]) -> PoolError | None:
+    """Why the submitter's ``admit()`` withholds its message now, or None to send it.
+    Its own exception fails that message alone: the session, and the transactions
+    already on its wire, are not the pool's to give up for it."""
+    try:
+        if admit():
+            return None
+    except Exception as exc:  # noqa: BLE001 - the caller's callback: any error of its is its message's
+        return PoolError(f"not sent: its admit() raised {exc!r}")
+    return Withdrawn("withdrawn by its submitter before it was sent")
 
 
 def _fresh(error: PoolError) -> PoolError:
