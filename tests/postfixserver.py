@@ -271,14 +271,19 @@ autoreply unix  -       n       n       -       -       pipe
         text = (done.stdout + done.stderr).decode(errors="replace") + server.log()
         server.stop()
         raise RuntimeError(f"postfix start failed ({done.returncode}): {text}")
-    deadline = time.monotonic() + 15
+    # Ready when smtpd greets, not when the port takes a connection: the kernel accepts
+    # into master's backlog before master (slow to start on a loaded machine) runs smtpd.
+    deadline = time.monotonic() + 25  # within the test's own time limit, with stop() after it
     while True:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return server
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                if sock.recv(512).startswith(b"220"):
+                    sock.sendall(b"QUIT\r\n")
+                    return server
         except OSError:
-            if time.monotonic() > deadline:
-                log = server.log()
-                server.stop()
-                raise RuntimeError(f"postfix did not listen on {port}: {log}") from None
-            time.sleep(0.05)
+            pass
+        if time.monotonic() > deadline:
+            log = server.log()
+            server.stop()
+            raise RuntimeError(f"postfix did not greet on {port} within 25 s: {log}")
+        time.sleep(0.05)
