@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
@@ -43,8 +42,11 @@ async def discarding_postfix(request: pytest.FixtureRequest) -> AsyncIterator[An
     from postfixserver import DISCARD_ALL, start_postfix
 
     marker = request.node.get_closest_marker("main_cf")
-    postfix = await asyncio.to_thread(start_postfix, {**DISCARD_ALL, **(marker.args[0] if marker else {})})
+    # Started and stopped from the main thread, blocking the loop for those seconds: a
+    # master spawned from a worker thread was seen ignoring 'postfix stop' and never
+    # greeting (it inherits that thread's signal mask).
+    postfix = start_postfix({**DISCARD_ALL, **(marker.args[0] if marker else {})})
     try:
         yield postfix
     finally:
-        await asyncio.to_thread(postfix.stop)
+        postfix.stop()
