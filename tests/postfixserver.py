@@ -195,8 +195,27 @@ def _children(parent: int) -> list[int]:
     return found
 
 
+#: Linux queues at most net.unix.max_dgram_qlen datagrams on a unix-dgram socket (10 by
+#: default). Every Postfix daemon logs through postlogd's socket (maillog_file), and
+#: postlogd logs to it too: when a start's burst fills the queue, postlogd blocks on its
+#: own socket, and with it every daemon (smtpd never greets, 'postfix stop' hangs).
+DGRAM_QUEUE = Path("/proc/sys/net/unix/max_dgram_qlen")
+DGRAM_QUEUE_NEEDED = 512
+
+
+def _room_for_postlog() -> None:
+    try:
+        if int(DGRAM_QUEUE.read_text()) >= DGRAM_QUEUE_NEEDED:
+            return
+        DGRAM_QUEUE.write_text(str(DGRAM_QUEUE_NEEDED))  # root, as the private instance needs anyway
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"net.unix.max_dgram_qlen must be at least {DGRAM_QUEUE_NEEDED} for postlogd "
+                           f"(sysctl -w net.unix.max_dgram_qlen={DGRAM_QUEUE_NEEDED}): {exc}") from None
+
+
 def start_postfix(main_cf: dict[str, str] | None = None) -> Postfix:
     binary = need_postfix()
+    _room_for_postlog()
     root = Path(tempfile.mkdtemp(prefix="postfix-test-"))
     root.chmod(0o755)  # the postfix user reaches its queue and the Maildirs under it
     port = _free_port()
