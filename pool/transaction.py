@@ -358,13 +358,16 @@ class Transaction:
         # The pipe's replies are valid Unicode already (decoded with replacement).
         replies = await conn.await_replies(pipe, pipe.send(b"".join(commands), len(commands)))
         mail, rcpt, start = replies[0], replies[1:-1], replies[-1]
-        self._mail, self._rcpt = mail, rcpt  # kept if a 421 below ends the session
         clean = True
-        for code, text in replies:
+        for index, (code, text) in enumerate(replies):
             if code >= 400:
                 if code == SERVICE_CLOSING:
+                    # The RCPT replies before the 421 are the server's word (a recipient
+                    # refused for good stays refused); none after it is.
+                    self._mail, self._rcpt = mail, rcpt[:max(0, index - 1)]
                     _checked(code, text)  # raises
                 clean = False
+        self._mail, self._rcpt = mail, rcpt
         if clean and start[0] == START_DATA:
             self._clean = True
             # Not flushed here: the next transaction's envelope, or finish(), sends it.
