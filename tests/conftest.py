@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ssl
 import sys
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
@@ -7,10 +8,33 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from smtpserver import FaultyServer
+
+# -- TLS: a private CA (trustme) and a server certificate for 127.0.0.1 ------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def server_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
+    """The private CA as a PEM file, for a relay's ``ca_file``."""
+    bundle = tmp_path / "private-ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    return str(bundle)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 from smtpserver import FaultyServer
 from test_dispatcher import dispatcher, free_port
 from test_run_relays import dispatcher_lines, smtp, write_yaml
@@ -20,25 +19,6 @@ pytestmark = pytest.mark.timeout(60)
 
 # The system's CAs only, whatever the caller's shell says: the test CA is trusted only through ca_file.
 NO_CA_ENV = {"SSL_CERT_FILE": "", "SSL_CERT_DIR": ""}
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def server_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(context)
-    return context
-
-
-@pytest.fixture
-def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
-    bundle = tmp_path / "private-ca.pem"
-    ca.cert_pem.write_to_path(str(bundle))
-    return str(bundle)
 
 
 async def check(config: Path, tmp_path: Path, **env: str) -> tuple[int, str, str]:

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import structlog
-import trustme
 from conftest import make_message
 from smtpserver import FaultyServer
 from test_dispatcher import dispatcher, job, write_jobs
@@ -30,25 +29,6 @@ from pool.oauth import OAuth2
 pytestmark = pytest.mark.timeout(60)
 
 USER = "news@example.org"
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def server_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(context)
-    return context
-
-
-@pytest.fixture
-def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
-    bundle = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(bundle))
-    return str(bundle)
 
 
 @pytest.fixture

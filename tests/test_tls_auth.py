@@ -18,18 +18,6 @@ from pool import RelayError, SMTPPool
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def server_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(context)
-    return context
-
-
 @pytest.fixture
 def trust_test_ca(ca: trustme.CA, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[None]:
     bundle = tmp_path / "ca.pem"
