@@ -261,20 +261,8 @@ class SMTPPool:
                     return
                 if (refusal := self._no_connect()) is not None:
                     raise refusal
-                self.max_open = max(self.max_open, self.connections_open() + 1)
-                try:
-                    await slot.connect()
-                except ConnectionFailed as exc:
-                    self.metrics.connect_errors += 1
-                    (bound.warning if self._connect_failures == 0 else bound.debug)(
-                        "smtp.connect_error", error=exc.reason, relay=self._options.relay)
-                    delay = self._connect_failed(exc)
-                except SessionRefused as exc:
-                    self.metrics.connect_errors += 1
-                    self._refused(exc, bound)
-                    delay = 0.0
-                else:
-                    self._connected(slot, bound)
+                delay = await self._open(slot, bound)
+                if delay is None:
                     return
                 if self._relay_error is not None:
                     raise _fresh(self._relay_error)
@@ -643,6 +631,22 @@ class SMTPPool:
         return None
 
     async def _connect(self, slot: Connection, job: _Job, bound: EventLogger) -> float | None:
+        """Open ``slot``'s session for ``job``: None once open; else the job is failed
+        (relay refused or down, pool stopped) or back in the queue, and the delay."""
+        delay = await self._open(slot, bound)
+        if delay is None:
+            return None
+        if self._relay_error is not None:  # always so after a refused session
+            self._finish(job, stopped=_fresh(self._relay_error))
+        elif self._stopped is not None:
+            self._finish(job, stopped=self._stopped)
+        else:
+            self._requeue(job)
+        return delay
+
+    async def _open(self, slot: Connection, bound: EventLogger) -> float | None:
+        """Open ``slot``'s session, counting and logging a failure: None once it is
+        open, else how long before the next try (0 after a refused session)."""
         self.max_open = max(self.max_open, self.connections_open() + 1)
         try:
             await slot.connect()
@@ -651,18 +655,10 @@ class SMTPPool:
             # The first failure of an outage is news; the retries that follow are not.
             (bound.warning if self._connect_failures == 0 else bound.debug)(
                 "smtp.connect_error", error=exc.reason, relay=self._options.relay)
-            delay = self._connect_failed(exc)
-            if self._relay_error is not None:
-                self._finish(job, stopped=_fresh(self._relay_error))
-            elif self._stopped is not None:
-                self._finish(job, stopped=self._stopped)
-            else:
-                self._requeue(job)
-            return delay
+            return self._connect_failed(exc)
         except SessionRefused as exc:
             self.metrics.connect_errors += 1
             self._refused(exc, bound)
-            self._finish(job, stopped=_fresh(self._relay_error) if self._relay_error else None)
             return 0.0
         self._connected(slot, bound)
         return None
