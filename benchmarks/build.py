@@ -6,7 +6,7 @@ Both builders run in this one process on the same validated jobs (the ``e2e`` ro
 text job, and the same with a 2 KB html alternative), best of ``--repeat`` rounds;
 the compose-stage row is a job line parsed, validated (strict addresses, each job to
 its own recipient) and built; ``json`` compares the stdlib and orjson for the results row and the job line. The
-stdlib builder is the one ``dispatcher.jobs.build`` used before issue 9, kept here to
+stdlib builder is the one ``dispatcher.compose.jobs.build`` used before issue 9, kept here to
 measure against.
 """
 
@@ -28,7 +28,7 @@ from email.utils import formataddr, formatdate, make_msgid, parseaddr
 from typing import Any
 
 from benchmarks.messages import SENDER, _text
-from dispatcher.jobs import ComposedJob, Line, build, parse_job
+from dispatcher.compose.jobs import ComposedJob, Line, build, parse_job
 
 _UTF8_QP = Charset("utf-8")
 _UTF8_QP.body_encoding = QP
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
-    print("| build, µs CPU per job | stdlib (before) | dispatcher.mime (jobs.build) |")
+    print("| build, µs CPU per job | stdlib (before) | dispatcher.compose.mime (jobs.build) |")
     print("|---|---|---|")
     for shape, html in (("text 2 KB", False), ("html+text 2+2 KB", True)):
         items = jobs(args.jobs, html)

@@ -14,12 +14,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from dispatcher import __version__
+from dispatcher.batch.journal import default_results_path
+from dispatcher.batch.runner import RunError, RunOptions
 from dispatcher.config import ConfigError, Settings, describe_errors, load_settings, with_pool_overrides
 from dispatcher.exit import ExitCode
-from dispatcher.journal import default_results_path
-from dispatcher.logs import configure_logging, protect_stderr, standard_descriptors
 from dispatcher.loop import commands as loop_commands
-from dispatcher.runner import RunError, RunOptions
+from dispatcher.observe.logs import configure_logging, protect_stderr, standard_descriptors
 from dispatcher.stream import commands as stream_commands
 
 # argparse exits with 2 on a usage error, as docs/run.md says.
@@ -97,7 +97,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dispatcher.runner import Run
+    from dispatcher.batch.runner import Run
 
     try:
         settings = _settings(args)
@@ -214,7 +214,7 @@ async def _connect_relays(settings: Settings) -> int:
 def _campaign_lines(settings: Settings) -> list[str]:
     """What check-config says of templates, unsubscribe and dkim (docs/campaigns.md), when
     set; with DKIM, the TXT record to publish. Raises ValueError (one line)."""
-    from dispatcher.templates import Unsubscribe
+    from dispatcher.compose.templates import Unsubscribe
 
     lines = []
     if "templates" in settings.model_fields_set:
@@ -232,7 +232,7 @@ def _campaign_lines(settings: Settings) -> list[str]:
         lines.append(f"dkim: {signer.algorithm} for {signer.domain}; publish this TXT record at {signer.dns_name}:")
         lines.append(f"  {signer.dns_txt()}")
     if signers and settings.jobs.default_from:
-        from dispatcher.address import parse_mailbox
+        from dispatcher.compose.address import parse_mailbox
 
         try:
             domain = parse_mailbox(settings.jobs.default_from).address.rpartition("@")[2]

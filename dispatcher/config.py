@@ -11,8 +11,8 @@ import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from dispatcher.compose.templates import TemplatesSettings, UnsubscribeSettings
 from dispatcher.loop.settings import BouncesSettings, SuppressionSettings
-from dispatcher.templates import TemplatesSettings, UnsubscribeSettings
 from pool.config import PoolSettings, RetrySettings, Section, SMTPSettings
 from pool.config import pool_kwargs as _pool_kwargs
 from pool.dkim import DKIMSettings
@@ -44,7 +44,7 @@ class JobsSettings(_Section):
     @field_validator("headers")
     @classmethod
     def _headers(cls, value: dict[str, str]) -> dict[str, str]:
-        from dispatcher.jobs import check_custom_headers
+        from dispatcher.compose.jobs import check_custom_headers
 
         check_custom_headers(value)
         return value
@@ -99,7 +99,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     redis: RedisSettings = RedisSettings()
-    templates: TemplatesSettings = TemplatesSettings()  # docs/campaigns.md (dispatcher.compose)
+    templates: TemplatesSettings = TemplatesSettings()  # docs/campaigns.md (dispatcher.compose.stage)
     unsubscribe: UnsubscribeSettings = UnsubscribeSettings()
     dkim: DKIMSettings | list[DKIMSettings] | None = None  # one key, or several (each signs: rsa and ed25519)
     suppression: SuppressionSettings = SuppressionSettings()  # the suppression list (dispatcher.loop)

@@ -159,7 +159,7 @@ def build_envelope(
     ``check_headers`` for the message's own). ``sign``
     (DKIM) gets the message with CRLF line endings and returns it signed.
 
-    ``prepared`` (bytes only) is the promise of a builder such as ``dispatcher.mime``:
+    ``prepared`` (bytes only) is the promise of a builder such as ``dispatcher.compose.mime``:
     CRLF line endings only, the last line ended, no line over 998 octets. The content
     is then not scanned for bare CR/LF again; it is still dot-stuffed, and the
     addresses are still checked."""

@@ -379,7 +379,7 @@ class SMTPPool:
         once for bad input. Waits while the queue is full, or while the message's bytes
         would exceed ``max_bytes_in_flight`` (a larger one waits to go alone). ``prepared=True`` says that
         ``message`` (bytes) has CRLF line endings only and ends with one, as
-        ``dispatcher.mime`` builds it: it is not scanned for bare line ends again.
+        ``dispatcher.compose.mime`` builds it: it is not scanned for bare line ends again.
         ``message`` may also be an ``Envelope`` that ``pool.prepare`` made ahead, off
         the event loop (then without ``sender`` and ``recipients``).
         ``admit()``, when given, is called right before each attempt goes on the wire

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatcher.address import Mailbox, _parse, parse_address, parse_mailbox, validated
+from dispatcher.compose.address import Mailbox, _parse, parse_address, parse_mailbox, validated
 
 AMBIGUOUS = [
     "bob@example.com <alice@example.net>",  # an address as the display name

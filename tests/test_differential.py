@@ -2,7 +2,7 @@
 
 The jobs of ``test_mime``'s generator (non-ASCII in every field, long words, RFC 2231
 filenames, encoded-word lookalikes, injection attempts, every body and attachment shape)
-are built by ``dispatcher.mime``, signed with an rsa-sha256 and an ed25519-sha256 key
+are built by ``dispatcher.compose.mime``, signed with an rsa-sha256 and an ed25519-sha256 key
 (``pool.dkim.sign_all``), then:
 
 - both signatures verify with dkimpy and with Node's ``mailauth`` (tests/verify_mail.js),

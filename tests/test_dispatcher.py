@@ -18,7 +18,7 @@ import aiosmtplib
 import pytest
 from smtpserver import FaultyServer
 
-from dispatcher.journal import IdSet, Journal
+from dispatcher.batch.journal import IdSet, Journal
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -332,7 +332,7 @@ def test_composed_job_round_trips_through_a_mail_parser() -> None:
     import email
     import email.policy
 
-    from dispatcher.jobs import Line, build, parse_job
+    from dispatcher.compose.jobs import Line, build, parse_job
 
     document = {"id": "ü1", "from": "Zoë <zoe@example.org>", "to": ["a@example.net"], "cc": ["c@example.net"],
                 "bcc": ["hidden@example.net"], "subject": "Grüße", "text": "Hallo " * 400, "html": "<p>Hallo</p>",
@@ -356,7 +356,7 @@ def test_composed_job_round_trips_through_a_mail_parser() -> None:
 
 
 def test_long_recipient_lists_and_lines_stay_within_smtp_line_limits() -> None:
-    from dispatcher.jobs import JobError, Line, build, parse_job
+    from dispatcher.compose.jobs import JobError, Line, build, parse_job
 
     to = [f"recipient-number-{i}@example.net" for i in range(80)]
     raw = json.dumps({"id": "x", "from": "a@example.org", "to": to, "subject": "word " * 300,

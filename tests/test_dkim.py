@@ -26,9 +26,9 @@ from pydantic import ValidationError
 from smtpserver import FaultyServer
 
 from dispatcher.cli import _campaign_lines
-from dispatcher.compose import Composer, Invalid, Ready
+from dispatcher.compose.jobs import Line
+from dispatcher.compose.stage import Composer, Invalid, Ready
 from dispatcher.config import Settings
-from dispatcher.jobs import Line
 from pool import SMTPPool
 from pool.dkim import OVERSIGNED_HEADERS, SIGNED_HEADERS, DKIMSettings, DKIMSigner, sign_all
 
@@ -377,8 +377,8 @@ async def test_signed_messages_verify_as_the_server_received_them(signer: DKIMSi
 
 
 def test_messages_from_the_job_builder_verify(signer: DKIMSigner, tmp_path: Path) -> None:
-    from dispatcher.jobs import ComposedJob, build
-    from dispatcher.templates import TemplatedJob, Templates, Unsubscribe
+    from dispatcher.compose.jobs import ComposedJob, build
+    from dispatcher.compose.templates import TemplatedJob, Templates, Unsubscribe
 
     (tmp_path / "w.subject").write_text("Grüße, {{ name }}")
     (tmp_path / "w.text").write_text("Hallo {{ name }},\n" + "eine lange Zeile " * 80 + "\n")

@@ -24,12 +24,12 @@ from test_dispatcher import DISPATCHER, job, results, write_config, write_jobs
 from test_operator import Pty, Terminal
 from test_run_faults import ENV, finish, spawn
 
-import dispatcher.compose_process as compose_module
-import dispatcher.journal as journal_module
+import dispatcher.batch.journal as journal_module
+import dispatcher.compose.process as compose_module
+from dispatcher.batch.runner import Run, RunOptions
 from dispatcher.config import load_settings
 from dispatcher.exit import ExitCode
-from dispatcher.logs import DroppingStream
-from dispatcher.runner import Run, RunOptions
+from dispatcher.observe.logs import DroppingStream
 from pool import SMTPPool
 
 pytestmark = pytest.mark.timeout(60)
@@ -394,7 +394,7 @@ async def test_progress_log_lines_give_the_recent_rate_the_share_and_an_eta(
     server.gate = asyncio.Event()  # the relay stops answering after the first messages
     server.gate.set()
     # The period shortened from 10 s, in the child only.
-    script = ("import sys, dispatcher.runner as r; r.LOG_PROGRESS_EVERY = 0.05; from dispatcher.cli import main; "
+    script = ("import sys, dispatcher.batch.runner as r; r.LOG_PROGRESS_EVERY = 0.05; from dispatcher.cli import main; "
               "sys.exit(main(sys.argv[1:]))")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", script, "run", str(jobs), "--config", str(config), cwd=tmp_path, env=ENV,

@@ -15,7 +15,7 @@ import pytest
 from smtpserver import FaultyServer
 from test_dispatcher import dispatcher, write_config
 
-from dispatcher.jobs import (
+from dispatcher.compose.jobs import (
     MAX_LINE_BYTES,
     JobError,
     Line,

@@ -1,4 +1,4 @@
-"""``dispatcher.mime``: what the builder promises, on generated jobs.
+"""``dispatcher.compose.mime``: what the builder promises, on generated jobs.
 
 The differential test builds 3,000 seeded random jobs (non-ASCII everywhere, emoji and
 combining characters, long words and display names, empty and huge bodies, every
@@ -33,10 +33,10 @@ from typing import Any, ClassVar
 import pytest
 from smtpserver import FaultyServer
 
-from dispatcher import mime
-from dispatcher.address import parse_mailbox
-from dispatcher.jobs import JobError, Line, build, parse_job
-from dispatcher.mime import MessageError, build_message
+from dispatcher.compose import mime
+from dispatcher.compose.address import parse_mailbox
+from dispatcher.compose.jobs import JobError, Line, build, parse_job
+from dispatcher.compose.mime import MessageError, build_message
 from pool import DeliveryError, SMTPPool
 
 pytestmark = pytest.mark.timeout(60)
@@ -659,7 +659,7 @@ def test_structured_headers_are_written_as_given_never_encoded(name: str, value:
 
 
 def test_unsubscribe_url_values_are_percent_encoded() -> None:
-    from dispatcher.templates import Unsubscribe
+    from dispatcher.compose.templates import Unsubscribe
 
     unsubscribe = Unsubscribe(url="https://example.org/u/{{ id }}?r={{ to[0] }}", mailto="u@example.org")
     headers = unsubscribe.headers({"id": "id 2 ü/..#frag", "to": ["b+tag&admin=1@example.net"]})

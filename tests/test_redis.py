@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redisserver import RedisServer, free_port, require_redis
 from smtpserver import FaultyServer
 
-from dispatcher.mime import derived_message_id
+from dispatcher.compose.mime import derived_message_id
 from dispatcher.stream import keys as stream_keys
 from dispatcher.stream import report as redis_report
 from dispatcher.stream import store as redis_store

@@ -29,11 +29,11 @@ from test_dispatcher import (
     write_jobs,
 )
 
-import dispatcher.journal as journal_module
+import dispatcher.batch.journal as journal_module
+from dispatcher.batch.journal import Claim, Journal
+from dispatcher.batch.runner import Run, RunOptions
 from dispatcher.config import load_settings
 from dispatcher.exit import ExitCode
-from dispatcher.journal import Claim, Journal
-from dispatcher.runner import Run, RunOptions
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -182,7 +182,7 @@ async def test_a_closed_standard_error_neither_hangs_nor_stops_the_run(
 async def test_a_bug_in_a_sender_stops_the_run_with_one_line_instead_of_hanging(
     server: FaultyServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import dispatcher.runner as runner_module
+    import dispatcher.batch.runner as runner_module
 
     def broken(*args: Any, **fields: Any) -> Any:
         raise RuntimeError("boom")

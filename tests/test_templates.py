@@ -1,4 +1,4 @@
-"""``dispatcher.templates``: rendering, the sandbox, errors naming template or data.KEY,
+"""``dispatcher.compose.templates``: rendering, the sandbox, errors naming template or data.KEY,
 compile-once caching, unsubscribe headers; and the examples compose into valid jobs."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from dispatcher.jobs import ComposedJob, build
-from dispatcher.templates import (
+from dispatcher.compose.jobs import ComposedJob, build
+from dispatcher.compose.templates import (
     Rendered,
     TemplatedJob,
     TemplateError,
@@ -416,7 +416,7 @@ def test_template_bounds_come_from_the_config() -> None:
 
 @pytest.mark.timeout(60)
 def test_header_encoding_is_linear_in_the_value_size() -> None:
-    from dispatcher.mime import build_message
+    from dispatcher.compose.mime import build_message
 
     def seconds(size: int) -> float:
         start = time.process_time()

@@ -16,10 +16,10 @@ import pytest
 import uvicorn
 from test_dispatcher import DISPATCHER, ROOT
 
+from dispatcher.compose.templates import Unsubscribe
 from dispatcher.loop.suppression import Reason, SuppressionStore
 from dispatcher.loop.tokens import make_token, read_token
 from dispatcher.loop.unsubscribe_server import UnsubscribeApp, listen
-from dispatcher.templates import Unsubscribe
 
 pytestmark = pytest.mark.timeout(60)
 

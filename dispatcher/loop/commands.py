@@ -213,8 +213,8 @@ _ACTIONS: dict[str, Callable[[Store, argparse.Namespace], int]] = {
 
 
 def unsubscribe_server(args: argparse.Namespace) -> int:
-    from dispatcher.logs import configure_logging
     from dispatcher.loop.unsubscribe_server import UnsubscribeApp, listen, serve
+    from dispatcher.observe.logs import configure_logging
 
     try:
         settings = load_settings(args.config) if args.config else Settings()
@@ -262,7 +262,7 @@ def bounces(args: argparse.Namespace) -> int:
 
     from dispatcher.loop.bounces import Kind, SourceError, classify, open_source
     from dispatcher.loop.verp import ReturnPath
-    from dispatcher.metrics import write_textfile
+    from dispatcher.observe.metrics import write_textfile
 
     try:
         settings = load_settings(args.config) if args.config else Settings()

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
-from dispatcher.address import parse_address
+from dispatcher.compose.address import parse_address
 from dispatcher.loop.settings import SuppressionSettings
 
 log = structlog.get_logger("dispatcher.suppression")

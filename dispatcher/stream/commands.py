@@ -17,7 +17,7 @@ from typing import Any
 
 from dispatcher.config import ConfigError, Settings, load_settings
 from dispatcher.exit import ExitCode
-from dispatcher.logs import configure_logging
+from dispatcher.observe.logs import configure_logging
 
 URL_VARIABLE = "DISPATCHER_REDIS_URL"
 
@@ -120,7 +120,7 @@ def _run(command: str, args: argparse.Namespace,
 def enqueue(args: argparse.Namespace) -> int:
     from redis.exceptions import RedisError
 
-    from dispatcher.compose import Composer
+    from dispatcher.compose.stage import Composer
     from dispatcher.loop.suppression import Admission, StoreError, open_store
     from dispatcher.stream.enqueue import Enqueuer, open_jobs
     from dispatcher.stream.store import describe

@@ -25,15 +25,15 @@ import orjson
 import structlog
 from redis.asyncio import Redis
 
-from dispatcher.address import parse_address, parse_mailbox
-from dispatcher.compose import AnyJob, Composer, reads_files
-from dispatcher.jobs import JobError, Line, RawJob, parse_line, read_lines
-from dispatcher.journal import IdSet
+from dispatcher.batch.journal import IdSet
+from dispatcher.compose.address import parse_address, parse_mailbox
+from dispatcher.compose.jobs import JobError, Line, RawJob, parse_line, read_lines
+from dispatcher.compose.stage import AnyJob, Composer, reads_files
+from dispatcher.compose.templates import TemplatedJob
 from dispatcher.loop.suppression import Admission
 from dispatcher.stream.keys import Keys
 from dispatcher.stream.scripts import ENQUEUE
 from dispatcher.stream.store import encoded_row, ensure_group, retrying
-from dispatcher.templates import TemplatedJob
 
 log = structlog.get_logger("dispatcher.enqueue")
 

@@ -16,8 +16,8 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from dispatcher.batch.journal import encode_result
 from dispatcher.engine.outcome import result_row
-from dispatcher.journal import encode_result
 from dispatcher.stream.keys import Keys
 
 log = structlog.get_logger("dispatcher.redis")

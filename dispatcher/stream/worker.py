@@ -46,14 +46,15 @@ from prometheus_client.registry import Collector
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from dispatcher.compose import Composer, Ready
+from dispatcher.compose.jobs import JobError, Line, Outgoing
+from dispatcher.compose.stage import Composer, Ready
+from dispatcher.compose.templates import SETTINGS_FIELDS
 from dispatcher.config import Settings
 from dispatcher.exit import ExitCode
-from dispatcher.jobs import JobError, Line, Outgoing
 from dispatcher.loop.suppression import Admission, StoreError, open_store
 from dispatcher.loop.verp import envelope_id_for
-from dispatcher.metrics import MetricsError, MetricsServer
-from dispatcher.metrics import serve as serve_metrics
+from dispatcher.observe.metrics import MetricsError, MetricsServer
+from dispatcher.observe.metrics import serve as serve_metrics
 from dispatcher.relays import Sender
 from dispatcher.sender import Sending, build_sender
 from dispatcher.signals import signal_handlers
@@ -62,7 +63,6 @@ from dispatcher.stream.keys import Keys
 from dispatcher.stream.ratelimit import RedisRateLimiter
 from dispatcher.stream.scripts import CONFIRM, FORGET, NAME, PRUNE, SETTLE, TAKE, TOUCH, UNNAME
 from dispatcher.stream.store import Stopped, describe, encoded_row, ensure_group, out_of_memory, redact, retrying
-from dispatcher.templates import SETTINGS_FIELDS
 from pool import DeliveryError, PoolClosedError, PoolError, RelayError, Withdrawn
 
 log = structlog.get_logger("dispatcher.worker")

@@ -203,7 +203,7 @@ def _write_fully(fd: int, data: bytes) -> None:
 
 class CurrentStderr:
     """Writes to whatever ``sys.stderr`` is at the time of each write: while the live
-    progress display (``dispatcher.progress``) runs, that is rich's proxy, which prints
+    progress display (``dispatcher.observe.progress``) runs, that is rich's proxy, which prints
     each log line above the display instead of through it. On a terminal otherwise,
     a line is wrapped at a space to the terminal's width, as the proxy does (the
     terminal itself would cut the last line of a run, ``run.summary``, inside a word)."""

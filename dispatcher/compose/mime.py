@@ -16,8 +16,8 @@ a folded non-ASCII Subject that decodes with a leading space). The promises:
   section 6.2 says is not text: a name's word is split only when one encoded word
   cannot hold it) and line breaks in text (CR, LF and CRLF are each one line break).
 
-The caller validates header names and values (``dispatcher.jobs``); mailboxes are
-parsed here again, strictly and cached (``dispatcher.address``). Message-ID, In-Reply-To,
+The caller validates header names and values (``dispatcher.compose.jobs``); mailboxes are
+parsed here again, strictly and cached (``dispatcher.compose.address``). Message-ID, In-Reply-To,
 References and List-* are structured: written as given, never as encoded words.
 """
 
@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from email.utils import formatdate
 from urllib.parse import quote
 
-from dispatcher.address import parse_mailbox
+from dispatcher.compose.address import parse_mailbox
 
 MAX_LINE = 998  # RFC 5322 section 2.1.1, without the CRLF
 SOFT_LINE = 78
@@ -340,7 +340,7 @@ def _unstructured(folder: _Folder, value: str) -> None:
 
 
 def _address(value: str, field: str) -> tuple[str, str]:
-    """(display name, address) of a mailbox, parsed strictly (``dispatcher.address``)."""
+    """(display name, address) of a mailbox, parsed strictly (``dispatcher.compose.address``)."""
     try:
         mailbox = parse_mailbox(value)
     except ValueError as exc:

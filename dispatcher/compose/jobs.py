@@ -25,9 +25,9 @@ from pydantic import (
     model_validator,
 )
 
-from dispatcher.address import parse_address, parse_mailbox
-from dispatcher.mime import MessageError, build_message, derived_message_id
-from dispatcher.templates import TemplatedJob
+from dispatcher.compose.address import parse_address, parse_mailbox
+from dispatcher.compose.mime import MessageError, build_message, derived_message_id
+from dispatcher.compose.templates import TemplatedJob
 from pool import Envelope
 from pool.envelope import check_headers, crlf
 
@@ -84,7 +84,7 @@ def _header_text(value: str) -> str:
 
 
 def _mailbox(value: str) -> str:
-    """``addr@example.org`` or ``Name <addr@example.org>``, strictly (``dispatcher.address``);
+    """``addr@example.org`` or ``Name <addr@example.org>``, strictly (``dispatcher.compose.address``);
     returns it as given."""
     parse_mailbox(value)
     return value
@@ -283,11 +283,11 @@ def _readable_id(value: Any) -> str | None:
 
 def parse_job(line: Line) -> Job:
     """Validate one line into a job ``build`` takes: composed or raw. A templated line
-    is an error here: ``dispatcher.compose`` renders it (``parse_line``). Raises JobError
+    is an error here: ``dispatcher.compose.stage`` renders it (``parse_line``). Raises JobError
     naming the field (and the id when it is readable). Never raises anything else."""
     job = parse_line(line)
     if isinstance(job, TemplatedJob):
-        raise JobError("template", "a templated job is rendered by the compose stage (dispatcher.compose)", job.id)
+        raise JobError("template", "a templated job is rendered by the compose stage", job.id)
     return job
 
 
@@ -403,7 +403,7 @@ class Outgoing:
     message: bytes
     sender: str
     recipients: list[str]
-    prepared: bool = False  # CRLF only and CRLF-terminated (dispatcher.mime, DKIM): see SMTPPool.submit
+    prepared: bool = False  # CRLF only and CRLF-terminated (dispatcher.compose.mime, DKIM): see SMTPPool.submit
     envelope: Envelope | None = None  # made ahead by pool.prepare (the compose process): submit it as it is
 
 
@@ -412,9 +412,9 @@ def build(job: Job, *, batch: str | None = None) -> Outgoing:
 
     ``batch`` names the batch (the results file, the stream): a composed job without its
     own Message-ID then gets one derived from its id and the batch, the same whenever
-    it is sent again (``dispatcher.mime.derived_message_id``); None: a random one.
+    it is sent again (``dispatcher.compose.mime.derived_message_id``); None: a random one.
 
-    Composed jobs are rendered by ``dispatcher.mime`` straight to bytes: valid SMTP
+    Composed jobs are rendered by ``dispatcher.compose.mime`` straight to bytes: valid SMTP
     whatever the values (lines within 998 octets, 7-bit) and ~10 times faster than
     the standard library's MIME classes.
     """

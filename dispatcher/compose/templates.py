@@ -8,8 +8,8 @@ error too). Failures raise ``TemplateError`` whose ``field`` is ``template`` or
 ``data.KEY``, with the template's file and line in the message.
 
 ``Templates.compose(job)`` turns a ``TemplatedJob`` into a composed-job document (a
-dict for ``dispatcher.jobs.ComposedJob``); ``Unsubscribe`` renders the
-``List-Unsubscribe`` headers per job. This module does not import ``dispatcher.jobs``,
+dict for ``dispatcher.compose.jobs.ComposedJob``); ``Unsubscribe`` renders the
+``List-Unsubscribe`` headers per job. This module does not import ``dispatcher.compose.jobs``,
 so ``jobs`` may import it.
 """
 
@@ -539,7 +539,7 @@ class Templates:
 # URL holds (space, <, >, ", CR, LF, non-ASCII) is percent-encoded, so a value from a
 # job can never end the <...> or the header field.
 _URL_SAFE = "!#$%&'()*+,/:;=?@[]~-._"
-# A header word longer than this is written as encoded words by dispatcher.mime (a line
+# A header word longer than this is written as encoded words by dispatcher.compose.mime (a line
 # holds at most 998 octets and folds only at white space): a URI must stay one plain word.
 _MAX_URI = 760
 

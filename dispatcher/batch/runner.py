@@ -34,24 +34,24 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from dispatcher.compose import AnyJob, Composer, Done, Invalid, Ready
-from dispatcher.compose_process import ComposeProcess, ComposeProcessError
-from dispatcher.compose_process import usable as compose_process_usable
+from dispatcher.batch.journal import Claim, Journal, JournalBusy, TempFileError
+from dispatcher.compose.jobs import JobError, Line, LineSplitter, Outgoing
+from dispatcher.compose.process import ComposeProcess, ComposeProcessError
+from dispatcher.compose.process import usable as compose_process_usable
+from dispatcher.compose.stage import AnyJob, Composer, Done, Invalid, Ready
+from dispatcher.compose.templates import SETTINGS_FIELDS, TemplatesSettings
 from dispatcher.config import Settings
 from dispatcher.engine.outcome import result_row
 from dispatcher.exit import ExitCode
-from dispatcher.jobs import JobError, Line, LineSplitter, Outgoing
-from dispatcher.journal import Claim, Journal, JournalBusy, TempFileError
 from dispatcher.loop.suppression import Admission, StoreError, open_store
 from dispatcher.loop.verp import envelope_id_for
-from dispatcher.metrics import MetricsError, RunMetrics, write_textfile
-from dispatcher.metrics import serve as serve_metrics
-from dispatcher.progress import LiveDisplay, Speed, progress_fields
+from dispatcher.observe.metrics import MetricsError, RunMetrics, write_textfile
+from dispatcher.observe.metrics import serve as serve_metrics
+from dispatcher.observe.progress import LiveDisplay, Speed, progress_fields
 from dispatcher.relays import Sender
 from dispatcher.sender import Sending, build_sender
 from dispatcher.signals import signal_handlers
 from dispatcher.sink import DEFAULT_MAILDIR
-from dispatcher.templates import SETTINGS_FIELDS, TemplatesSettings
 from pool import DeliveryError, PoolClosedError, RelayError
 from pool.budget import ByteBudget
 from pool.envelope import for_recipients

@@ -2,7 +2,7 @@
 
     line bytes -> parse and validate (composed, raw or templated job)
                -> render the template (templated jobs) -> unsubscribe headers
-               -> attachment files -> build (dispatcher.mime) -> DKIM signature
+               -> attachment files -> build (dispatcher.compose.mime) -> DKIM signature
 
 ``Composer(settings, base_dir=..., attachments_root=...).compose(line)`` does all of
 it and returns ``Ready`` or ``Invalid``; it touches no shared state, so ``run``,
@@ -23,8 +23,7 @@ from typing import Any, overload
 
 from pydantic import ValidationError
 
-from dispatcher.config import Settings
-from dispatcher.jobs import (
+from dispatcher.compose.jobs import (
     ComposedJob,
     Job,
     JobError,
@@ -37,8 +36,16 @@ from dispatcher.jobs import (
     validation_error,
     with_default_headers,
 )
+from dispatcher.compose.templates import (
+    TemplatedJob,
+    TemplateError,
+    Templates,
+    Unsubscribe,
+    job_context,
+    merge_unsubscribe,
+)
+from dispatcher.config import Settings
 from dispatcher.loop.verp import ReturnPath
-from dispatcher.templates import TemplatedJob, TemplateError, Templates, Unsubscribe, job_context, merge_unsubscribe
 from pool.dkim import sign_all, signers_from_settings
 
 AnyJob = Job | TemplatedJob
@@ -83,7 +90,7 @@ class Composer:
     Templates are compiled once per Composer (one per process); the DKIM keys and the
     unsubscribe templates are read once, here; each DKIM key adds its own signature.
     ``sign=False`` leaves messages unsigned (``enqueue`` only validates). ``batch``
-    names the batch, from which Message-IDs are derived (``dispatcher.jobs.build``). Raises
+    names the batch, from which Message-IDs are derived (``dispatcher.compose.jobs.build``). Raises
     ValueError, one line naming the setting, when a DKIM key or an unsubscribe template
     cannot be used.
     """

@@ -23,9 +23,9 @@ import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
-from dispatcher.compose import Composer, Done, Invalid, Ready
-from dispatcher.jobs import JobError, LineSplitter, Outgoing
-from dispatcher.journal import Journal
+from dispatcher.batch.journal import Journal
+from dispatcher.compose.jobs import JobError, LineSplitter, Outgoing
+from dispatcher.compose.stage import Composer, Done, Invalid, Ready
 from pool import Envelope, prepare
 
 READ_CHUNK = 1 << 18

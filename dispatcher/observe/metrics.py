@@ -23,7 +23,7 @@ STATUSES = ("sent", "failed", "invalid", "suppressed", "skipped")
 
 
 class Counts(Protocol):
-    """What the run counts (``dispatcher.runner.Tally``)."""
+    """What the run counts (``dispatcher.batch.runner.Tally``)."""
 
     @property
     def counts(self) -> Mapping[str, int]: ...

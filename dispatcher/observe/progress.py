@@ -11,7 +11,7 @@ size is known before the first line is read); the rates are over the last
 ``WINDOW`` seconds, so that a resumed run racing through skipped lines does not
 promise an ETA it cannot keep. While the display is live, ``sys.stderr`` goes through
 rich's console (log lines and messages are printed above the display, never through
-it); ``dispatcher.logs`` writes structlog's lines to whatever ``sys.stderr`` is.
+it); ``dispatcher.observe.logs`` writes structlog's lines to whatever ``sys.stderr`` is.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ SPARE_CELLS = 3  # never drawn: room for the terminal's "^C" and its deferred wr
 
 
 class Tally(Protocol):
-    """What the run counts (``dispatcher.runner.Tally``)."""
+    """What the run counts (``dispatcher.batch.runner.Tally``)."""
 
     @property
     def counts(self) -> Mapping[str, int]: ...

@@ -1,0 +1,1 @@
+"""The batch mode: a jobs file in, a results file out (`dispatcher run`)."""

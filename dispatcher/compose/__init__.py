@@ -1,0 +1,1 @@
+"""Composing: job lines, templates, addresses and MIME into wire-ready messages."""
