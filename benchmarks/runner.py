@@ -707,7 +707,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sink", choices=["auto", "smtp-sink", "aiosmtpd"], default="auto")
     parser.add_argument("--install-sink", action="store_true",
                         help="apt-get install postfix (root) when smtp-sink is missing; the daemon is never started")
-    parser.add_argument("--only", help="comma-separated sections: loopback,shapes,proxy,e2e,memory,redis,tls,latency")
+    parser.add_argument("--only", help="comma-separated sections: loopback,shapes,proxy,e2e,memory,redis,tls,latency,dkim")
     parser.add_argument("--e2e-jobs", type=int, help="jobs per dispatcher run row (default 50000: start-up is "
                                                      "~0.35 s, a tenth of a 5,000-job run)")
     parser.add_argument("--memory-jobs", help="two job counts for the RSS rows (default 100000,1000000)")
@@ -761,11 +761,25 @@ def latency_rows(cfg: Settings) -> str:
     return "\n## Round trips against Postfix smtpd (`python -m benchmarks.latency`)\n\n" + done.stdout
 
 
+def dkim_rows(cfg: Settings) -> str:
+    """`dispatcher run` on a templated campaign unsigned, rsa-2048 and ed25519, beside
+    one core's signing rate (issue 20's DKIM targets: rsa-2048 >= 1.25x one core's RSA
+    signatures/s, ed25519 >= 0.8x unsigned)."""
+    jobs = 2_000 if cfg.quick else 20_000
+    log(f"dkim: templated campaign unsigned, rsa-2048, ed25519, {jobs} jobs x {cfg.runs} rounds")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.dkim", "--jobs", str(jobs), "--rounds", str(cfg.runs),
+                           "--seconds", "1" if cfg.quick else "2"],
+                          capture_output=True, text=True, check=False, cwd=ROOT, env=_env())
+    if done.returncode != 0:
+        return f"\n## DKIM\n\nFailed: {done.stderr.strip().splitlines()[-1:] or done.returncode}\n"
+    return "\n## DKIM (`python -m benchmarks.dkim`)\n\n" + done.stdout
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     quick = args.quick
-    sections = {"loopback", "shapes", "proxy", "e2e", "memory", "redis", "tls", "latency"}
+    sections = {"loopback", "shapes", "proxy", "e2e", "memory", "redis", "tls", "latency", "dkim"}
     if args.only:
         sections = {s.strip() for s in args.only.split(",")} & sections
     memory_jobs = (2000, 20000) if quick else (100_000, 1_000_000)
@@ -846,6 +860,8 @@ def main(argv: list[str] | None = None) -> int:
         text += tls_rows(cfg)
     if "latency" in sections:
         text += latency_rows(cfg)
+    if "dkim" in sections:
+        text += dkim_rows(cfg)
     print(text)
     if not args.no_write:
         args.output.write_text(text)

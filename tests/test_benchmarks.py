@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,3 +25,17 @@ def test_ab_pool_checkout_imports_the_revisions_pool_not_the_working_tree(tmp_pa
                            text=True).stdout.strip()
     assert found == str(tree / "pool" / "__init__.py")
     assert not found.startswith(str(ROOT / "pool"))
+
+
+def test_dkim_benchmark_runs_every_row_and_prints_both_targets() -> None:
+    # A smoke run: three `dispatcher run`s of 40 jobs on the aiosmtpd sink when smtp-sink
+    # is missing, the two signing rates, both ratios.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.dkim", "--jobs", "40", "--rounds", "1",
+                           "--seconds", "0.1", "--sink", "auto"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=50, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for row in ("dispatcher run, unsigned", "dispatcher run, rsa-2048", "dispatcher run, ed25519",
+                "RSA-2048 signatures/s", "rsa-2048 jobs/s ÷ one core's RSA-2048 signatures/s ≥ 1.25",
+                "ed25519 jobs/s ÷ unsigned jobs/s ≥ 0.8"):
+        assert row in done.stdout, done.stdout

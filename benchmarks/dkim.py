@@ -1,0 +1,233 @@
+"""DKIM where users sign: a templated campaign signed with rsa-2048 and ed25519.
+
+    ./dev python -m benchmarks.dkim [--jobs 20000] [--rounds 3] [--processes N] [--profile]
+
+`dispatcher run` on one jobs file of templated jobs with unsubscribe headers (the
+campaign shape of the README), three ways, against one smtp-sink: unsigned, signed
+with a 2048-bit RSA key, signed with an Ed25519 key. In every round the same
+machine's one-core rate of the signature alone is measured too: `cryptography`
+signing SHA-256 digests with the same RSA key (and the same Ed25519 key) in a fresh
+process for about two seconds. Rows are alternated round by round, so a busy
+neighbour hits them all alike; ratios are taken within a round, then the median.
+
+The targets (issue 20): rsa-2048 jobs/s >= 1.25x one core's RSA-2048 signatures/s,
+ed25519 jobs/s >= 0.8x the unsigned row.
+
+``--profile`` also runs the compose stage of each signed row in this process under
+cProfile (what a compose process does with a line: parse, render, build, sign,
+prepare) and prints where a job's time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import messages
+from benchmarks.runner import run_dispatcher, write_config
+from benchmarks.sinks import start_sink
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = ("unsigned", "rsa-2048", "ed25519")
+RSA_TARGET = 1.25
+ED25519_TARGET = 0.8
+
+_SIGN_RATE = """
+import json, sys, time
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, utils
+key = serialization.load_pem_private_key(open(sys.argv[1], "rb").read(), password=None)
+seconds = float(sys.argv[2])
+digest = bytes(range(32))
+if isinstance(key, ed25519.Ed25519PrivateKey):
+    sign = key.sign
+else:
+    pad, alg = padding.PKCS1v15(), utils.Prehashed(hashes.SHA256())
+    sign = lambda d: key.sign(d, pad, alg)
+count = 0
+start, cpu = time.perf_counter(), time.process_time()
+while time.perf_counter() - start < seconds:
+    for _ in range(50):
+        sign(digest)
+    count += 50
+print(json.dumps({"count": count, "wall": time.perf_counter() - start, "cpu": time.process_time() - cpu}))
+"""
+
+
+def write_ed25519_key(path: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return path
+
+
+def sign_rate(key: Path, seconds: float) -> dict[str, Any]:
+    """One core's signatures a second with ``key``, in a fresh process (wall clock)."""
+    done = subprocess.run([sys.executable, "-c", _SIGN_RATE, str(key), str(seconds)], capture_output=True,
+                          text=True, timeout=seconds + 60, check=False)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip()[-200:]}
+    result: dict[str, Any] = json.loads(done.stdout)
+    result["rate"] = result["count"] / result["wall"]
+    return result
+
+
+def config_for(row: str, path: Path, port: int, work: Path, templates: Path, processes: int | None) -> Path:
+    write_config(path, port, 4, "default")
+    with path.open("a") as out:
+        out.write(f"templates:\n  dir: {templates}\njobs:\n  default_from: {messages.SENDER}\n")
+        if processes is not None:
+            out.write(f"  compose_processes: {processes}\n")
+        out.write("unsubscribe:\n  url: https://example.org/u/{{ id }}\n  mailto: u@example.org\n")
+        if row != "unsigned":
+            key, algorithm = ((work / "rsa.pem", "rsa-sha256") if row == "rsa-2048"
+                              else (work / "ed25519.pem", "ed25519-sha256"))
+            out.write(f"dkim:\n  domain: example.org\n  selector: bench\n  private_key: {key}\n"
+                      f"  algorithm: {algorithm}\n")
+    return path
+
+
+def profile(row: str, jobs: Path, config: Path, count: int, top: int = 18) -> str:
+    """cProfile of the compose stage on ``count`` lines, in this process: what a
+    compose process does with each line."""
+    from dispatcher.compose.jobs import LineSplitter
+    from dispatcher.compose.process import _encode
+    from dispatcher.compose.stage import Composer
+    from dispatcher.config import load_settings
+
+    settings = load_settings(config)
+    composer = Composer(settings, base_dir=jobs.parent, attachments_root=jobs.parent, batch=str(jobs))
+    splitter = LineSplitter()
+    lines = []
+    with jobs.open("rb") as source:
+        while len(lines) < count:
+            chunk = source.read(1 << 18)
+            lines.extend(splitter.feed(chunk) if chunk else splitter.end())
+            if not chunk:
+                break
+    lines = lines[:count]
+
+    def compose() -> None:
+        for line in lines:
+            _encode(line.number, line.size, composer.compose(line))
+
+    compose()  # warm: templates compiled, caches filled
+    cpu = time.process_time()
+    compose()
+    per_job = (time.process_time() - cpu) / len(lines) * 1e6
+    profiler = cProfile.Profile()
+    profiler.runcall(compose)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    body = "\n".join(line for line in text.getvalue().splitlines() if line.strip())
+    return f"### compose stage, {row}: {per_job:.0f} µs CPU per job without the profiler\n\n```\n{body}\n```\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.dkim", description=__doc__.split("\n")[0])
+    parser.add_argument("--jobs", type=int, default=20_000, help="jobs per dispatcher run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=2.0, help="length of each signing-rate measurement")
+    parser.add_argument("--processes", type=int, help="jobs.compose_processes for every row (default: the "
+                                                      "dispatcher's own choice)")
+    parser.add_argument("--sink", default="smtp-sink", choices=["auto", "smtp-sink", "aiosmtpd"])
+    parser.add_argument("--profile", action="store_true", help="also profile the compose stage of the signed rows")
+    args = parser.parse_args(argv)
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    rates: dict[str, list[float]] = {row: [] for row in ROWS}
+    cpu: dict[str, list[float]] = {row: [] for row in ROWS}
+    sign: dict[str, list[float]] = {"rsa": [], "ed25519": []}
+    sign_cpu: dict[str, list[float]] = {"rsa": [], "ed25519": []}
+    ratios: dict[str, list[float]] = {"rsa": [], "ed25519": []}
+    errors: list[str] = []
+    profiles: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="bench-dkim-") as tmp:
+        work = Path(tmp)
+        jobs, templates = messages.write_templated_jobs(work / "campaign", args.jobs)
+        messages.write_dkim_key(work / "rsa.pem")
+        write_ed25519_key(work / "ed25519.pem")
+        sink = start_sink(args.sink, log=lambda *_: None)
+        try:
+            configs = {row: config_for(row, work / f"{row}.yaml", sink.port, work, templates, args.processes)
+                       for row in ROWS}
+            for index in range(args.rounds):
+                round_rates: dict[str, float] = {}
+                order = list(ROWS) if index % 2 == 0 else list(reversed(ROWS))
+                for kind in ("rsa", "ed25519"):
+                    measured = sign_rate(work / f"{kind}.pem", args.seconds)
+                    if "error" in measured:
+                        errors.append(f"{kind} signing rate: {measured['error']}")
+                        continue
+                    sign[kind].append(measured["rate"])
+                    sign_cpu[kind].append(measured["cpu"] / measured["count"] * 1e6)
+                    round_rates[f"sign-{kind}"] = measured["rate"]
+                    print(f"round {index + 1}: cryptography {kind} {measured['rate']:,.0f} signatures/s",
+                          file=sys.stderr)
+                for row in order:
+                    outcome = run_dispatcher(jobs, configs[row], work / f"{row}.results.jsonl", args.jobs,
+                                             deadline=600)
+                    if outcome.get("error") or not outcome.get("wall"):
+                        errors.append(f"{row}: {outcome.get('error')}")
+                        continue
+                    rate = outcome["sent"] / outcome["wall"]
+                    rates[row].append(rate)
+                    cpu[row].append(outcome["cpu"] / outcome["sent"] * 1e6)
+                    round_rates[row] = rate
+                    print(f"round {index + 1}: {row} {rate:,.0f} jobs/s", file=sys.stderr)
+                if "rsa-2048" in round_rates and "sign-rsa" in round_rates:
+                    ratios["rsa"].append(round_rates["rsa-2048"] / round_rates["sign-rsa"])
+                if "ed25519" in round_rates and "unsigned" in round_rates:
+                    ratios["ed25519"].append(round_rates["ed25519"] / round_rates["unsigned"])
+            if args.profile:
+                for row in ("rsa-2048", "ed25519"):
+                    profiles.append(profile(row, jobs, configs[row], min(args.jobs, 3000)))
+        finally:
+            sink.stop()
+    print(f"`dispatcher run` on {args.jobs:,} templated jobs with unsubscribe headers (~2 KB text), 4 connections, "
+          f"{sink.description}; {args.rounds} rounds alternated; compose processes: "
+          f"{args.processes if args.processes is not None else 'default'}; {os.cpu_count()} cores; load average "
+          f"before {load_before}, after {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print()
+    print("| row | jobs/s (median) | min–max | CPU µs per job (all processes) or signature |")
+    print("|---|---|---|---|")
+    for row in ROWS:
+        if rates[row]:
+            print(f"| dispatcher run, {row} | {statistics.median(rates[row]):,.0f} | {min(rates[row]):,.0f}–"
+                  f"{max(rates[row]):,.0f} | {statistics.median(cpu[row]):.0f} |")
+    for kind, name in (("rsa", "RSA-2048"), ("ed25519", "Ed25519")):
+        if sign[kind]:
+            print(f"| `cryptography` {name} signatures/s, one core | {statistics.median(sign[kind]):,.0f} | "
+                  f"{min(sign[kind]):,.0f}–{max(sign[kind]):,.0f} | {statistics.median(sign_cpu[kind]):.0f} |")
+    print()
+    print("| target | same-round ratios | median | verdict |")
+    print("|---|---|---|---|")
+    for kind, name, target in (("rsa", "rsa-2048 jobs/s ÷ one core's RSA-2048 signatures/s", RSA_TARGET),
+                               ("ed25519", "ed25519 jobs/s ÷ unsigned jobs/s", ED25519_TARGET)):
+        if ratios[kind]:
+            median = statistics.median(ratios[kind])
+            shown = ", ".join(f"{r:.2f}" for r in ratios[kind])
+            print(f"| {name} ≥ {target} | {shown} | {median:.2f}× | {'met' if median >= target else 'missed'} |")
+    for error in errors:
+        print(f"\nerror: {error}")
+    for text in profiles:
+        print()
+        print(text)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
