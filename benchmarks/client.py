@@ -53,6 +53,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         options: dict[str, Any] = {"size": args.size, "max_attempts": 1}
         if args.tls_ca:
             options.update(use_tls=True, ca_file=args.tls_ca)
+        if args.starttls_ca:
+            options.update(start_tls=True, ca_file=args.starttls_ca)
         if args.pipeline_depth is not None:
             options["pipeline_depth"] = args.pipeline_depth
         if args.pipelining != "default":
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attachment", type=int, default=0, help="attachment bytes")
     parser.add_argument("--pipeline-depth", type=int, help="pool: transactions in flight with BDAT (1: DATA)")
     parser.add_argument("--tls-ca", help="implicit TLS (SMTPS), trusting this CA file (pool, minimal)")
+    parser.add_argument("--starttls-ca", help="pool: STARTTLS required, trusting this CA file")
     args = parser.parse_args(argv)
     import structlog
 

@@ -223,13 +223,14 @@ def _wait(process: subprocess.Popen[Any], timeout: float) -> tuple[int, Any]:
         time.sleep(0.01)
 
 
-def run_client(case: Case, port: int, timeout: float = 300) -> dict[str, Any]:
+def run_client(case: Case, port: int, timeout: float = 300, extra: list[str] | None = None) -> dict[str, Any]:
     command = [sys.executable, "-m", "benchmarks.client", "--impl", case.impl, "--port", str(port),
                "--size", str(case.size), "--count", str(case.count), "--loop", case.loop,
                "--concurrency", str(case.concurrency), "--recipients", str(case.recipients),
                "--attachment", str(case.attachment)]
     if case.impl == "pool" and case.pipelining in ("on", "off"):
         command += ["--pipelining", case.pipelining]
+    command += extra or []
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         process = subprocess.Popen(command, stdout=out, stderr=err, cwd=ROOT, env=_env())
         code, _ = _wait(process, timeout)
@@ -707,7 +708,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sink", choices=["auto", "smtp-sink", "aiosmtpd"], default="auto")
     parser.add_argument("--install-sink", action="store_true",
                         help="apt-get install postfix (root) when smtp-sink is missing; the daemon is never started")
-    parser.add_argument("--only", help="comma-separated sections: loopback,shapes,proxy,e2e,memory,redis,tls,latency,dkim")
+    parser.add_argument("--only", help="comma-separated sections: loopback,shapes,proxy,e2e,memory,redis,tls,latency,dkim,relay")
     parser.add_argument("--e2e-jobs", type=int, help="jobs per dispatcher run row (default 50000: start-up is "
                                                      "~0.35 s, a tenth of a 5,000-job run)")
     parser.add_argument("--memory-jobs", help="two job counts for the RSS rows (default 100000,1000000)")
@@ -775,11 +776,26 @@ def dkim_rows(cfg: Settings) -> str:
     return "\n## DKIM (`python -m benchmarks.dkim`)\n\n" + done.stdout
 
 
+def relay_rows(cfg: Settings) -> str:
+    """``dispatcher run`` (STARTTLS and plain) and the library against a private Postfix
+    smtpd, beside Postfix's own smtp-source against the same Postfix (issue 20: how close
+    to the relay's own limit)."""
+    if os.geteuid() != 0 or find_tool("postfix") is None or find_tool("smtp-source") is None:
+        return "\n## A real relay: Postfix smtpd\n\nNot run: needs root and Postfix (apt-get install postfix).\n"
+    jobs = max(500, int(5000 * cfg.scale))
+    log(f"relay: smtp-source, dispatcher run (STARTTLS, plain), SMTPPool against Postfix, {jobs} x {cfg.runs} rounds")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.relay", "--rounds", str(cfg.runs), "--jobs", str(jobs)],
+                          capture_output=True, text=True, check=False, cwd=ROOT, env=_env())
+    if done.returncode != 0:
+        return f"\n## A real relay: Postfix smtpd\n\nFailed: {done.stderr.strip().splitlines()[-1:]}\n"
+    return "\n## A real relay: Postfix smtpd with STARTTLS (`python -m benchmarks.relay`)\n\n" + done.stdout
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     quick = args.quick
-    sections = {"loopback", "shapes", "proxy", "e2e", "memory", "redis", "tls", "latency", "dkim"}
+    sections = {"loopback", "shapes", "proxy", "e2e", "memory", "redis", "tls", "latency", "dkim", "relay"}
     if args.only:
         sections = {s.strip() for s in args.only.split(",")} & sections
     memory_jobs = (2000, 20000) if quick else (100_000, 1_000_000)
@@ -862,6 +878,8 @@ def main(argv: list[str] | None = None) -> int:
         text += latency_rows(cfg)
     if "dkim" in sections:
         text += dkim_rows(cfg)
+    if "relay" in sections:
+        text += relay_rows(cfg)
     print(text)
     if not args.no_write:
         args.output.write_text(text)

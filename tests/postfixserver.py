@@ -213,7 +213,9 @@ def _room_for_postlog() -> None:
                            f"(sysctl -w net.unix.max_dgram_qlen={DGRAM_QUEUE_NEEDED}): {exc}") from None
 
 
-def start_postfix(main_cf: dict[str, str] | None = None) -> Postfix:
+def start_postfix(main_cf: dict[str, str] | None = None, master_cf: str = "") -> Postfix:
+    """A private Postfix; ``main_cf`` adds or overrides main.cf settings, ``master_cf``
+    lines are appended to master.cf (e.g. tlsmgr for STARTTLS)."""
     binary = need_postfix()
     _room_for_postlog()
     root = Path(tempfile.mkdtemp(prefix="postfix-test-"))
@@ -283,7 +285,7 @@ scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 autoreply unix  -       n       n       -       -       pipe
   flags=q user=nobody argv={_python()} {root}/autoreply.py ${{sender}} {port}
-""")
+""" + master_cf)
     server = Postfix(root, port, binary)
     done = subprocess.run([binary, "-c", str(root / "conf"), "start"], capture_output=True, timeout=60)
     if done.returncode != 0:

@@ -39,3 +39,22 @@ def test_dkim_benchmark_runs_every_row_and_prints_both_targets() -> None:
                 "RSA-2048 signatures/s", "rsa-2048 jobs/s ÷ one core's RSA-2048 signatures/s ≥ 1.25",
                 "ed25519 jobs/s ÷ unsigned jobs/s ≥ 0.8"):
         assert row in done.stdout, done.stdout
+
+
+def test_relay_rows_configs_are_valid_dispatcher_configs(tmp_path: Path) -> None:
+    """The relay benchmark's STARTTLS and plain-text configs pass ``dispatcher check-config``."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        relay = importlib.import_module("benchmarks.relay")
+    finally:
+        sys.path.remove(str(ROOT))
+    ca = tmp_path / "ca.pem"
+    relay.tls_main_cf(tmp_path)
+    assert ca.read_text().startswith("-----BEGIN CERTIFICATE-----")
+    dispatcher = str(Path(sys.executable).parent / "dispatcher")
+    for name, ca_file in (("tls", ca), ("plain", None)):
+        config = relay.write_config(tmp_path / f"{name}.yaml", 2525, 4, ca_file)
+        done = subprocess.run([dispatcher, "check-config", str(config)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert "start_tls: true" in (tmp_path / "tls.yaml").read_text()
+    assert "start_tls: false" in (tmp_path / "plain.yaml").read_text()
