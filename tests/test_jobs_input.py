@@ -256,3 +256,20 @@ async def test_result_rows_carry_the_message_id_and_a_resend_reuses_it(server: F
     assert rows["c1"]["message_id"].endswith("@example.org>")
     sent = [m.message_id for m in server.messages]
     assert sent.count(rows["c1"]["message_id"]) == 2, sent  # both copies carry the same Message-ID
+
+
+@pytest.mark.parametrize("value", [2 ** 63 - 1, 2 ** 64 - 1, 2 ** 64, -(2 ** 63) - 1, 10 ** 30, -(10 ** 40), 1e19,
+                                   -9.5e18, 9.99, 12345678901234567890123, [[{"n": 2 ** 70}]]])
+def test_numbers_are_read_as_the_standard_library_reads_them(value: Any) -> None:
+    """orjson reads the line when it can, and an integer beyond 64 bits (a float to
+    orjson) anywhere in the document sends it back to ``json``: every number comes out
+    as ``json.loads`` reads it, of the same type."""
+    from dispatcher.compose.jobs import parse_line
+
+    document = {"id": "n", "template": "t", "to": ["a@example.net"],
+                "data": {"v": value, "deep": [{"v": value}], "digits": "9" * 40}}
+    line = json.dumps(document).encode()
+    job = parse_line(Line(1, line, len(line)))
+    expected = json.loads(line)["data"]
+    assert job.data == expected  # type: ignore[union-attr]
+    assert repr(job.data) == repr(expected)  # type: ignore[union-attr]  # 2**70, not 1.1805916207174113e+21
