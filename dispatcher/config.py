@@ -14,7 +14,6 @@ from pydantic_core import PydanticCustomError
 from dispatcher.compose.templates import TemplatesSettings, UnsubscribeSettings
 from dispatcher.loop.settings import BouncesSettings, SuppressionSettings
 from pool.config import PoolSettings, RetrySettings, Section, SMTPSettings
-from pool.config import pool_kwargs as _pool_kwargs
 from pool.dkim import DKIMSettings
 
 
@@ -205,18 +204,6 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
     # Token names ('<scalar>', '<block end>') are kept; any other quoted text is not.
     return where + _QUOTED.sub(lambda m: m[0] if _TOKEN.fullmatch(m[0]) else "(text omitted)", str(problem))
-
-
-def pool_kwargs(settings: Settings) -> dict[str, Any]:
-    """SMTPPool keyword arguments for ``settings`` (its ``smtp`` section must be set)."""
-    if settings.smtp is None:
-        raise ConfigError("smtp: no relay configured")
-    return _pool_kwargs(settings.smtp, settings.pool, settings.retry)
-
-
-def relay_kwargs(settings: Settings) -> dict[str, dict[str, Any]]:
-    """SMTPPool keyword arguments of each relay under ``relays:``, by name (empty without one)."""
-    return {relay.name: _pool_kwargs(relay, relay.pool, settings.retry) for relay in settings.relays or ()}
 
 
 def with_pool_overrides(settings: Settings, **keys: Any) -> Settings:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from dispatcher.config import Settings, pool_kwargs, relay_kwargs
+from dispatcher.config import Settings
 from pool import RelayError, SMTPPool
 from pool.probe import EXTENSIONS, RelayInfo
 
@@ -28,9 +28,10 @@ async def check_relays(settings: Settings) -> list[Checked]:
     """Probe every configured relay at once; in the configuration's order. Empty when
     no relay is configured (the built-in capture server needs no check)."""
     if settings.relays:
-        targets = {name: SMTPPool(**kwargs) for name, kwargs in relay_kwargs(settings).items()}
+        targets = {relay.name: SMTPPool.from_settings(relay, relay.pool, settings.retry) for relay in settings.relays}
     elif settings.smtp is not None:
-        targets = {f"{settings.smtp.hostname}:{settings.smtp.port}": SMTPPool(**pool_kwargs(settings))}
+        targets = {f"{settings.smtp.hostname}:{settings.smtp.port}":
+                   SMTPPool.from_settings(settings.smtp, settings.pool, settings.retry)}
     else:
         return []
 

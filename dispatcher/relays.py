@@ -12,7 +12,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
-from dispatcher.config import Settings, relay_kwargs
+from dispatcher.config import Settings
 from pool import Envelope, SendResult, SMTPPool, SMTPRouter
 from pool.ratelimit import SharedLimiter
 
@@ -66,6 +66,7 @@ def build_router(settings: Settings, registry: CollectorRegistry | None, *,
     """One pool per relay of ``settings.relays``, weighted; every ``smtp_pool_*``
     series goes to ``registry`` with a ``relay`` label (the pools register nothing).
     ``rate_limiter``, shared with other processes, paces every pool."""
-    pools = {name: SMTPPool(**kwargs, rate_limiter=rate_limiter) for name, kwargs in relay_kwargs(settings).items()}
+    pools = {relay.name: SMTPPool.from_settings(relay, relay.pool, settings.retry, rate_limiter=rate_limiter)
+             for relay in settings.relays or ()}
     weights = {relay.name: relay.weight for relay in settings.relays or ()}
     return RelayRouter(pools, weights, registry=registry)

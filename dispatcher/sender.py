@@ -14,7 +14,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from dispatcher.config import Settings, pool_kwargs
+from dispatcher.config import ConfigError, Settings
 from dispatcher.relays import Sender, build_router
 from dispatcher.sink import CaptureServer
 from pool import SMTPPool
@@ -55,7 +55,10 @@ async def build_sender(settings: Settings, registry: CollectorRegistry, *, maild
     if settings.relays:
         router = build_router(settings, registry, rate_limiter=rate_limiter)
         return Sending(router, {"relays": {r.name: f"{r.hostname}:{r.port}" for r in settings.relays}}, sink)
-    kwargs = pool_kwargs(settings)
-    if rate_limiter is not None:
-        kwargs.update(rate_limit=None, rate_limiter=rate_limiter)
-    return Sending(SMTPPool(**kwargs, registry=registry), {"host": kwargs["hostname"], "port": kwargs["port"]}, sink)
+    smtp = settings.smtp
+    if smtp is None:
+        raise ConfigError("smtp: no relay configured")
+    # A shared limiter replaces the pool's own rate_limit.
+    paced = settings.pool if rate_limiter is None else settings.pool.model_copy(update={"rate_limit": None})
+    pool = SMTPPool.from_settings(smtp, paced, settings.retry, registry=registry, rate_limiter=rate_limiter)
+    return Sending(pool, {"host": smtp.hostname, "port": smtp.port}, sink)

@@ -1,13 +1,13 @@
 """The pool's own configuration sections (docs/configuration.md): ``smtp``, ``pool``, ``retry``.
 
-They live here, not in ``dispatcher``, so that ``SMTPPool.from_config`` needs nothing
+They live here, not in ``dispatcher``, so that ``SMTPPool.from_settings`` needs nothing
 but the library; ``dispatcher.config.Settings`` composes them with its own sections.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -84,35 +84,8 @@ class RetrySettings(Section):
     backoff_max: float = Field(60.0, ge=0)
 
 
-def pool_kwargs(smtp: SMTPSettings, pool: PoolSettings, retry: RetrySettings) -> dict[str, Any]:
-    """``SMTPPool`` keyword arguments for the three sections."""
-    return {
-        "hostname": smtp.hostname,
-        "port": smtp.port,
-        "use_tls": smtp.use_tls,
-        "start_tls": smtp.start_tls,
-        "validate_certs": smtp.validate_certs,
-        "ca_file": str(smtp.ca_file) if smtp.ca_file is not None else None,
-        "username": smtp.username,
-        "password": smtp.password.get_secret_value() if smtp.password is not None else None,
-        "oauth2": _oauth2(smtp.oauth2) if smtp.oauth2 is not None else None,
-        "timeout": smtp.timeout,
-        "relay_down_timeout": smtp.relay_down_timeout,
-        "size": pool.size,
-        "max_messages_per_connection": pool.max_messages_per_connection,
-        "idle_timeout": pool.idle_timeout,
-        "rate_limit": pool.rate_limit,
-        "queue_size": pool.queue_size,
-        "max_bytes_in_flight": pool.max_bytes_in_flight,
-        "pipelining": pool.pipelining,
-        "pipeline_depth": pool.pipeline_depth,
-        "max_attempts": retry.max_attempts,
-        "backoff_base": retry.backoff_base,
-        "backoff_max": retry.backoff_max,
-    }
-
-
-def _oauth2(settings: OAuth2Settings) -> OAuth2:
+def oauth2_login(settings: OAuth2Settings) -> OAuth2:
+    """The ``OAuth2`` login of an ``smtp.oauth2`` section."""
     from pool.oauth import OAuth2
 
     return OAuth2(command=settings.token_command, file=settings.token_file, mechanism=settings.mechanism,

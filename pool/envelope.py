@@ -164,36 +164,19 @@ def build_envelope(
     is then not scanned for bare CR/LF again; it is still dot-stuffed, and the
     addresses are still checked."""
     if isinstance(message, Message):
-        if sender is None:
-            sender = parseaddr(str(message.get("Sender") or message.get("From") or ""))[1]
-            if not sender:
-                raise ValueError("sender: no sender given and the message has no From header")
-        if recipients is None:
-            fields = [str(v) for h in ("To", "Cc", "Bcc") for v in message.get_all(h, [])]
-            recipients = [addr for _, addr in getaddresses(fields) if addr]
-        if "Bcc" in message:
-            message = copy.copy(message)
-            del message["Bcc"]
-        policy = message.policy.clone(linesep="\r\n", max_line_length=998)
-        raw = message.as_bytes(policy=policy)
+        raw, sender, recipients = _from_message(message, sender, recipients)
+        prepared = False
     elif isinstance(message, (bytes, bytearray, memoryview, str)):
         if sender is None or recipients is None:
             raise ValueError("sender and recipients are required for a raw message")
-        raw = message.encode("utf-8") if isinstance(message, str) else bytes(message)
+        if isinstance(message, str):
+            raw, prepared = message.encode("utf-8"), False
+        else:
+            raw = bytes(message)
     else:
         raise TypeError(f"message must be an EmailMessage, bytes or str, not {type(message).__name__}")
-    if isinstance(recipients, str):
-        raise ValueError("recipients: must be a list of addresses, not a string")
-    check_address(sender, "sender")
-    rcpts = tuple(check_address(r, "recipients") for r in recipients)
-    if not rcpts:
-        raise ValueError("recipients: the message has no recipients")
-    if any(not r for r in rcpts):
-        raise ValueError("recipients: empty address")
-    # One transaction names each recipient once (a duplicate would be delivered twice).
-    rcpts = tuple(dict.fromkeys(rcpts))
-    prepared = prepared and isinstance(message, (bytes, bytearray, memoryview)) and raw.endswith(b"\r\n")
-    if not prepared:
+    rcpts = _recipients(sender, recipients)
+    if not (prepared and raw.endswith(b"\r\n")):
         raw = crlf(raw)
         if not raw.endswith(b"\r\n"):
             raw += b"\r\n"
@@ -203,3 +186,35 @@ def build_envelope(
     content = wire_content(raw, prepared=True)
     all_ascii = sender.isascii() and all(r.isascii() for r in rcpts)
     return Envelope(sender, rcpts, content, _header_message_id(content), all_ascii)
+
+
+def _from_message(message: Message, sender: str | None, recipients: list[str] | tuple[str, ...] | None
+                  ) -> tuple[bytes, str, list[str] | tuple[str, ...]]:
+    """A message object's bytes (CRLF, without Bcc) and its envelope: ``sender`` and
+    ``recipients`` as given, else from its Sender or From, and To, Cc and Bcc."""
+    if sender is None:
+        sender = parseaddr(str(message.get("Sender") or message.get("From") or ""))[1]
+        if not sender:
+            raise ValueError("sender: no sender given and the message has no From header")
+    if recipients is None:
+        fields = [str(v) for h in ("To", "Cc", "Bcc") for v in message.get_all(h, [])]
+        recipients = [addr for _, addr in getaddresses(fields) if addr]
+    if "Bcc" in message:
+        message = copy.copy(message)
+        del message["Bcc"]
+    policy = message.policy.clone(linesep="\r\n", max_line_length=998)
+    return message.as_bytes(policy=policy), sender, recipients
+
+
+def _recipients(sender: str, recipients: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Check the envelope's addresses; the recipients once each (a duplicate in one
+    transaction would be delivered twice). Raises ValueError."""
+    if isinstance(recipients, str):
+        raise ValueError("recipients: must be a list of addresses, not a string")
+    check_address(sender, "sender")
+    rcpts = tuple(check_address(r, "recipients") for r in recipients)
+    if not rcpts:
+        raise ValueError("recipients: the message has no recipients")
+    if any(not r for r in rcpts):
+        raise ValueError("recipients: empty address")
+    return tuple(dict.fromkeys(rcpts))

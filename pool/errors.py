@@ -36,6 +36,7 @@ class DeliveryError(PoolError):
         attempts: int,
         refused: Refusals | None = None,
         message_id: str | None = None,
+        relay: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -44,7 +45,14 @@ class DeliveryError(PoolError):
         self.attempts = attempts
         self.refused: Refusals = dict(refused or {})
         self.message_id = message_id
-        self.relay: str | None = None  # the relay that refused it, under SMTPRouter
+        self.relay = relay  # the relay that refused it, under SMTPRouter
+
+    def through(self, relay: str, earlier: Refusals | None = None) -> DeliveryError:
+        """This error as ``SMTPRouter`` raises it: naming ``relay``, with the recipients
+        refused for good by relays tried ``earlier`` among its ``refused``."""
+        return DeliveryError(str(self), code=self.code, response=self.response, permanent=self.permanent,
+                             attempts=self.attempts, refused={**(earlier or {}), **self.refused},
+                             message_id=self.message_id, relay=relay)
 
     def __repr__(self) -> str:
         return (
@@ -63,17 +71,19 @@ class RelayError(PoolError):
     ``relay`` names the relay (``host:port``), ``code`` the SMTP reply when there was one.
     """
 
-    def __init__(self, message: str, *, transient: bool, relay: str, code: int | None = None) -> None:
+    def __init__(self, message: str, *, transient: bool, relay: str, code: int | None = None,
+                 refused: Refusals | None = None, recipients: tuple[str, ...] = (),
+                 maybe_delivered: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
         self.relay = relay
         self.code = code
-        # Set on the error a submit raises: recipients refused for good before the relay
+        # On the error a submit raises: recipients refused for good before the relay
         # failed, those still to send, and whether an attempt was lost after its end of
         # DATA (the relay may have the message: at-least-once).
-        self.refused: Refusals = {}
-        self.recipients: tuple[str, ...] = ()
-        self.maybe_delivered = False
+        self.refused: Refusals = dict(refused or {})
+        self.recipients = recipients
+        self.maybe_delivered = maybe_delivered
 
     def __repr__(self) -> str:
         return f"RelayError({str(self)!r}, transient={self.transient}, relay={self.relay!r}, code={self.code!r})"

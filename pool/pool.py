@@ -2,10 +2,11 @@
 
     submit() -> queue -> worker(slot) -> Transaction.start() / finish() -> Outcome -> SendResult | error
 
-A message is a ``_Job``. Its state (recipients still pending, accepted, refused,
-attempts) changes only in the worker that holds it, or in ``_finish``. Transient
-failures send the job through a backoff timer back into the queue, so a worker never
-idles on a sleep while other messages wait.
+A message is a ``Job`` (pool/slot.py). Its state (recipients still pending, accepted,
+refused, attempts) changes only in the worker of the slot that holds it, or in
+``_finish``. Transient failures send the job through a backoff timer back into the
+queue, so a worker never idles on a sleep while other messages wait. What the pool
+knows of its relay (up, failing, down, refused) is one ``RelayHealth`` (pool/health.py).
 
 Ownership: one supervisor task runs a ``TaskGroup`` holding every worker, backoff
 timer and probe; ``close()`` and ``terminate()`` stop them by calls, never by markers
@@ -23,9 +24,8 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
 from email.message import Message
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pool.budget import ByteBudget
 from pool.connection import Connection, ConnState, SessionOptions
@@ -40,39 +40,37 @@ from pool.errors import (
     SessionRefused,
     Withdrawn,
 )
+from pool.health import RelayHealth
 from pool.log import EventLogger, log
 from pool.metrics import PoolMetrics
 from pool.ratelimit import RateLimiter, SharedLimiter
 from pool.results import SendResult
 from pool.retry import backoff_delay, is_permanent
+from pool.slot import Job, Slot
 from pool.tls import check_ca_file
 from pool.transaction import Outcome, Transaction
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+    from pool.config import PoolSettings, RetrySettings, SMTPSettings
     from pool.dkim import DKIMSigner
     from pool.oauth import OAuth2
     from pool.probe import RelayInfo
 
 
-@dataclass(slots=True, eq=False)
-class _Job:
-    envelope: Envelope
-    future: asyncio.Future[SendResult]
-    submitted: float
-    pending: tuple[str, ...]
-    accepted: list[str] = field(default_factory=list)
-    refused: Refusals = field(default_factory=dict)
-    attempts: int = 0
-    last_code: int | None = None
-    last_response: str = ""
-    delivered: tuple[int, str] | None = None  # the end-of-DATA reply that accepted it
-    taken: bool = False  # a worker took it from the queue: its caller can no longer unsend it
-    stop_reason: PoolError | None = None  # why its backoff timer was cancelled
-    deferred: Refusals = field(default_factory=dict)  # the 4xx each pending recipient last got
-    maybe_delivered: bool = False  # an attempt was lost after the end of DATA (ambiguous)
-    admit: Callable[[], bool] | None = None  # asked right before each attempt goes on the wire
+class PoolConfig(Protocol):
+    """What ``SMTPPool.from_config`` reads: a settings object with the pool's three
+    sections (``dispatcher.config.Settings`` is one)."""
+
+    @property
+    def smtp(self) -> SMTPSettings | None: ...
+
+    @property
+    def pool(self) -> PoolSettings: ...
+
+    @property
+    def retry(self) -> RetrySettings: ...
 
 
 class SMTPPool:
@@ -114,20 +112,12 @@ class SMTPPool:
         oauth2: OAuth2 | None = None,
         pipeline_depth: int = 8,
     ) -> None:
-        if size < 1:
-            raise ValueError("size must be at least 1")
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
-        if queue_size < 1:
-            raise ValueError("queue_size must be at least 1")
-        if max_messages_per_connection is not None and max_messages_per_connection < 1:
-            raise ValueError("max_messages_per_connection must be at least 1")
-        if relay_down_timeout <= 0:
-            raise ValueError("relay_down_timeout must be positive")
+        _check_options(size=size, max_attempts=max_attempts, queue_size=queue_size,
+                       max_messages_per_connection=max_messages_per_connection,
+                       relay_down_timeout=relay_down_timeout, pipeline_depth=pipeline_depth,
+                       max_bytes_in_flight=max_bytes_in_flight)
         if oauth2 is not None and (username is None or password is not None):
             raise ValueError("oauth2 needs a username (the mailbox it logs in as) and no password")
-        if pipeline_depth < 1:
-            raise ValueError("pipeline_depth must be at least 1")
         if ca_file is not None and tls_context is None:
             try:
                 check_ca_file(ca_file)
@@ -173,24 +163,24 @@ class SMTPPool:
         # New submissions wait for room in the bounded queue; a job coming back from a
         # failed connect or a backoff must never wait, so when the queue is full it goes
         # to ``_retry``, which workers read first (a full queue means no worker is waiting).
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
+        self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_size)
         # Bytes of the messages submitted and not yet ended: with large messages the
         # queue's length alone would let memory grow with message size x queue_size.
-        if max_bytes_in_flight < 1:
-            raise ValueError("max_bytes_in_flight must be at least 1")
         self._bytes = ByteBudget(max_bytes_in_flight)
-        self._retry: deque[_Job] = deque()
-        self._slots = [Connection(self._options) for _ in range(size)]
+        self._retry: deque[Job] = deque()
+        self._slots = [_slot(Connection(self._options)) for _ in range(size)]
         self.max_open = 0  # most sessions ever open at once: for tests and stats
         self.metrics = PoolMetrics(
             registry, queue_depth=self.queue_depth, connections_open=self.connections_open,
             rate_current=lambda: self.rate.current, relay_up=self._relay_up,
         )
         self._rng = random.Random()
+        self._health = RelayHealth(self._options.relay, down_timeout=relay_down_timeout, backoff_base=backoff_base,
+                                   backoff_max=backoff_max, rng=self._rng)
         self._supervisor: asyncio.Task[None] | None = None
         self._group: asyncio.TaskGroup | None = None
         self._workers: list[asyncio.Task[None]] = []
-        self._timers: dict[asyncio.Task[None], _Job] = {}  # backoff timers and the job each holds
+        self._timers: dict[asyncio.Task[None], Job] = {}  # backoff timers and the job each holds
         self._stopping = asyncio.Event()
         self._unfinished = 0
         self._admitting = 0  # submits waiting for room under max_bytes_in_flight
@@ -199,20 +189,48 @@ class SMTPPool:
         self._closing = False  # no new submissions
         self._stopped: PoolError | None = None  # why waiting jobs fail: closed, crashed
         self._halted = asyncio.Event()  # set with _stopped
-        self._relay_error: RelayError | None = None
-        self._down_since: float | None = None  # first failed connect while no session was up
-        self._connect_failures = 0  # in a row
         self._first_session = asyncio.Lock()
 
     @classmethod
-    def from_config(cls, settings: Any, **overrides: Any) -> SMTPPool:
-        """Build a pool from a settings object with ``smtp``, ``pool`` and ``retry``
-        sections (``dispatcher.config.Settings``; docs/configuration.md)."""
-        from pool.config import pool_kwargs
+    def from_settings(
+        cls,
+        smtp: SMTPSettings,
+        pool: PoolSettings | None = None,
+        retry: RetrySettings | None = None,
+        *,
+        registry: CollectorRegistry | None = None,
+        rate_limiter: SharedLimiter | None = None,
+        dkim: DKIMSigner | Sequence[DKIMSigner] | None = None,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> SMTPPool:
+        """A pool for the configuration's ``smtp``, ``pool`` and ``retry`` sections
+        (docs/configuration.md; a section left out takes its defaults), with what a file
+        cannot hold given here."""
+        from pool.config import PoolSettings, RetrySettings, oauth2_login
 
+        pool = pool if pool is not None else PoolSettings.model_validate({})
+        retry = retry if retry is not None else RetrySettings.model_validate({})
+        return cls(
+            smtp.hostname, smtp.port, use_tls=smtp.use_tls, start_tls=smtp.start_tls,
+            validate_certs=smtp.validate_certs, ca_file=None if smtp.ca_file is None else str(smtp.ca_file),
+            username=smtp.username, password=None if smtp.password is None else smtp.password.get_secret_value(),
+            oauth2=None if smtp.oauth2 is None else oauth2_login(smtp.oauth2), timeout=smtp.timeout,
+            relay_down_timeout=smtp.relay_down_timeout,
+            size=pool.size, max_messages_per_connection=pool.max_messages_per_connection,
+            idle_timeout=pool.idle_timeout, rate_limit=pool.rate_limit, queue_size=pool.queue_size,
+            max_bytes_in_flight=pool.max_bytes_in_flight, pipelining=pool.pipelining,
+            pipeline_depth=pool.pipeline_depth,
+            max_attempts=retry.max_attempts, backoff_base=retry.backoff_base, backoff_max=retry.backoff_max,
+            registry=registry, rate_limiter=rate_limiter, dkim=dkim, tls_context=tls_context,
+        )
+
+    @classmethod
+    def from_config(cls, settings: PoolConfig, *, registry: CollectorRegistry | None = None) -> SMTPPool:
+        """A pool from a settings object with ``smtp``, ``pool`` and ``retry`` sections
+        (``dispatcher.config.Settings``). Raises ValueError when ``smtp`` is not set."""
         if settings.smtp is None:
             raise ValueError("smtp: no relay configured")
-        return cls(**{**pool_kwargs(settings.smtp, settings.pool, settings.retry), **overrides})
+        return cls.from_settings(settings.smtp, settings.pool, settings.retry, registry=registry)
 
     async def probe(self) -> RelayInfo:
         """Open one session as this pool would (TLS, EHLO, AUTH), report what the relay
@@ -223,10 +241,10 @@ class SMTPPool:
         return await probe_session(self._options)
 
     def __repr__(self) -> str:
-        states = [slot.state for slot in self._slots]
+        states = [slot.connection.state for slot in self._slots]
         state = "closed" if self._closing and self._supervisor is None else (
             "closing" if self._closing else "running" if self._supervisor else "new")
-        relay = "" if self._relay_error is None else f" relay_error={self._relay_error!r}"
+        relay = "" if self._health.error is None else f" relay_error={self._health.error!r}"
         return (f"<SMTPPool {self._options.relay} {state} size={self.size} "
                 f"busy={states.count(ConnState.BUSY)} idle={states.count(ConnState.IDLE)} "
                 f"queued={self.queue_depth()} unfinished={self._unfinished}{relay}>")
@@ -254,35 +272,34 @@ class SMTPPool:
         self._check_open()
         self._start()
         slot = self._slots[0]
-        bound = log.bind(connection=slot.id)
         while True:
             async with self._first_session:  # the workers' first connect waits on it too
-                if any(s.is_connected for s in self._slots):
+                if self._session_open():
                     return
                 if (refusal := self._no_connect()) is not None:
                     raise refusal
-                delay = await self._open(slot, bound)
+                delay = await self._open(slot.connection, slot.log)
                 if delay is None:
                     return
-                if self._relay_error is not None:
-                    raise _fresh(self._relay_error)
+                if self._health.error is not None:
+                    raise _fresh(self._health.error)
             await asyncio.sleep(delay)
 
     def connections_open(self) -> int:
         """SMTP sessions open or opening now (never more than ``size``)."""
-        return sum(1 for slot in self._slots if slot.is_open)
+        return sum(1 for slot in self._slots if slot.connection.is_open)
+
+    def _session_open(self) -> bool:
+        return any(slot.connection.is_connected for slot in self._slots)
 
     def _relay_up(self) -> float:
-        """The ``smtp_pool_relay_up`` gauge: 0 from the first failed connect or refused
-        session while no session is open (not only once ``relay_down_timeout`` has
-        run out: an alert needs the outage while it lasts), 1 again when one opens."""
-        down = self._relay_error is not None or self._down_since is not None
-        return 0.0 if down and not any(slot.is_connected for slot in self._slots) else 1.0
+        """The ``smtp_pool_relay_up`` gauge (``RelayHealth.up_gauge``)."""
+        return self._health.up_gauge(self._session_open())
 
     @property
     def relay_error(self) -> RelayError | None:
         """Set while the relay is down or refuses the session (docs/library.md promise 10)."""
-        return self._relay_error
+        return self._health.error
 
     def _start(self) -> asyncio.Task[None]:
         """The supervisor task, started on first use. Call only while open."""
@@ -296,7 +313,7 @@ class SMTPPool:
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 self._workers = [
-                    group.create_task(self._worker(slot), name=f"smtp-pool-worker-{slot.id}")
+                    group.create_task(self._worker(slot), name=f"smtp-pool-worker-{slot.connection.id}")
                     for slot in self._slots
                 ]
                 await self._stopping.wait()
@@ -309,7 +326,7 @@ class SMTPPool:
             self._fail_waiting(PoolError(f"the pool stopped after an internal error: {exc!r}"))
         finally:
             self._group = None
-            await asyncio.gather(*(slot.quit() for slot in self._slots), return_exceptions=True)
+            await asyncio.gather(*(slot.connection.quit() for slot in self._slots), return_exceptions=True)
 
     async def close(self, drain: bool = True) -> None:
         """Stop taking messages. ``drain=True`` sends everything already submitted;
@@ -339,7 +356,7 @@ class SMTPPool:
         self._closing = True
         self._fail_waiting(PoolClosedError("the pool was terminated before this message was sent"))
         for slot in self._slots:
-            slot.close()
+            slot.connection.close()
         for task in self._workers:
             task.cancel()
         self._stopping.set()
@@ -420,8 +437,8 @@ class SMTPPool:
 
     async def _submit(self, envelope: Envelope, admit: Callable[[], bool] | None) -> SendResult:
         # The supervisor's loop is the running one; asking it costs no getpid() syscall.
-        job = _Job(envelope, self._start().get_loop().create_future(), time.monotonic(), envelope.recipients,
-                   admit=admit)
+        job = Job(envelope, self._start().get_loop().create_future(), time.monotonic(), envelope.recipients,
+                  admit=admit)
         self._unfinished += 1
         if self._unfinished == 1:
             self._drained.clear()
@@ -434,7 +451,7 @@ class SMTPPool:
             self._job_done()  # cancelled while the queue was full: never queued, never sent
             raise
         # Submitted before a draining close() it is still sent; not after a stop.
-        reason = self._stopped or self._relay_error
+        reason = self._stopped or self._health.error
         if reason is not None:
             self._fail_waiting(reason)
         try:
@@ -446,106 +463,126 @@ class SMTPPool:
             raise
 
     def _check_open(self) -> None:
-        if self._relay_error is not None:
-            raise _fresh(self._relay_error)
+        if self._health.error is not None:
+            raise _fresh(self._health.error)
         if self._closing:
             raise PoolClosedError("the pool is closed")
 
-    def _requeue(self, job: _Job) -> None:
+    def _requeue(self, job: Job) -> None:
         """Back in line without waiting for room (its room was given back when taken)."""
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
             self._retry.append(job)
 
-    def _take(self) -> _Job:
+    def _take(self) -> Job:
         job = self._retry.popleft() if self._retry else self._queue.get_nowait()
         job.taken = True
         return job
 
     # -- workers --
 
-    async def _worker(self, slot: Connection) -> None:
-        """Take jobs one after another on this slot's session.
+    async def _worker(self, slot: Slot) -> None:
+        """Take jobs one after another on this slot's session: read the oldest reply
+        when it is due, else hold the next job, make the session ready for it, send it.
 
         With a pipelined session, the next job's envelope is written before the
-        previous job's end-of-DATA reply is read (``window``), when the queue already
-        holds it: the two share one round trip. With BDAT (the relay offers CHUNKING),
-        up to ``pipeline_depth`` whole transactions are on the wire at once, their
-        replies read in order.
+        previous job's end-of-DATA reply is read (the slot's ``window``), when the queue
+        already holds it: the two share one round trip. With BDAT (the relay offers
+        CHUNKING), up to ``pipeline_depth`` whole transactions are on the wire at once,
+        their replies read in order.
         """
-        bound = log.bind(connection=slot.id)
-        job: _Job | None = None
-        window: deque[tuple[_Job, Transaction, float]] = deque()  # on the wire, oldest first
         try:
             while True:
-                if window and ((self._queue.empty() and not self._retry) or self._must_recycle(slot)
-                               or len(window) >= (self.pipeline_depth if slot.bdat else 2)):
-                    await self._complete(window, slot, bound)
-                    continue
-                job = self._take() if window else await self._next_job(slot, bound)
-                if job.future.done():  # cancelled by its caller while queued
-                    self._job_done()
-                    job = None
-                    continue
-                if self.rate.current != _UNLIMITED or self._shared_limiter is not None:
-                    while window:
-                        await self._complete(window, slot, bound)
-                    # Taken but not on the wire: a stop (close without drain, a
-                    # permanent refusal) must not wait for the limiter, nor send after it.
-                    paced = await self._unless_halted(self.rate.acquire())
-                    if paced and self._shared_limiter is not None:
-                        paced = await self._unless_halted(self._shared_limiter.acquire())
-                    if not paced or self._stopped is not None:
-                        held, job = job, None
-                        self._finish(held, stopped=self._stopped or PoolClosedError("the pool closed"))
-                        continue
-                while window and not slot.is_connected:
-                    # The server closed the session behind the messages on the wire: the
-                    # next one gets a new session instead of spending an attempt on this one.
-                    await self._complete(window, slot, bound)
-                if not window:
-                    wait = await self._ready(slot, job, bound)
-                    if wait is not None:  # no session: the job is back in the queue, or failed
-                        job = None
-                        await asyncio.sleep(wait)
-                        continue
-                # Asked last, right before the first byte goes out: connecting (TLS, AUTH, a
-                # token fetch) and the rate limiter may have taken long enough for the
-                # submitter to lose its claim on the message (a paused Redis worker).
-                if job.admit is not None:
-                    refusal = _admission(job.admit)
-                    if refusal is not None:
-                        withdrawn, job = job, None
-                        self._finish(withdrawn, stopped=refusal)
-                        continue
-                job.attempts += 1
-                started = time.monotonic()
-                slot.begin(started)
-                transaction = Transaction(slot, job.envelope, job.pending)
-                await transaction.start()
-                if not transaction.open or not transaction.bdat:
-                    # DATA: its 354 came after every earlier reply; those are in now.
-                    while window:
-                        await self._complete(window, slot, bound)
-                if transaction.open:
-                    window.append((job, transaction, started))
-                else:
-                    assert transaction.outcome is not None
-                    self._route(job, transaction.outcome, slot, started, bound)
-                job = None
+                if slot.window and self._reply_due(slot):
+                    await self._complete(slot)
+                elif (job := await self._hold_next(slot)) is not None and await self._clear_to_send(slot, job):
+                    await self._send(slot, job)
         except BaseException as exc:
             # Stopped while idle (close: the supervisor QUITs the session), terminated, or
             # a bug: nothing on the wire may be left half done, and nobody may wait forever.
-            if slot.state is not ConnState.IDLE or job is not None or window:
-                slot.close()
-            stopped = self._stopped or (PoolClosedError("the pool was terminated")
-                                        if isinstance(exc, asyncio.CancelledError)
-                                        else PoolError(f"the pool stopped after an internal error: {exc!r}"))
-            for stranded in (job, *(held for held, _, _ in window)):
-                if stranded is not None:
-                    self._finish(stranded, stopped=stopped)
+            self._strand(slot, exc)
             raise
+
+    def _reply_due(self, slot: Slot) -> bool:
+        """The oldest transaction's replies must be read before anything more is written:
+        nothing else waits, the session is due for recycling, or the window is full."""
+        conn = slot.connection
+        return ((self._queue.empty() and not self._retry) or self._must_recycle(conn)
+                or len(slot.window) >= (self.pipeline_depth if conn.bdat else 2))
+
+    async def _hold_next(self, slot: Slot) -> Job | None:
+        """The next job, now the slot's (None: its caller cancelled it while queued)."""
+        job = self._take() if slot.window else await self._next_job(slot)
+        if job.future.done():
+            self._job_done()
+            return None
+        slot.held = job
+        return job
+
+    async def _clear_to_send(self, slot: Slot, job: Job) -> bool:
+        """Pace, get a session, ask ``admit()``. False when the job is no longer the
+        slot's: failed (pool stopped, relay refused, withdrawn) or back in the queue."""
+        if (self.rate.current != _UNLIMITED or self._shared_limiter is not None) and not await self._pace(slot):
+            return False
+        conn = slot.connection
+        while slot.window and not conn.is_connected:
+            # The server closed the session behind the messages on the wire: the
+            # next one gets a new session instead of spending an attempt on this one.
+            await self._complete(slot)
+        if not slot.window and (wait := await self._ready(slot)) is not None:
+            await asyncio.sleep(wait)  # the job is back in the queue, or failed
+            return False
+        # Asked last, right before the first byte goes out: connecting (TLS, AUTH, a
+        # token fetch) and the rate limiter may have taken long enough for the
+        # submitter to lose its claim on the message (a paused Redis worker).
+        if job.admit is not None and (refusal := _admission(job.admit)) is not None:
+            self._finish(slot.unhold(), stopped=refusal)
+            return False
+        return True
+
+    async def _send(self, slot: Slot, job: Job) -> None:
+        """Put the held job's transaction on the wire; route its outcome once known."""
+        conn = slot.connection
+        job.attempts += 1
+        started = time.monotonic()
+        conn.begin(started)
+        transaction = Transaction(conn, job.envelope, job.pending)
+        await transaction.start()
+        if not transaction.open or not transaction.bdat:
+            # DATA: its 354 came after every earlier reply; those are in now.
+            while slot.window:
+                await self._complete(slot)
+        slot.held = None
+        if transaction.open:
+            slot.window.append((job, transaction, started))
+        else:
+            assert transaction.outcome is not None
+            self._route(job, transaction.outcome, conn, started, slot.log)
+
+    def _strand(self, slot: Slot, exc: BaseException) -> None:
+        """The slot's worker stops: close a session left mid-transaction and end every
+        job the slot holds with the reason."""
+        if slot.connection.state is not ConnState.IDLE or slot.is_busy:
+            slot.connection.close()
+        stopped = self._stopped or (PoolClosedError("the pool was terminated")
+                                    if isinstance(exc, asyncio.CancelledError)
+                                    else PoolError(f"the pool stopped after an internal error: {exc!r}"))
+        for job in slot.release():
+            self._finish(job, stopped=stopped)
+
+    async def _pace(self, slot: Slot) -> bool:
+        """Wait for the rate limiters with nothing on the wire. False when the pool
+        stopped meanwhile: the held job, taken but unsent, is failed and not sent after."""
+        while slot.window:
+            await self._complete(slot)
+        paced = await self._unless_halted(self.rate.acquire())
+        if paced and self._shared_limiter is not None:
+            paced = await self._unless_halted(self._shared_limiter.acquire())
+        if not paced or self._stopped is not None:
+            self._finish(slot.unhold(), stopped=self._stopped or PoolClosedError("the pool closed"))
+            return False
+        return True
 
     async def _unless_halted(self, wait: Coroutine[Any, Any, None]) -> bool:
         """Await ``wait`` (a rate limiter's) unless the pool stops sending first: False then."""
@@ -565,22 +602,20 @@ class SMTPPool:
         pacing.result()  # a limiter's own error (Redis gone for good) is the worker's to raise
         return True
 
-    async def _next_job(self, slot: Connection, bound: EventLogger) -> _Job:
+    async def _next_job(self, slot: Slot) -> Job:
         """The next queued job. An idle session is QUIT after ``idle_timeout``; while
         the relay is down, the first slot probes it every ``backoff_max`` seconds."""
+        conn = slot.connection
         while True:
-            wait = self.idle_timeout if slot.is_connected else None
-            probing = self._relay_error is not None and self._relay_error.transient and slot is self._slots[0]
-            if probing or (wait is None and slot is self._slots[0]):
+            if self._retry or not self._queue.empty():
+                return self._take()
+            first = slot is self._slots[0]
+            probing = first and self._health.is_down()
+            wait = self.idle_timeout if conn.is_connected else None
+            if probing or (wait is None and first):
                 # The first slot never blocks for good: the relay may be declared down
                 # while it waits, and then no job will come to wake it.
                 wait = self.backoff_max if wait is None else min(wait, self.backoff_max)
-            if self._retry:
-                return self._take()
-            if wait is None:
-                job = await self._queue.get()
-                job.taken = True
-                return job
             try:
                 async with asyncio.timeout(wait):
                     job = await self._queue.get()
@@ -588,84 +623,83 @@ class SMTPPool:
                     return job
             except TimeoutError:
                 if probing:
-                    await self._probe(slot, bound)
-                elif slot.is_connected and self.idle_timeout is not None and slot.idle_for() >= self.idle_timeout:
-                    bound.info("smtp.idle_close", idle_for=round(slot.idle_for(), 3))
-                    await slot.quit()
+                    await self._probe(conn, slot.log)
+                elif conn.is_connected and self.idle_timeout is not None and conn.idle_for() >= self.idle_timeout:
+                    slot.log.info("smtp.idle_close", idle_for=round(conn.idle_for(), 3))
+                    await conn.quit()
 
-    def _must_recycle(self, slot: Connection) -> bool:
+    def _must_recycle(self, conn: Connection) -> bool:
         limit = self.max_messages_per_connection
-        return limit is not None and slot.transactions >= limit
+        return limit is not None and conn.transactions >= limit
 
-    async def _ready(self, slot: Connection, job: _Job, bound: EventLogger) -> float | None:
-        """Make sure the slot holds a usable session for ``job``; None when it does.
+    async def _ready(self, slot: Slot) -> float | None:
+        """Make sure the slot holds a usable session for its job; None when it does.
         On a failed connect the job goes back to the queue without spending an attempt
         (or fails with the relay's error) and the seconds the slot must wait before
         trying again are returned."""
-        if slot.is_connected and self._must_recycle(slot):
-            bound.debug("smtp.recycle", transactions=slot.transactions)
-            await slot.quit()
-        if slot.is_connected:
+        conn = slot.connection
+        if conn.is_connected and self._must_recycle(conn):
+            slot.log.debug("smtp.recycle", transactions=conn.transactions)
+            await conn.quit()
+        if conn.is_connected:
             return None
-        if (refusal := self._no_connect()) is not None:
-            self._finish(job, stopped=refusal)
-            return 0.0
-        if self.metrics.connects == 0:
+        if (refusal := self._no_connect()) is None and self.metrics.connects == 0:
             # Until one session has opened, slots connect one at a time: a wrong
             # password costs one failed login, not one per slot (or per message).
             async with self._first_session:
-                if (refusal := self._no_connect()) is not None:
-                    self._finish(job, stopped=refusal)
-                    return 0.0
-                if self.metrics.connects == 0:
-                    return await self._connect(slot, job, bound)
-        return await self._connect(slot, job, bound)
+                if (refusal := self._no_connect()) is None and self.metrics.connects == 0:
+                    return await self._connect(slot)
+        if refusal is not None:
+            self._finish(slot.unhold(), stopped=refusal)
+            return 0.0
+        return await self._connect(slot)
 
     def _no_connect(self) -> PoolError | None:
         """Why no session may be opened now: the pool stopped, or the relay refused it
         for good (connecting again would only repeat a failed login)."""
         if self._stopped is not None:
             return _fresh(self._stopped)
-        if self._relay_error is not None and not self._relay_error.transient:
-            return _fresh(self._relay_error)
+        if self._health.error is not None and not self._health.error.transient:
+            return _fresh(self._health.error)
         return None
 
-    async def _connect(self, slot: Connection, job: _Job, bound: EventLogger) -> float | None:
-        """Open ``slot``'s session for ``job``: None once open; else the job is failed
+    async def _connect(self, slot: Slot) -> float | None:
+        """Open the slot's session for its job: None once open; else the job is failed
         (relay refused or down, pool stopped) or back in the queue, and the delay."""
-        delay = await self._open(slot, bound)
+        delay = await self._open(slot.connection, slot.log)
         if delay is None:
             return None
-        if self._relay_error is not None:  # always so after a refused session
-            self._finish(job, stopped=_fresh(self._relay_error))
+        job = slot.unhold()
+        if self._health.error is not None:  # always so after a refused session
+            self._finish(job, stopped=_fresh(self._health.error))
         elif self._stopped is not None:
             self._finish(job, stopped=self._stopped)
         else:
             self._requeue(job)
         return delay
 
-    async def _open(self, slot: Connection, bound: EventLogger) -> float | None:
-        """Open ``slot``'s session, counting and logging a failure: None once it is
+    async def _open(self, conn: Connection, bound: EventLogger) -> float | None:
+        """Open ``conn``'s session, counting and logging a failure: None once it is
         open, else how long before the next try (0 after a refused session)."""
         self.max_open = max(self.max_open, self.connections_open() + 1)
         try:
-            await slot.connect()
+            await conn.connect()
         except ConnectionFailed as exc:
             self.metrics.connect_errors += 1
             # The first failure of an outage is news; the retries that follow are not.
-            (bound.warning if self._connect_failures == 0 else bound.debug)(
+            (bound.warning if self._health.failures == 0 else bound.debug)(
                 "smtp.connect_error", error=exc.reason, relay=self._options.relay)
             return self._connect_failed(exc)
         except SessionRefused as exc:
             self.metrics.connect_errors += 1
             self._refused(exc, bound)
             return 0.0
-        self._connected(slot, bound)
+        self._connected(conn, bound)
         return None
 
-    async def _probe(self, slot: Connection, bound: EventLogger) -> None:
+    async def _probe(self, conn: Connection, bound: EventLogger) -> None:
         try:
-            await slot.connect()
+            await conn.connect()
         except ConnectionFailed as exc:
             self.metrics.connect_errors += 1
             bound.info("smtp.probe_failed", error=exc.reason, relay=self._options.relay)
@@ -673,64 +707,45 @@ class SMTPPool:
             self.metrics.connect_errors += 1
             self._refused(exc, bound)
         else:
-            self._connected(slot, bound)
+            self._connected(conn, bound)
 
-    def _connected(self, slot: Connection, bound: EventLogger) -> None:
+    def _connected(self, conn: Connection, bound: EventLogger) -> None:
         self.metrics.connects += 1
-        if self._relay_error is not None:
+        if self._health.connected():
             bound.warning("smtp.relay_up", relay=self._options.relay)
-        self._relay_error = None
-        self._down_since = None
-        self._connect_failures = 0
-        bound.info("smtp.connect", relay=self._options.relay, pipelining=slot.pipelined)
+        bound.info("smtp.connect", relay=self._options.relay, pipelining=conn.pipelined)
 
     def _connect_failed(self, exc: ConnectionFailed) -> float:
-        """Count a failed connect; declare the relay down after ``relay_down_timeout``
+        """Count a failed connect; the relay is declared down after ``relay_down_timeout``
         without a session. Returns how long this slot waits before its next try."""
         now = time.monotonic()
-        self._connect_failures += 1
-        if any(slot.is_connected for slot in self._slots):
-            self._down_since = None  # another session works: a blip, not an outage
-        elif self._down_since is None:
-            self._down_since = now
-        if self._down_since is not None and self._relay_error is None:
-            down_for = now - self._down_since
-            if down_for >= self.relay_down_timeout:
-                self._relay_error = RelayError(
-                    f"relay {self._options.relay} unreachable for {down_for:.0f} s: {exc.reason}",
-                    transient=True, relay=self._options.relay, code=exc.code,
-                )
-                log.error("smtp.relay_down", relay=self._options.relay, down_for=round(down_for, 1),
-                          error=exc.reason)
-                self._fail_waiting(self._relay_error)
-        delay = backoff_delay(self._connect_failures, self.backoff_base, self.backoff_max, self._rng)
-        if self._down_since is not None and self._relay_error is None:
-            delay = min(delay, max(0.0, self._down_since + self.relay_down_timeout - now))
-        return max(delay, min(self.backoff_base, 0.05))  # never a busy loop of connects
+        health = self._health
+        delay, declared = health.connect_failed(now, exc.reason, code=exc.code, session_open=self._session_open())
+        if declared is not None:
+            log.error("smtp.relay_down", relay=self._options.relay,
+                      down_for=round(now - (health.down_since or now), 1), error=exc.reason)
+            self._fail_waiting(declared)
+        return delay
 
     def _refused(self, exc: SessionRefused, bound: EventLogger) -> None:
         """A permanent session failure: stop connecting; fail everything waiting."""
         bound.error("smtp.session_refused", relay=self._options.relay, error=exc.reason, code=exc.code)
-        if self._relay_error is None or self._relay_error.transient:
-            self._relay_error = RelayError(exc.reason, transient=False, relay=self._options.relay, code=exc.code)
-        self._fail_waiting(self._relay_error)
+        self._fail_waiting(self._health.refused(exc.reason, code=exc.code))
 
-    async def _complete(
-        self, window: deque[tuple[_Job, Transaction, float]], slot: Connection, bound: EventLogger
-    ) -> None:
+    async def _complete(self, slot: Slot) -> None:
         """Read the oldest transaction's last replies and route its outcome. It leaves
         the window only then: cancelled while waiting, it is still there, stranded."""
-        job, transaction, started = window[0]
+        job, transaction, started = slot.window[0]
         outcome = await transaction.finish()
-        window.popleft()
-        self._route(job, outcome, slot, started, bound)
+        slot.window.popleft()
+        self._route(job, outcome, slot.connection, started, slot.log)
 
     # -- outcomes --
 
-    def _route(self, job: _Job, outcome: Outcome, slot: Connection, started: float, bound: EventLogger) -> None:
+    def _route(self, job: Job, outcome: Outcome, conn: Connection, started: float, bound: EventLogger) -> None:
         """Fold one attempt's outcome into the job: finished, or retried after a backoff."""
         now = time.monotonic()
-        slot.end(now)  # this transaction is off the wire
+        conn.end(now)  # this transaction is off the wire
         metrics = self.metrics
         metrics.observe_transaction(now - started)
         if outcome.delivered is not None:
@@ -760,9 +775,9 @@ class SMTPPool:
         else:
             self._finish(job)
 
-    def _deferred(self, job: _Job, deferred: Refusals, bound: EventLogger) -> None:
+    def _deferred(self, job: Job, deferred: Refusals, bound: EventLogger) -> None:
         """Retry the pending recipients after a backoff, or give up on them."""
-        reason = self._stopped or self._relay_error
+        reason = self._stopped or self._health.error
         if job.attempts >= self.max_attempts or job.future.done() or reason is not None:
             for rcpt in job.pending:
                 code, _ = job.refused[rcpt] = deferred[rcpt]
@@ -795,32 +810,33 @@ class SMTPPool:
             # job is on the wire.
             self._finish(job, stopped=job.stop_reason or self._stopped or PoolClosedError("the pool closed"))
 
-    async def _requeue_after(self, job: _Job, delay: float) -> None:
+    async def _requeue_after(self, job: Job, delay: float) -> None:
         await asyncio.sleep(delay)
         timer = asyncio.current_task()
         if timer is not None:
             self._timers.pop(timer, None)  # from here on this job is the queue's, not the timer's
-        reason = self._stopped or self._relay_error
+        reason = self._stopped or self._health.error
         if reason is not None:
             self._finish(job, stopped=_fresh(reason))
         else:
             self._requeue(job)
 
-    def _finish(self, job: _Job, *, stopped: PoolError | None = None) -> None:
+    def _finish(self, job: Job, *, stopped: PoolError | None = None) -> None:
         """Resolve the caller's future with the job's outcome (exactly once).
 
         ``stopped``: why the pool will not try the pending recipients again; it is the
         error raised unless a recipient accepted (SendResult) or every recipient was
         refused for good (DeliveryError, permanent).
         """
-        if not job.future.done():
+        future = job.future
+        if not future.done():
             for rcpt in job.pending:
                 job.refused.setdefault(rcpt, job.deferred.get(rcpt, (job.last_code or 0, job.last_response)))
             elapsed = time.monotonic() - job.submitted
             if job.accepted:
                 code, response = job.delivered or (250, "")
                 # The job ends here: its list and dict go to the caller, not copies.
-                job.future.set_result(SendResult(
+                future.set_result(SendResult(
                     message_id=job.envelope.message_id, accepted=job.accepted, refused=job.refused,
                     code=code, response=response, attempts=job.attempts, elapsed=elapsed,
                 ))
@@ -828,21 +844,10 @@ class SMTPPool:
             else:
                 permanent = bool(job.refused) and all(is_permanent(c) for c, _ in job.refused.values())
                 if stopped is not None and not (permanent and job.attempts):
-                    stopped = _fresh(stopped)
-                    if isinstance(stopped, RelayError):
-                        # What a router needs to send the rest elsewhere, and only the rest.
-                        stopped.refused = {r: c for r, c in job.refused.items() if is_permanent(c[0])}
-                        stopped.recipients = tuple(r for r in job.envelope.recipients if r not in stopped.refused)
-                        stopped.maybe_delivered = job.maybe_delivered
-                    job.future.set_exception(stopped)  # not sent, not failed: nothing to count
+                    future.set_exception(_unsent(job, stopped))  # not sent, not failed: nothing to count
                 else:
                     self.metrics.failed += 1
-                    job.future.set_exception(DeliveryError(
-                        f"not delivered: {job.last_code} {job.last_response}" if job.last_code
-                        else f"not delivered: {job.last_response}",
-                        code=job.last_code, response=job.last_response, permanent=permanent,
-                        attempts=job.attempts, refused=job.refused, message_id=job.envelope.message_id,
-                    ))
+                    future.set_exception(_undelivered(job, permanent))
             self.metrics.observe_send(elapsed)
         self._job_done()
 
@@ -888,5 +893,45 @@ def _fresh(error: PoolError) -> PoolError:
     """A copy of a shared error, so that many callers raising it do not share (and
     grow) one traceback."""
     if isinstance(error, RelayError):
-        return RelayError(str(error), transient=error.transient, relay=error.relay, code=error.code)
+        return RelayError(str(error), transient=error.transient, relay=error.relay, code=error.code,
+                          refused=error.refused, recipients=error.recipients, maybe_delivered=error.maybe_delivered)
     return type(error)(*error.args)
+
+
+def _unsent(job: Job, stopped: PoolError) -> PoolError:
+    """The error a job the pool stopped trying ends with. A RelayError carries what a
+    router needs to send the rest elsewhere, and only the rest."""
+    if not isinstance(stopped, RelayError):
+        return _fresh(stopped)
+    refused = {r: c for r, c in job.refused.items() if is_permanent(c[0])}
+    return RelayError(str(stopped), transient=stopped.transient, relay=stopped.relay, code=stopped.code,
+                      refused=refused, recipients=tuple(r for r in job.envelope.recipients if r not in refused),
+                      maybe_delivered=job.maybe_delivered)
+
+
+def _undelivered(job: Job, permanent: bool) -> DeliveryError:
+    """The error of a job delivered to no recipient."""
+    return DeliveryError(
+        f"not delivered: {job.last_code} {job.last_response}" if job.last_code
+        else f"not delivered: {job.last_response}",
+        code=job.last_code, response=job.last_response, permanent=permanent,
+        attempts=job.attempts, refused=job.refused, message_id=job.envelope.message_id,
+    )
+
+
+def _slot(connection: Connection) -> Slot:
+    return Slot(connection, log.bind(connection=connection.id))
+
+
+def _check_options(*, size: int, max_attempts: int, queue_size: int, max_messages_per_connection: int | None,
+                   relay_down_timeout: float, pipeline_depth: int, max_bytes_in_flight: int) -> None:
+    """Raise ValueError naming the first option out of its range."""
+    at_least_one = {"size": size, "max_attempts": max_attempts, "queue_size": queue_size,
+                    "pipeline_depth": pipeline_depth, "max_bytes_in_flight": max_bytes_in_flight,
+                    "max_messages_per_connection": 1 if max_messages_per_connection is None
+                    else max_messages_per_connection}
+    for name, value in at_least_one.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1")
+    if relay_down_timeout <= 0:
+        raise ValueError("relay_down_timeout must be positive")

@@ -131,8 +131,7 @@ class SMTPRouter:
                 result = await self.pools[relay].submit(message, sender=sender, recipients=recipients,
                                                         prepared=prepared, admit=admit, envelope_id=envelope_id)
             except DeliveryError as exc:
-                exc.relay = relay
-                raise
+                raise exc.through(relay) from None
             return dataclasses.replace(result, relay=relay)
         started = time.monotonic()
         tried: set[str] = set()
@@ -156,9 +155,7 @@ class SMTPRouter:
                         recipients = list(exc.recipients)
                 continue
             except DeliveryError as exc:
-                exc.relay = name  # refused by this relay: final, never re-sent elsewhere
-                exc.refused = {**earlier, **exc.refused}
-                raise
+                raise exc.through(name, earlier) from None  # refused by this relay: final, never re-sent elsewhere
             if earlier:
                 result = dataclasses.replace(result, refused={**earlier, **result.refused})
             # From this submit, through every relay tried (as documented: submit to result).

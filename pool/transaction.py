@@ -70,14 +70,18 @@ class Outcome:
     unsent: bool = False  # lost before any of it reached the server: the attempt does not count
 
 
-def lost(recipients: tuple[str, ...], exc: ConnectionFailed) -> Outcome:
-    """The session ended before every reply came: nothing was refused, all are retried."""
+def lost(recipients: tuple[str, ...], exc: ConnectionFailed, *, ambiguous: bool | None = None,
+         unsent: bool = False) -> Outcome:
+    """The session ended before every reply came: nothing was refused, all are retried.
+    ``ambiguous`` (default: the error's) says the server may have the message; ``unsent``
+    that none of it reached the server."""
     reply = (exc.code or 0, exc.reason)
     return Outcome(
         deferred=dict.fromkeys(recipients, reply),
         reply=(exc.code, exc.reason),
-        ambiguous=exc.ambiguous,
+        ambiguous=exc.ambiguous if ambiguous is None else ambiguous,
         session_lost=True,
+        unsent=unsent,
         throttled=exc.code is not None and is_throttling(exc.code, exc.text if exc.text is not None else exc.reason),
     )
 
@@ -277,32 +281,31 @@ class Transaction:
             try:
                 replies = pending.result() if pending.done() else await self._connection.await_replies(
                     self._pipe, pending)
-                if self._bdat:
-                    self.outcome = self._bdat_outcome(replies)
-                else:
-                    code, text = replies[0]
-                    if code == SERVICE_CLOSING:
-                        _checked(code, text)  # raises: a 421 is an answer, not an ambiguity
-                    if self._clean and 200 <= code < 300:
-                        self.outcome = Outcome(accepted=list(self._recipients), delivered=(code, text))
-                    else:
-                        self.outcome = _outcome(self._recipients, self._mail, self._rcpt, (code, text))
+                self.outcome = self._bdat_outcome(replies) if self._bdat else self._data_outcome(replies[0])
             except ConnectionFailed as exc:
-                # The end of DATA went out and its reply never came (a 421 is an answer).
-                exc.ambiguous = exc.code is None
-                if self._bdat and exc.replies:
-                    could_deliver = self._bdat_partial(exc.replies)  # keeps what was refused for good
-                    exc.ambiguous = exc.ambiguous and exc.written and could_deliver
-                elif self._bdat:
-                    exc.ambiguous = exc.ambiguous and exc.written
                 self._connection.close()
-                self.outcome = self._lost(exc)
-                self.outcome.unsent = not exc.written
+                self.outcome = self._lost(exc, ambiguous=self._ambiguous(exc), unsent=not exc.written)
             except BaseException:
                 self._connection.close()
                 raise
         assert self.outcome is not None
         return self.outcome
+
+    def _data_outcome(self, reply: Reply) -> Outcome:
+        code, text = reply
+        if code == SERVICE_CLOSING:
+            _checked(code, text)  # raises: a 421 is an answer, not an ambiguity
+        if self._clean and 200 <= code < 300:
+            return Outcome(accepted=list(self._recipients), delivered=reply)
+        return _outcome(self._recipients, self._mail, self._rcpt, reply)
+
+    def _ambiguous(self, exc: ConnectionFailed) -> bool:
+        """The end of DATA (or the BDAT) went out and its reply never came: the server may
+        have the message. A 421 is an answer; with BDAT, so is a refusal that came before
+        the loss, and nothing is ambiguous that was never written."""
+        # Called first, whatever the answer: it keeps the recipients refused before the loss.
+        could_deliver = self._bdat_partial(exc.replies) if self._bdat and exc.replies else True
+        return exc.code is None and (not self._bdat or (exc.written and could_deliver))
 
     def _bdat_outcome(self, replies: list[Reply]) -> Outcome:
         if self._reset_first:
@@ -338,10 +341,10 @@ class Transaction:
             return False
         return not (len(self._rcpt) == len(self._recipients) and not any(is_positive(c) for c, _ in self._rcpt))
 
-    def _lost(self, exc: ConnectionFailed) -> Outcome:
+    def _lost(self, exc: ConnectionFailed, *, ambiguous: bool | None = None, unsent: bool = False) -> Outcome:
         """The session ended mid-transaction: recipients already refused for good stay
         refused; every other one is retried."""
-        outcome = lost(self._recipients, exc)
+        outcome = lost(self._recipients, exc, ambiguous=ambiguous, unsent=unsent)
         for address, reply in zip(self._recipients, self._rcpt, strict=False):
             if is_permanent(reply[0]):
                 outcome.refused[address] = reply

@@ -256,7 +256,7 @@ def test_sessions_are_pipelined_on_uvloop_too() -> None:
         async with FaultyServer() as srv:
             async with SMTPPool(hostname=srv.host, port=srv.port, size=1) as pool:
                 await pool.submit(make_message(1))
-                pipelined = pool._slots[0].pipelined
+                pipelined = pool._slots[0].connection.pipelined
             return pipelined, len(srv.messages)
 
     assert uvloop.run(run()) == (True, 1)

@@ -14,7 +14,7 @@ async def test_real_postfix_takes_every_message_once_over_pipelined_sessions(dis
     postfix = discarding_postfix
     async with SMTPPool("127.0.0.1", postfix.port, size=2, max_attempts=1, pipeline_depth=1) as pool:
         results = await asyncio.gather(*(pool.submit(make_message(i)) for i in range(30)))
-        assert all(slot.pipelined for slot in pool._slots if slot.is_connected)
+        assert all(slot.connection.pipelined for slot in pool._slots if slot.connection.is_connected)
     assert [r.accepted for r in results] == [[f"rcpt{i}@example.net"] for i in range(30)]
     await postfix.until(lambda: sum(postfix.discarded().values()) >= 30 and len(postfix.sessions()) >= 2,
                         "30 messages discarded and 2 sessions ended")
