@@ -496,7 +496,7 @@ class SMTPPool:
             while True:
                 if slot.window and self._reply_due(slot):
                     await self._complete(slot)
-                elif (job := await self._hold_next(slot)) is not None and await self._clear_to_send(slot, job):
+                elif (job := await self._next_to_send(slot)) is not None:
                     await self._send(slot, job)
         except BaseException as exc:
             # Stopped while idle (close: the supervisor QUITs the session), terminated, or
@@ -511,20 +511,18 @@ class SMTPPool:
         return ((self._queue.empty() and not self._retry) or self._must_recycle(conn)
                 or len(slot.window) >= (self.pipeline_depth if conn.bdat else 2))
 
-    async def _hold_next(self, slot: Slot) -> Job | None:
-        """The next job, now the slot's (None: its caller cancelled it while queued)."""
+    async def _next_to_send(self, slot: Slot) -> Job | None:
+        """Hold the next job, pace it, get a session for it, ask its ``admit()``. None
+        when the slot holds no job to send after all: its caller cancelled it while
+        queued, or it failed (pool stopped, relay refused, withdrawn) or went back to
+        the queue (no session yet)."""
         job = self._take() if slot.window else await self._next_job(slot)
-        if job.future.done():
+        if job.future.done():  # cancelled by its caller while queued
             self._job_done()
             return None
         slot.held = job
-        return job
-
-    async def _clear_to_send(self, slot: Slot, job: Job) -> bool:
-        """Pace, get a session, ask ``admit()``. False when the job is no longer the
-        slot's: failed (pool stopped, relay refused, withdrawn) or back in the queue."""
         if (self.rate.current != _UNLIMITED or self._shared_limiter is not None) and not await self._pace(slot):
-            return False
+            return None
         conn = slot.connection
         while slot.window and not conn.is_connected:
             # The server closed the session behind the messages on the wire: the
@@ -532,14 +530,14 @@ class SMTPPool:
             await self._complete(slot)
         if not slot.window and (wait := await self._ready(slot)) is not None:
             await asyncio.sleep(wait)  # the job is back in the queue, or failed
-            return False
+            return None
         # Asked last, right before the first byte goes out: connecting (TLS, AUTH, a
         # token fetch) and the rate limiter may have taken long enough for the
         # submitter to lose its claim on the message (a paused Redis worker).
         if job.admit is not None and (refusal := _admission(job.admit)) is not None:
             self._finish(slot.unhold(), stopped=refusal)
-            return False
-        return True
+            return None
+        return job
 
     async def _send(self, slot: Slot, job: Job) -> None:
         """Put the held job's transaction on the wire; route its outcome once known."""
