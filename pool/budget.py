@@ -27,6 +27,14 @@ class ByteBudget:
     def _fits(self, size: int) -> bool:
         return not self.held or self.held + size <= self.limit
 
+    def take(self, size: int) -> bool:
+        """Hold ``size`` bytes now if they fit and nobody waits before; else False
+        (then ``acquire`` waits for them). No coroutine: the usual case costs a call."""
+        if not self._waiters and self._fits(size):
+            self.held += size
+            return True
+        return False
+
     async def acquire(self, size: int) -> None:
         if not self._waiters and self._fits(size):
             self.held += size

@@ -407,6 +407,40 @@ class SMTPPool:
         ``RET=HDRS ENVID=envelope_id`` and each RCPT ``NOTIFY=FAILURE,DELAY
         ORCPT=rfc822;ADDR``, so that a bounce names the message and the recipient.
         """
+        envelope = self._envelope(message, sender, recipients, prepared, envelope_id)
+        self._check_open()
+        supervisor = self._start()
+        size = len(envelope.content)
+        if not self._bytes.take(size):
+            await self._room_for(size)
+        try:
+            # The supervisor's loop is the running one; asking it costs no getpid() syscall.
+            job = Job(envelope, supervisor.get_loop().create_future(), time.monotonic(), envelope.recipients,
+                      admit=admit)
+            self._unfinished += 1  # before any await: a draining close() waits for it
+            if self._unfinished == 1:
+                self._drained.clear()
+            if self._queue.full():
+                await self._queue_when_room(job)
+            else:
+                self._queue.put_nowait(job)
+            # Submitted before a draining close() it is still sent; not after a stop.
+            if (reason := self._stopped or self._health.error) is not None:
+                self._fail_waiting(reason)
+            try:
+                return await job.future
+            except asyncio.CancelledError:
+                if not job.taken and not job.future.done():
+                    # Still queued: the worker that takes it will see the future cancelled.
+                    job.future.cancel()
+                raise
+        finally:
+            self._bytes.release(size)
+
+    def _envelope(self, message: Message | bytes | str | Envelope, sender: str | None,
+                  recipients: list[str] | tuple[str, ...] | None, prepared: bool, envelope_id: str | None
+                  ) -> Envelope:
+        """The checked envelope of a submit's arguments. Raises ValueError."""
         if isinstance(message, Envelope):  # prepared ahead (pool.prepare): sent as it is
             if sender is not None or recipients is not None or self.dkim is not None:
                 raise ValueError("an Envelope carries its own sender and recipients, and is sent unsigned: "
@@ -414,13 +448,13 @@ class SMTPPool:
             envelope = _checked(message)
         else:
             envelope = build_envelope(message, sender, recipients, sign=self._sign, prepared=prepared)
-        envelope = with_envelope_id(envelope, envelope_id)
-        self._check_open()
-        self._start()
-        size = len(envelope.content)
-        # Waiting for room is part of being submitted: a draining close() waits for
-        # these too (else one that got its room after close() had returned would wait
-        # for ever on a stopped pool).
+        return envelope if envelope_id is None else with_envelope_id(envelope, envelope_id)
+
+    async def _room_for(self, size: int) -> None:
+        """Wait until ``size`` more bytes fit under ``max_bytes_in_flight``. Waiting for
+        room is part of being submitted: a draining close() waits for these too (else
+        one that got its room after close() had returned would wait for ever on a
+        stopped pool)."""
         self._admitting += 1
         self._drained.clear()
         try:
@@ -429,37 +463,13 @@ class SMTPPool:
             self._admitting -= 1
             self._settle_drained()
             raise
-        self._admitting -= 1  # and _submit counts it unfinished before its first await
-        try:
-            return await self._submit(envelope, admit)
-        finally:
-            self._bytes.release(size)
+        self._admitting -= 1  # and submit counts it unfinished before its next await
 
-    async def _submit(self, envelope: Envelope, admit: Callable[[], bool] | None) -> SendResult:
-        # The supervisor's loop is the running one; asking it costs no getpid() syscall.
-        job = Job(envelope, self._start().get_loop().create_future(), time.monotonic(), envelope.recipients,
-                  admit=admit)
-        self._unfinished += 1
-        if self._unfinished == 1:
-            self._drained.clear()
+    async def _queue_when_room(self, job: Job) -> None:
         try:
-            if self._queue.full():
-                await self._queue.put(job)
-            else:
-                self._queue.put_nowait(job)
+            await self._queue.put(job)
         except BaseException:
             self._job_done()  # cancelled while the queue was full: never queued, never sent
-            raise
-        # Submitted before a draining close() it is still sent; not after a stop.
-        reason = self._stopped or self._health.error
-        if reason is not None:
-            self._fail_waiting(reason)
-        try:
-            return await job.future
-        except asyncio.CancelledError:
-            if not job.taken and not job.future.done():
-                # Still queued: the worker that takes it will see the future cancelled.
-                job.future.cancel()
             raise
 
     def _check_open(self) -> None:
