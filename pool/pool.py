@@ -407,7 +407,12 @@ class SMTPPool:
         ``RET=HDRS ENVID=envelope_id`` and each RCPT ``NOTIFY=FAILURE,DELAY
         ORCPT=rfc822;ADDR``, so that a bounce names the message and the recipient.
         """
-        envelope = self._envelope(message, sender, recipients, prepared, envelope_id)
+        if isinstance(message, Envelope):
+            envelope = self._prepared(message, sender, recipients)
+        else:
+            envelope = build_envelope(message, sender, recipients, sign=self._sign, prepared=prepared)
+        if envelope_id is not None:
+            envelope = with_envelope_id(envelope, envelope_id)
         self._check_open()
         supervisor = self._start()
         size = len(envelope.content)
@@ -437,18 +442,13 @@ class SMTPPool:
         finally:
             self._bytes.release(size)
 
-    def _envelope(self, message: Message | bytes | str | Envelope, sender: str | None,
-                  recipients: list[str] | tuple[str, ...] | None, prepared: bool, envelope_id: str | None
+    def _prepared(self, envelope: Envelope, sender: str | None, recipients: list[str] | tuple[str, ...] | None
                   ) -> Envelope:
-        """The checked envelope of a submit's arguments. Raises ValueError."""
-        if isinstance(message, Envelope):  # prepared ahead (pool.prepare): sent as it is
-            if sender is not None or recipients is not None or self.dkim is not None:
-                raise ValueError("an Envelope carries its own sender and recipients, and is sent unsigned: "
-                                 "sign the message before pool.prepare")
-            envelope = _checked(message)
-        else:
-            envelope = build_envelope(message, sender, recipients, sign=self._sign, prepared=prepared)
-        return envelope if envelope_id is None else with_envelope_id(envelope, envelope_id)
+        """An envelope ``pool.prepare`` made ahead, checked: it is sent as it is."""
+        if sender is not None or recipients is not None or self.dkim is not None:
+            raise ValueError("an Envelope carries its own sender and recipients, and is sent unsigned: "
+                             "sign the message before pool.prepare")
+        return _checked(envelope)
 
     async def _room_for(self, size: int) -> None:
         """Wait until ``size`` more bytes fit under ``max_bytes_in_flight``. Waiting for

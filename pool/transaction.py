@@ -281,7 +281,16 @@ class Transaction:
             try:
                 replies = pending.result() if pending.done() else await self._connection.await_replies(
                     self._pipe, pending)
-                self.outcome = self._bdat_outcome(replies) if self._bdat else self._data_outcome(replies[0])
+                if self._bdat:
+                    self.outcome = self._bdat_outcome(replies)
+                else:
+                    code, text = replies[0]
+                    if code == SERVICE_CLOSING:
+                        _checked(code, text)  # raises: a 421 is an answer, not an ambiguity
+                    if self._clean and 200 <= code < 300:
+                        self.outcome = Outcome(accepted=list(self._recipients), delivered=(code, text))
+                    else:
+                        self.outcome = _outcome(self._recipients, self._mail, self._rcpt, (code, text))
             except ConnectionFailed as exc:
                 self._connection.close()
                 self.outcome = self._lost(exc, ambiguous=self._ambiguous(exc), unsent=not exc.written)
@@ -290,14 +299,6 @@ class Transaction:
                 raise
         assert self.outcome is not None
         return self.outcome
-
-    def _data_outcome(self, reply: Reply) -> Outcome:
-        code, text = reply
-        if code == SERVICE_CLOSING:
-            _checked(code, text)  # raises: a 421 is an answer, not an ambiguity
-        if self._clean and 200 <= code < 300:
-            return Outcome(accepted=list(self._recipients), delivered=reply)
-        return _outcome(self._recipients, self._mail, self._rcpt, reply)
 
     def _ambiguous(self, exc: ConnectionFailed) -> bool:
         """The end of DATA (or the BDAT) went out and its reply never came: the server may
