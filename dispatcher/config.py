@@ -39,6 +39,9 @@ class JobsSettings(_Section):
     # Added to every composed and templated message unless the job sets the same name
     # (Feedback-ID for Gmail's feedback loop, List-Id); signed when DKIM is on.
     headers: dict[str, str] = Field(default_factory=dict)
+    # Processes composing (and signing) the lines of a jobs file for `dispatcher run`
+    # [one per core when DKIM is on, else one]; a pipe or one core composes in-process.
+    compose_processes: int | None = Field(default=None, ge=1, le=64)
 
     @field_validator("headers")
     @classmethod

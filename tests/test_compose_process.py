@@ -186,3 +186,144 @@ async def test_jobs_on_standard_input_are_composed_as_they_come_even_when_asked_
     code, err = await finish(proc)
     assert code == 0, err
     assert [r["status"] for r in lines_of(tmp_path / "out.jsonl")] == ["sent"]
+
+
+# -- several compose processes (jobs.compose_processes; one per core with DKIM) -------------
+
+
+BIG_TEXT = "Hello, this line makes the message long enough to fill pipes.\n" * 40  # 2.5 KB
+
+
+def config_with(path: Path, server: FaultyServer, extra: str) -> Path:
+    write_config(path, server)
+    with path.open("a") as out:
+        out.write(extra)
+    return path
+
+
+def many_jobs(tmp_path: Path, count: int = 2500) -> list[dict[str, Any] | str]:
+    """Lines of every kind spread over several blocks of BATCH_LINES, so that each child
+    composes some: duplicates whose first copy another child composed, blank lines.
+    More than the pipe holds, so that the children are still there mid-run."""
+    lines: list[dict[str, Any] | str] = [job(i, text=BIG_TEXT) for i in range(count)]
+    tricky = tricky_jobs(tmp_path)
+    for at, item in zip((3, 64, 65, 127, 128, 130, 191, 200, 257, 300, 333, 350, 380, 399), tricky, strict=False):
+        lines[at] = item
+    lines[100] = job(5, subject="duplicate of line 6, another child's block")
+    lines[201] = "   "
+    return lines
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+async def test_n_compose_processes_record_exactly_what_composing_in_process_records(
+    server: FaultyServer, tmp_path: Path, processes: int
+) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", many_jobs(tmp_path))
+    config = write_config(tmp_path / "in-process.yaml", server)
+    code, _, err = await dispatcher("run", str(jobs), "--config", str(config), "--no-compose-process",
+                                    "--no-progress", cwd=tmp_path)
+    assert code == 1, err
+    expected = comparable(lines_of(tmp_path / "jobs.results.jsonl")), sorted(map(str, delivered_ids(server)))
+    expected_summary = summary(err)
+    (tmp_path / "jobs.results.jsonl").unlink()
+    server.messages.clear()
+
+    config = config_with(tmp_path / "n.yaml", server, f"jobs:\n  compose_processes: {processes}\n")
+    server.gate = asyncio.Event()
+    before = server.data_started
+    proc = await spawn("run", str(jobs), "--config", str(config), "--compose-process", "--no-progress",
+                       cwd=tmp_path)
+    await server.wait_for(lambda: server.data_started > before, timeout=20)
+    found = len(children_of(proc.pid))
+    server.gate.set()
+    server.gate = None
+    code, err = await finish(proc)
+    assert found == processes, err
+    assert code == 1, err
+    assert (comparable(lines_of(tmp_path / "jobs.results.jsonl")), sorted(map(str, delivered_ids(server)))) == expected
+    done = summary(err)
+    assert {k: done[k] for k in ("sent", "invalid", "blank_lines")} == \
+        {k: expected_summary[k] for k in ("sent", "invalid", "blank_lines")}
+    # Resumed: every line is skipped, nothing sent or recorded again.
+    code, _, err = await dispatcher("run", str(jobs), "--config", str(config), "--no-progress", cwd=tmp_path)
+    assert code == 1, err
+    assert comparable(lines_of(tmp_path / "jobs.results.jsonl")) == expected[0]
+    assert sorted(map(str, delivered_ids(server))) == expected[1]
+
+
+async def test_kill_9_with_n_compose_processes_leaves_none_and_the_rerun_sends_the_rest_once(
+    server: FaultyServer, tmp_path: Path
+) -> None:
+    count = 3000
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i, text=BIG_TEXT) for i in range(count)])
+    config = config_with(tmp_path / "c.yaml", server, "jobs:\n  compose_processes: 3\n")
+    server.gate = asyncio.Event()
+    proc = await spawn("run", str(jobs), "--config", str(config), "--no-progress", cwd=tmp_path)
+    await server.wait_for(lambda: server.data_started >= 1, timeout=20)
+    children = children_of(proc.pid)
+    assert len(children) == 3
+    proc.kill()
+    await proc.wait()
+    server.gate.set()
+    # Each child ends: on the broken pipe, or when the one before it in the ring has.
+    async with asyncio.timeout(10):
+        while any(Path(f"/proc/{child}").exists() and "Z" not in Path(f"/proc/{child}/stat").read_text().split()[2]
+                  for child in children):
+            await asyncio.sleep(0.02)
+    server.gate = None
+    code, _, err = await dispatcher("run", str(jobs), "--config", str(config), "--no-progress", cwd=tmp_path)
+    assert code == 0, err
+    assert set(delivered_ids(server)) == {f"job-{i}" for i in range(count)}
+    rows = lines_of(tmp_path / "jobs.results.jsonl")
+    assert sorted(r["id"] for r in rows) == sorted(f"job-{i}" for i in range(count))  # each recorded once
+    assert {r["status"] for r in rows} == {"sent"}
+
+
+@pytest.mark.parametrize("which", [0, 1])
+async def test_one_of_n_compose_processes_dying_stops_the_run_with_one_line(
+    server: FaultyServer, tmp_path: Path, which: int
+) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i, text=BIG_TEXT) for i in range(5000)])
+    config = config_with(tmp_path / "c.yaml", server, "jobs:\n  compose_processes: 3\n")
+    server.gate = asyncio.Event()
+    proc = await spawn("run", str(jobs), "--config", str(config), "--no-progress", cwd=tmp_path)
+    await server.wait_for(lambda: server.data_started >= 1, timeout=20)
+    children = sorted(children_of(proc.pid))
+    assert len(children) == 3
+    os.kill(children[which], signal.SIGKILL)
+    server.gate.set()
+    code, err = await finish(proc)
+    assert code == 2, err
+    assert "the compose process ended before the last job" in err, err
+    assert "Traceback" not in err
+    assert not any(Path(f"/proc/{child}").exists() for child in children)  # all ended and reaped
+    rows = lines_of(tmp_path / "jobs.results.jsonl")
+    assert {r["status"] for r in rows} <= {"sent"}
+    assert len(rows) == len(set(delivered_ids(server)))
+
+
+async def test_with_dkim_one_compose_process_per_core_signs(server: FaultyServer, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from dispatcher.compose.process import cores
+
+    if cores() < 2:
+        pytest.skip("one core: the run composes in-process")
+    key = ed25519.Ed25519PrivateKey.generate()
+    (tmp_path / "dkim.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i, text=BIG_TEXT) for i in range(2500)])
+    config = config_with(tmp_path / "c.yaml", server, "dkim:\n  domain: example.org\n  selector: s\n"
+                         f"  private_key: {tmp_path / 'dkim.pem'}\n  algorithm: ed25519-sha256\n")
+    server.gate = asyncio.Event()
+    proc = await spawn("run", str(jobs), "--config", str(config), "--no-progress", cwd=tmp_path)
+    await server.wait_for(lambda: server.data_started >= 1, timeout=20)
+    assert len(children_of(proc.pid)) == min(cores(), 64)
+    server.gate.set()
+    server.gate = None
+    code, err = await finish(proc)
+    assert code == 0, err
+    assert sorted(delivered_ids(server)) == sorted(f"job-{i}" for i in range(2500))
+    assert all(m.content.startswith(b"DKIM-Signature: v=1; a=ed25519-sha256") for m in server.messages)

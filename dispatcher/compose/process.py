@@ -1,17 +1,28 @@
-"""The compose stage in a second process, for ``dispatcher run`` on a regular jobs file.
+"""The compose stage in other processes, for ``dispatcher run`` on a regular jobs file.
 
 Reading, validating, rendering, building and signing a job costs about as much CPU as
-its whole SMTP exchange. On a machine with more than one core, a forked child reads
-the jobs file and runs ``Composer.compose`` on every line; the event loop process
-gets the outcomes in order, in batches over a pipe, and does only what needs the
-run's state: the resume index and duplicates (``Journal.claim``), the pool and the
-results file. Same lines, same order, same outcomes as composing in-process, so
-resume, duplicates, signals and error order behave exactly alike.
+its whole SMTP exchange, and a DKIM signature several times that. On a machine with
+more than one core, forked children read the jobs file and run ``Composer.compose``
+on its lines; the event loop process gets the outcomes in order, in batches over one
+pipe, and does only what needs the run's state: the resume index and duplicates
+(``Journal.claim``), the pool and the results file. Same lines, same order, same
+outcomes as composing in-process, so resume, duplicates, signals and error order
+behave exactly alike.
 
-The child holds no state worth keeping: it ignores SIGINT (a Ctrl-C reaches the whole
-process group; the parent decides), is killed when the run ends, and dies on its next
-write when the parent is gone (the pipe breaks). It closes every descriptor it
-inherited but the jobs file and its pipe, so it never holds the results file's lock.
+How many children: ``jobs.compose_processes``; by default one per core when DKIM is
+on (signing is most of a job's CPU), else one. With N children every child reads the
+whole file (``pread``, its own offset) and cuts it into the same lines; the lines come
+in blocks of ``BATCH_LINES``, and block b is composed by child b mod N. The children
+write to the one pipe in block order: a token goes round a ring of small pipes, and
+only the child that holds it writes; it passes it on after the last frame of its
+block. So the parent reads exactly the stream one child would have written.
+
+The children hold no state worth keeping: they ignore SIGINT (a Ctrl-C reaches the
+whole process group; the parent decides), are killed when the run ends, and die on
+their next write when the parent is gone (the pipe breaks). When one dies, the
+others find its end of the ring closed and end too, so the pipe closes and the
+parent stops with a clear error instead of waiting. Each closes every descriptor it
+inherited but the jobs file and its pipes, so none holds the results file's lock.
 """
 
 from __future__ import annotations
@@ -32,32 +43,50 @@ READ_CHUNK = 1 << 18
 BATCH_LINES = 64
 BATCH_BYTES = 1 << 18
 PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: a few batches in flight, so neither side waits on the other
+MAX_PROCESSES = 64
 _F_SETPIPE_SZ = 1031
 _HEAD = struct.Struct("<I")
 
 
 class ComposeProcessError(Exception):
-    """The compose process ended before the last job (a bug, or it was killed)."""
+    """A compose process ended before the last job (a bug, or it was killed)."""
 
 
 #: One line's outcome: (line number, bytes of the line, Ready | Invalid | Done).
 Composed = tuple[int, int, Ready | Invalid | Done]
 
 
-def usable() -> bool:
-    """A second process pays off: this process may use 2+ cores (the caller checks that
-    the jobs are a regular file)."""
+def cores() -> int:
+    """The cores this process may use."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return cores > 1
+        return os.cpu_count() or 1
+
+
+def usable() -> bool:
+    """Another process pays off: this process may use 2+ cores (the caller checks that
+    the jobs are a regular file)."""
+    return cores() > 1
+
+
+def process_count(composer: Composer) -> int:
+    """How many compose processes: ``jobs.compose_processes`` when set; else one per
+    core when the composer signs (DKIM), else one."""
+    wanted: int | None = getattr(composer, "compose_processes", None)
+    if wanted is not None:
+        return wanted
+    return max(1, min(cores(), MAX_PROCESSES)) if composer.signers else 1
 
 
 class ComposeProcess:
-    """A forked child composing the lines of ``fd``; ``outcomes()`` yields them in order."""
+    """Forked children composing the lines of ``fd`` (``processes`` of them, default
+    ``process_count(composer)``); ``outcomes()`` yields them in the file's order."""
 
-    def __init__(self, composer: Composer, fd: int, journal: Journal) -> None:
+    def __init__(self, composer: Composer, fd: int, journal: Journal, processes: int | None = None) -> None:
+        count = processes if processes is not None else process_count(composer)
+        if count < 1:
+            raise ValueError("processes: at least 1")
         read_end, write_end = os.pipe()
         try:
             import fcntl
@@ -65,26 +94,43 @@ class ComposeProcess:
             fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
         except (ImportError, OSError):
             pass  # the default 64 KiB pipe works, a little slower
+        # The ring: child i reads its turn from ring[i] and passes it on through ring[i + 1].
+        ring: list[tuple[int, int]] = []
+        pids: list[int] = []
         try:
-            pid = os.fork()
+            if count > 1:
+                ring = [os.pipe() for _ in range(count)]
+            for index in range(count):
+                turn_in = ring[index][0] if ring else -1
+                turn_out = ring[(index + 1) % count][1] if ring else -1
+                pid = os.fork()
+                if pid == 0:  # a child: never returns
+                    status = 1
+                    try:
+                        os.close(read_end)
+                        _child(composer, fd, write_end, journal, _Turn(turn_in, turn_out, index == 0),
+                               index, count)
+                        status = 0
+                    finally:
+                        os._exit(status)
+                pids.append(pid)
         except OSError:
+            for pid in pids:  # fork refused for one: none composes, the caller composes in-process
+                _kill_and_reap(pid)
             os.close(read_end)
+            raise
+        finally:
             os.close(write_end)
-            raise  # the caller composes in-process; fd is still its own
-        if pid == 0:  # the child: never returns
-            status = 1
-            try:
-                os.close(read_end)
-                _child(composer, fd, write_end, journal)
-                status = 0
-            finally:
-                os._exit(status)
-        os.close(write_end)
-        os.close(fd)  # the child reads the jobs; the parent never does
-        self.pid = pid
+            for pair in ring:
+                for end in pair:
+                    os.close(end)
+        os.close(fd)  # the children read the jobs; the parent never does
+        self.pids = pids
+        self.pid = pids[0]
         self._fd = read_end
         self._buffer = bytearray()
         self._status: int | None = None
+        self._read = 0
         self.blank = 0  # blank lines of the jobs file, known at its end
 
     async def outcomes(self, read: Any) -> AsyncIterator[tuple[int, list[Composed]]]:
@@ -96,15 +142,16 @@ class ComposeProcess:
             frame = await self._frame(read)
             kind = frame[0]
             if kind == "B":
-                yield frame[1], [_decode(item) for item in frame[2]]
+                self._read = max(self._read, frame[1])  # each child reads the file at its own pace
+                yield self._read, [_decode(item) for item in frame[2]]
             elif kind == "E":
                 self.blank = frame[2]
-                # The child exits next: its end of the pipe closes when it does, and then it
-                # is reaped, not left a zombie for the rest of the run.
+                # The children exit next: the pipe closes when the last one does, and then
+                # they are reaped, not left zombies for the rest of the run.
                 while await read(PIPE_SIZE):
                     pass
                 self._reap()
-                yield frame[1], []
+                yield max(self._read, frame[1]), []
                 return
             elif kind == "O":
                 raise OSError(frame[1], frame[2])
@@ -131,37 +178,81 @@ class ComposeProcess:
             buffer += chunk
 
     def close(self) -> None:
-        """Stop the child (it has nothing to save) and reap it. The pipe is closed by
-        whoever reads it."""
+        """Stop the children (they have nothing to save) and reap them. The pipe is
+        closed by whoever reads it."""
         if self._status is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            for pid in self.pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             self._reap()
 
-    def _reap(self, *, wait: bool = True) -> int | None:
+    def _reap(self) -> int | None:
+        """Wait for every child; the status of the first that did not exit with 0."""
         if self._status is None:
-            try:
-                pid, status = os.waitpid(self.pid, 0 if wait else os.WNOHANG)
-            except ChildProcessError:
-                self._status = -1
-            else:
-                if pid:
-                    self._status = os.waitstatus_to_exitcode(status)
+            statuses = []
+            for pid in self.pids:
+                try:
+                    _, status = os.waitpid(pid, 0)
+                except ChildProcessError:
+                    statuses.append(-1)
+                else:
+                    statuses.append(os.waitstatus_to_exitcode(status))
+            self._status = next((status for status in statuses if status != 0), 0)
         return self._status
 
 
-def _child(composer: Composer, fd: int, out: int, journal: Journal) -> None:
+def _kill_and_reap(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+class _End(Exception):
+    """The ring says the run is over (or a neighbour is gone): end quietly."""
+
+
+class _Turn:
+    """Whose turn it is to write to the shared pipe: a token that goes round a ring of
+    pipes, one byte a block. With one child (no ring) it is always that child's."""
+
+    def __init__(self, inbound: int, outbound: int, held: bool) -> None:
+        self.inbound, self.outbound = inbound, outbound
+        self.held = held or inbound < 0
+
+    def take(self) -> None:
+        """Wait for the turn. Raises _End when the file is done or a neighbour is gone."""
+        if not self.held:
+            token = os.read(self.inbound, 1)  # b"" when the one before us died
+            if token != b"t":
+                self.give(b"e")  # pass the end on, so every child ends
+                raise _End
+            self.held = True
+
+    def give(self, token: bytes = b"t") -> None:
+        """Pass the turn (``b"t"``) or the end (``b"e"``) to the next child."""
+        if self.outbound >= 0:
+            self.held = False
+            try:
+                os.write(self.outbound, token)
+            except BrokenPipeError:
+                pass  # the next one has ended already
+
+
+def _child(composer: Composer, fd: int, out: int, journal: Journal, turn: _Turn, index: int, count: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C, and then kills us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a service manager's stop, too: the run ends us
     try:
         signal.set_wakeup_fd(-1)  # the parent's event loop's: never write into it
     except ValueError:
         pass
-    _close_inherited({fd, out, 0, 1, 2, journal.reader_fd()})
+    _close_inherited({fd, out, 0, 1, 2, journal.reader_fd(), turn.inbound, turn.outbound})
 
     def send(frame: tuple[Any, ...]) -> None:
+        turn.take()
         data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
         view = memoryview(_HEAD.pack(len(data)) + data)
         while view:
@@ -174,9 +265,10 @@ def _child(composer: Composer, fd: int, out: int, journal: Journal) -> None:
     try:
         splitter = LineSplitter()
         held = 0
+        lines = 0  # lines (not blank) of the file so far, every child's and ours
         while True:
             try:
-                chunk = os.read(fd, READ_CHUNK)
+                chunk = os.pread(fd, READ_CHUNK, read)
             except OSError as exc:
                 if batch:
                     send(("B", read, batch))
@@ -184,27 +276,41 @@ def _child(composer: Composer, fd: int, out: int, journal: Journal) -> None:
                 return
             read += len(chunk)
             for line in splitter.feed(chunk) if chunk else splitter.end():
+                block, lines = lines // BATCH_LINES, lines + 1
+                if block % count != index:
+                    continue  # another child's
                 # A job an earlier run finished is not composed again (the journal as
                 # loaded when this process was forked says which).
                 item = _encode(line.number, line.size, composer.compose(line, journal.done_earlier))
                 batch.append(item)
                 held += line.size + (len(item[5]) if isinstance(item[5], bytes) else 0)
-                if len(batch) >= BATCH_LINES or held >= BATCH_BYTES:
+                if lines % BATCH_LINES == 0:  # the block's last line: the next child's turn
+                    send(("B", read, batch))
+                    turn.give()
+                    batch, held = [], 0
+                elif held >= BATCH_BYTES:  # a block of big messages goes in several frames
                     send(("B", read, batch))
                     batch, held = [], 0
             if not chunk:
-                if batch:
-                    send(("B", read, batch))
-                send(("E", read, splitter.blank))
-                return
-    except BrokenPipeError:
+                break
+        if batch or (turn.held and lines % BATCH_LINES and (lines // BATCH_LINES) % count == index):
+            if batch:  # the last block, ours, shorter than the others
+                send(("B", read, batch))
+            turn.give()
+        # The child whose turn would be next writes the end; the others hear of it.
+        if -(-lines // BATCH_LINES) % count == index:
+            send(("E", read, splitter.blank))
+            turn.give(b"e")
+        else:
+            turn.take()  # only the end comes now: _End
+    except (BrokenPipeError, _End):
         return
     except Exception as exc:  # noqa: BLE001  # a bug: say so, the parent stops the run with it
         try:
             if batch:
                 send(("B", read, batch))
             send(("X", f"{type(exc).__name__}: {exc}"))
-        except OSError:
+        except (OSError, _End):
             pass
 
 

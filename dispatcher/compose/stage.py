@@ -105,6 +105,7 @@ class Composer:
         self.templates = Templates.from_settings(settings.templates)
         self.unsubscribe = Unsubscribe.from_settings(settings.unsubscribe)
         self.signers = signers_from_settings(settings.dkim) if sign else []
+        self.compose_processes = settings.jobs.compose_processes  # None: dispatcher.compose.process decides
         path = settings.jobs.return_path
         self.return_path = ReturnPath(path) if path is not None else None  # VERP (dispatcher.loop.verp)
 
