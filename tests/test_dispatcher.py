@@ -316,6 +316,26 @@ def test_journal_ignores_a_torn_last_line_and_resumes(tmp_path: Path) -> None:
     assert json.loads(lines[-1]) == {"id": "c", "status": "sent"}
 
 
+@pytest.mark.parametrize("earlier", [b"", b'{"id": null, "line": 3, "status": "invalid"}\n',
+                                     b'{"id": "a", "line": 1, "status": "sent"}\n{"id": "b", "line": 2, "status": "failed"}\n'
+                                     b'{"id": null, "line": 3, "status": "invalid"}\n{"id": "z", "line": 4, "status": "sen'])
+def test_done_earlier_names_exactly_the_ids_of_earlier_rows(tmp_path: Path, earlier: bytes) -> None:
+    """What the compose process asks of every line (it answers at once for a new
+    results file): true for an id an earlier run recorded, whatever its status;
+    false for an id this run claims, a line number, a torn row."""
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(earlier)
+    journal = Journal(path)
+    journal.open()
+    try:
+        journal.claim("new", 9)
+        journal.record({"id": "new", "line": 9, "status": "sent"})
+        expected = {"a", "b"} if b'"a"' in earlier else set()
+        assert {i for i in ("a", "b", "z", "new", "3", "") if journal.done_earlier(i)} == expected
+    finally:
+        journal.close()
+
+
 async def test_pool_from_config_uses_every_section(server: FaultyServer, tmp_path: Path) -> None:
     from dispatcher.config import load_settings
     from pool import SMTPPool

@@ -431,6 +431,8 @@ class Journal:
         recipients to send: a line with it needs no composing. Reads only (the index as
         loaded, the results file through its own descriptor), so a forked compose
         process may ask it too."""
+        if self.resumed == self._line_keys:  # no earlier row names an id (a new results file)
+            return False
         location = self._index.get(id_key(job_id))
         return location is not None and location < self._base and not self.may_retry(job_id)
 

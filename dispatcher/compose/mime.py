@@ -24,6 +24,7 @@ References and List-* are structured: written as given, never as encoded words.
 from __future__ import annotations
 
 import binascii
+import functools
 import hashlib
 import itertools
 import os
@@ -168,8 +169,10 @@ def derived_message_id(job_id: str, batch: str, domain: str) -> str:
     return f"<{digest.hex()}@{_id_domain(domain)}>"  # hex: base64.b32encode is pure Python, 10 µs
 
 
+@functools.lru_cache(maxsize=1024)
 def _id_domain(domain: str) -> str:
-    """``domain`` as a Message-ID's right-hand side: ASCII (IDNA), else localhost."""
+    """``domain`` as a Message-ID's right-hand side: ASCII (IDNA), else localhost
+    (cached: a campaign has a few sender domains)."""
     if not _DOMAIN.fullmatch(domain):
         try:
             domain = domain.encode("idna").decode("ascii")
