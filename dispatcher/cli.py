@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import re
 import sys
@@ -84,6 +85,20 @@ def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
     return uvloop.run
 
 
+def tune_gc() -> None:
+    """Collect young objects less often, and never look at start-up's again.
+
+    At CPython's default (700 allocations) the ~1,000 messages in flight (their
+    envelopes, futures, tasks) are traversed again and again by young collections,
+    and each full collection walks the ~50,000 objects of the imported modules: about
+    10% of a run's CPU. ``gc.freeze`` moves what exists now out of every collection;
+    2,000 is the threshold CPython itself uses from 3.13. Cyclic garbage (a failed
+    delivery's traceback) is still collected, a little later. (No ``gc.collect()``
+    first: 26 ms to free the few kilobytes argparse leaves behind.)"""
+    gc.freeze()
+    gc.set_threshold(2000, *gc.get_threshold()[1:])
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config) if args.config else Settings()
     settings = with_pool_overrides(settings, size=args.size, rate_limit=args.rate)  # every relay's pool too
@@ -123,6 +138,7 @@ def _run(args: argparse.Namespace) -> int:
         retry_failed=args.retry_failed,
         compose_process=args.compose_process,
     )
+    tune_gc()  # after the imports and the settings, before the compose process forks (it inherits both)
     try:
         return _event_loop_runner()(Run(options, settings).execute())
     except RunError as exc:
