@@ -3,8 +3,9 @@
     ./dev python -m benchmarks.dkim [--jobs 20000] [--rounds 3] [--processes N] [--profile]
 
 `dispatcher run` on one jobs file of templated jobs with unsubscribe headers (the
-campaign shape of the README), three ways, against one smtp-sink: unsigned, signed
-with a 2048-bit RSA key, signed with an Ed25519 key. In every round the same
+campaign shape of the README) against one smtp-sink: unsigned, signed with a
+2048-bit RSA key, signed with an Ed25519 key, and the RSA row again with one compose
+process (``jobs.compose_processes: 1``, what every signed run had before). In every round the same
 machine's one-core rate of the signature alone is measured too: `cryptography`
 signing SHA-256 digests with the same RSA key (and the same Ed25519 key) in a fresh
 process for about two seconds. Rows are alternated round by round, so a busy
@@ -39,7 +40,7 @@ from benchmarks.runner import run_dispatcher, write_config
 from benchmarks.sinks import start_sink
 
 ROOT = Path(__file__).resolve().parent.parent
-ROWS = ("unsigned", "rsa-2048", "ed25519")
+ROWS = ("unsigned", "rsa-2048", "ed25519", "rsa-2048, 1 compose process")
 RSA_TARGET = 1.25
 ED25519_TARGET = 0.8
 
@@ -88,6 +89,8 @@ def sign_rate(key: Path, seconds: float) -> dict[str, Any]:
 
 def config_for(row: str, path: Path, port: int, work: Path, templates: Path, processes: int | None) -> Path:
     write_config(path, port, 4, "default")
+    if row.endswith(", 1 compose process"):
+        row, processes = row.split(",")[0], 1
     with path.open("a") as out:
         out.write(f"templates:\n  dir: {templates}\njobs:\n  default_from: {messages.SENDER}\n")
         if processes is not None:
@@ -101,9 +104,9 @@ def config_for(row: str, path: Path, port: int, work: Path, templates: Path, pro
     return path
 
 
-def profile(row: str, jobs: Path, config: Path, count: int, top: int = 18) -> str:
-    """cProfile of the compose stage on ``count`` lines, in this process: what a
-    compose process does with each line."""
+def profile(row: str, jobs: Path, config: Path, count: int, top: int = 18) -> tuple[float, str]:
+    """(µs of CPU per job, cProfile) of the compose stage on ``count`` lines, in this
+    process: what a compose process does with each line."""
     from dispatcher.compose.jobs import LineSplitter
     from dispatcher.compose.process import _encode
     from dispatcher.compose.stage import Composer
@@ -134,7 +137,7 @@ def profile(row: str, jobs: Path, config: Path, count: int, top: int = 18) -> st
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
     body = "\n".join(line for line in text.getvalue().splitlines() if line.strip())
-    return f"### compose stage, {row}: {per_job:.0f} µs CPU per job without the profiler\n\n```\n{body}\n```\n"
+    return per_job, f"### compose stage, {row}: {per_job:.0f} µs CPU per job without the profiler\n\n```\n{body}\n```\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios: dict[str, list[float]] = {"rsa": [], "ed25519": []}
     errors: list[str] = []
     profiles: list[str] = []
+    compose_cpu: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-dkim-") as tmp:
         work = Path(tmp)
         jobs, templates = messages.write_templated_jobs(work / "campaign", args.jobs)
@@ -162,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         write_ed25519_key(work / "ed25519.pem")
         sink = start_sink(args.sink, log=lambda *_: None)
         try:
-            configs = {row: config_for(row, work / f"{row}.yaml", sink.port, work, templates, args.processes)
-                       for row in ROWS}
+            configs = {row: config_for(row, work / f"row{i}.yaml", sink.port, work, templates, args.processes)
+                       for i, row in enumerate(ROWS)}
             for index in range(args.rounds):
                 round_rates: dict[str, float] = {}
                 order = list(ROWS) if index % 2 == 0 else list(reversed(ROWS))
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"round {index + 1}: cryptography {kind} {measured['rate']:,.0f} signatures/s",
                           file=sys.stderr)
                 for row in order:
-                    outcome = run_dispatcher(jobs, configs[row], work / f"{row}.results.jsonl", args.jobs,
+                    outcome = run_dispatcher(jobs, configs[row], work / "results.jsonl", args.jobs,
                                              deadline=600)
                     if outcome.get("error") or not outcome.get("wall"):
                         errors.append(f"{row}: {outcome.get('error')}")
@@ -193,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                 if "ed25519" in round_rates and "unsigned" in round_rates:
                     ratios["ed25519"].append(round_rates["ed25519"] / round_rates["unsigned"])
             if args.profile:
-                for row in ("rsa-2048", "ed25519"):
-                    profiles.append(profile(row, jobs, configs[row], min(args.jobs, 3000)))
+                for row in ("unsigned", "rsa-2048", "ed25519"):
+                    compose_cpu[row], text = profile(row, jobs, configs[row], min(args.jobs, 3000))
+                    if row != "unsigned":
+                        profiles.append(text)
         finally:
             sink.stop()
     print(f"`dispatcher run` on {args.jobs:,} templated jobs with unsubscribe headers (~2 KB text), 4 connections, "
@@ -221,6 +227,17 @@ def main(argv: list[str] | None = None) -> int:
             median = statistics.median(ratios[kind])
             shown = ", ".join(f"{r:.2f}" for r in ratios[kind])
             print(f"| {name} ≥ {target} | {shown} | {median:.2f}× | {'met' if median >= target else 'missed'} |")
+    if compose_cpu:
+        print()
+        print("Where a job's CPU goes (µs): the compose stage alone, in one process (`--profile`), and the rest "
+              "of the run's CPU per job (the event loop process: ids, pool, SMTP, results; pickling both ways)")
+        print()
+        print("| row | all processes | compose stage | the rest |")
+        print("|---|---|---|---|")
+        for row in ("unsigned", "rsa-2048", "ed25519"):
+            if cpu[row] and row in compose_cpu:
+                total = statistics.median(cpu[row])
+                print(f"| {row} | {total:.0f} | {compose_cpu[row]:.0f} | {total - compose_cpu[row]:.0f} |")
     for error in errors:
         print(f"\nerror: {error}")
     for text in profiles:
