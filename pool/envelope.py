@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage, Message
 from email.utils import getaddresses, parseaddr
 
-_MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(.*?)\r?$")
 _FORBIDDEN_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
 #: RFC 5322 section 3.6: at most one of each. Two From (or Subject...) is how a signed
 #: message is made to show an unsigned value: verifiers and mail clients pick different ones.
 _UNIQUE_FIELD = re.compile(rb"\n(from|sender|to|cc|subject|date|message-id)[ \t]*:")  # on the lowered header
 _FIELD_NAMES = {name.lower().encode(): name for name in ("From", "Sender", "To", "Cc", "Subject", "Date", "Message-ID")}
 _DOT_LINE = re.compile(rb"\n\.")
+#: xtext leaves these as they are (RFC 3461 section 4): printable ASCII but "+" and "=".
+_XTEXT_PLAIN = re.compile(r"[!-*,-<>-~]*")
 END_OF_DATA = b".\r\n"
 
 
@@ -50,6 +51,8 @@ class Envelope:
 
 def xtext(text: str) -> str:
     """RFC 3461 section 4: ``+`` and ``=``, and every byte outside ``!``-``~``, as ``+XX``."""
+    if _XTEXT_PLAIN.fullmatch(text):  # the usual job id or address: nothing to encode
+        return text
     return "".join(chr(b) if 33 <= b <= 126 and b not in (43, 61) else f"+{b:02X}" for b in text.encode("utf-8"))
 
 
@@ -63,7 +66,8 @@ def with_envelope_id(envelope: Envelope, envelope_id: str | None) -> Envelope:
         raise ValueError("envelope_id: must be printable ASCII (RFC 3461 section 4.4)")
     if len(xtext(envelope_id)) > 100:
         raise ValueError("envelope_id: longer than 100 characters as xtext (RFC 3461 section 4.4)")
-    return dataclasses.replace(envelope, envelope_id=envelope_id)
+    return Envelope(envelope.sender, envelope.recipients, envelope.content, envelope.message_id,
+                    envelope.all_ascii, envelope_id)
 
 
 def check_address(address: str, field: str) -> str:
@@ -79,14 +83,34 @@ def check_headers(message: bytes) -> None:
     """Raise ValueError when ``message`` (CRLF line endings) cannot be a message:
     its first line is folded (starts with white space: a continuation of no field), or
     its header has two From, Sender, To, Cc, Subject, Date or Message-ID fields."""
+    _check_head(message, _lowered_head(message))
+
+
+def _lowered_head(message: bytes) -> bytes:
+    """The header of ``message`` (CRLF line endings), lowered, after a LF: each field
+    name follows ``\\n``, and an offset in it is one past the same offset in ``message``."""
+    end = 0 if message.startswith(b"\r\n") else message.find(b"\r\n\r\n")
+    return b"\n" + (message if end < 0 else message[:end + 2]).lower()
+
+
+def _check_head(message: bytes, head: bytes) -> None:
     if message[:1] in (b" ", b"\t"):
         raise ValueError("message: the first line starts with white space (a folded line that continues no field)")
-    end = 0 if message.startswith(b"\r\n") else message.find(b"\r\n\r\n")
     # One pass of a case-sensitive regex over the lowered header (~2 µs for a usual one).
-    names = _UNIQUE_FIELD.findall(b"\n" + (message if end < 0 else message[:end + 2]).lower())
+    names = _UNIQUE_FIELD.findall(head)
     if len(names) != len(set(names)):
         twice = next(name for name in names if names.count(name) > 1)
         raise ValueError(f"message: two {_FIELD_NAMES[twice]} fields (RFC 5322 section 3.6 allows one)")
+
+
+def _message_id(message: bytes, head: bytes) -> str | None:
+    """The Message-ID field's value (its first line), from ``_lowered_head(message)``."""
+    start = head.find(b"\nmessage-id:")
+    if start < 0:
+        return None
+    start += len(b"message-id:")  # in ``message``: one less for the LF before the name
+    end = message.find(b"\r\n", start)
+    return message[start:end if end >= 0 else len(message)].decode("ascii", "replace").strip()
 
 
 def crlf(message: bytes) -> bytes:
@@ -140,13 +164,6 @@ def for_recipients(envelope: Envelope, recipients: list[str] | tuple[str, ...]) 
     return dataclasses.replace(envelope, recipients=wanted)
 
 
-def _header_message_id(raw: bytes) -> str | None:
-    head_end = raw.find(b"\r\n\r\n")
-    head = raw if head_end < 0 else raw[:head_end]
-    found = _MESSAGE_ID.search(head)
-    return found.group(1).decode("ascii", "replace").strip() if found else None
-
-
 def build_envelope(
     message: EmailMessage | Message | bytes | str,
     sender: str | None = None,
@@ -163,29 +180,29 @@ def build_envelope(
     CRLF line endings only, the last line ended, no line over 998 octets. The content
     is then not scanned for bare CR/LF again; it is still dot-stuffed, and the
     addresses are still checked."""
-    if isinstance(message, Message):
-        raw, sender, recipients = _from_message(message, sender, recipients)
-        prepared = False
-    elif isinstance(message, (bytes, bytearray, memoryview, str)):
+    if isinstance(message, (bytes, bytearray, memoryview, str)):
         if sender is None or recipients is None:
             raise ValueError("sender and recipients are required for a raw message")
         if isinstance(message, str):
             raw, prepared = message.encode("utf-8"), False
         else:
-            raw = bytes(message)
+            raw = message if type(message) is bytes else bytes(message)
+    elif isinstance(message, Message):
+        raw, sender, recipients = _from_message(message, sender, recipients)
+        prepared = False
     else:
         raise TypeError(f"message must be an EmailMessage, bytes or str, not {type(message).__name__}")
-    rcpts = _recipients(sender, recipients)
+    rcpts, all_ascii = _recipients(sender, recipients)
     if not (prepared and raw.endswith(b"\r\n")):
         raw = crlf(raw)
         if not raw.endswith(b"\r\n"):
             raw += b"\r\n"
-    check_headers(raw)
+    head = _lowered_head(raw)
+    _check_head(raw, head)
+    message_id = _message_id(raw, head)  # signing adds a field before it, and changes none
     if sign is not None:
         raw = sign(raw)
-    content = wire_content(raw, prepared=True)
-    all_ascii = sender.isascii() and all(r.isascii() for r in rcpts)
-    return Envelope(sender, rcpts, content, _header_message_id(content), all_ascii)
+    return Envelope(sender, rcpts, wire_content(raw, prepared=True), message_id, all_ascii)
 
 
 def _from_message(message: Message, sender: str | None, recipients: list[str] | tuple[str, ...] | None
@@ -206,15 +223,25 @@ def _from_message(message: Message, sender: str | None, recipients: list[str] | 
     return message.as_bytes(policy=policy), sender, recipients
 
 
-def _recipients(sender: str, recipients: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """Check the envelope's addresses; the recipients once each (a duplicate in one
-    transaction would be delivered twice). Raises ValueError."""
+def _recipients(sender: str, recipients: list[str] | tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
+    """Check the envelope's addresses: the recipients once each (a duplicate in one
+    transaction would be delivered twice), and whether every address is ASCII. Raises
+    ValueError."""
     if isinstance(recipients, str):
         raise ValueError("recipients: must be a list of addresses, not a string")
-    check_address(sender, "sender")
-    rcpts = tuple(check_address(r, "recipients") for r in recipients)
+    rcpts = tuple(recipients)
+    try:
+        # One scan of them all: no character is forbidden in the whole unless in a part.
+        joined: str | None = sender + "".join(rcpts)
+    except TypeError:
+        joined = None
+    if joined is None or _FORBIDDEN_IN_ADDRESS.search(joined):
+        check_address(sender, "sender")  # raises, naming the first bad one
+        for recipient in rcpts:
+            check_address(recipient, "recipients")
     if not rcpts:
         raise ValueError("recipients: the message has no recipients")
-    if any(not r for r in rcpts):
+    if not all(rcpts):
         raise ValueError("recipients: empty address")
-    return tuple(dict.fromkeys(rcpts))
+    assert joined is not None
+    return (rcpts if len(rcpts) == 1 else tuple(dict.fromkeys(rcpts))), joined.isascii()
