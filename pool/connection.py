@@ -245,16 +245,6 @@ class Connection:
         if not self.on_the_wire and self.state is ConnState.BUSY:
             self.state = ConnState.IDLE
 
-    async def await_replies(self, pipe: PipelineProtocol, future: asyncio.Future[list[Reply]]) -> list[Reply]:
-        """Wait for ``future``'s replies, flushing what is queued if they are not in yet
-        (already-arrived replies leave the next content queued, to share a write with
-        the next envelope). The protocol's own timer ends a silent session; ``begin``
-        and ``end`` mark the session used."""
-        if future.done():
-            return future.result()
-        await pipe.flush()
-        return await future
-
     async def quit(self) -> None:
         """End the session politely; never raises for a session already gone."""
         client, pipe = self.client, self.pipe

@@ -201,8 +201,30 @@ class PipelineProtocol(asyncio.Protocol):
             self._outgoing.extend(more)
         return future
 
+    async def replies(self, future: asyncio.Future[list[Reply]]) -> list[Reply]:
+        """The replies ``future`` (from ``send``) stands for. When they are not in yet,
+        what is queued is written first; replies already in leave the queued data (the
+        next content, say) to share a write with the next envelope. The protocol's own
+        timer ends a silent session."""
+        if future.done():
+            return future.result()
+        self.write()
+        if self._paused and self.transport is not None:
+            await self._drained()
+        return await future
+
     async def flush(self) -> None:
         """Write what ``send`` queued; wait while the transport's buffer is full."""
+        self.write()
+        if self._paused and self.transport is not None:
+            await self._drained()
+
+    async def _drained(self) -> None:
+        self._drain_waiter = self._loop.create_future()
+        await self._drain_waiter
+
+    def write(self) -> None:
+        """Hand what ``send`` queued to the transport, in one write."""
         if self._lost is not None:
             self._outgoing = []
             return
@@ -219,9 +241,6 @@ class PipelineProtocol(asyncio.Protocol):
                 self.transport.writelines(outgoing)
             if self._timer is None:
                 self._timer = self._loop.call_at(self._progress + self.timeout, self._check_timeout)
-        if self._paused and self.transport is not None:
-            self._drain_waiter = self._loop.create_future()
-            await self._drain_waiter
 
     def _check_timeout(self) -> None:
         # One timer per session, not one per command: it fires, and re-arms itself

@@ -22,7 +22,6 @@ import random
 import socket
 import ssl
 import time
-from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from email.message import Message
 from typing import TYPE_CHECKING, Any, Protocol
@@ -43,6 +42,7 @@ from pool.errors import (
 from pool.health import RelayHealth
 from pool.log import EventLogger, log
 from pool.metrics import PoolMetrics
+from pool.queue import JobQueue
 from pool.ratelimit import RateLimiter, SharedLimiter
 from pool.results import SendResult
 from pool.retry import backoff_delay, is_permanent
@@ -161,13 +161,11 @@ class SMTPPool:
         self.rate = RateLimiter(rate_limit)
         self._shared_limiter = rate_limiter
         # New submissions wait for room in the bounded queue; a job coming back from a
-        # failed connect or a backoff must never wait, so when the queue is full it goes
-        # to ``_retry``, which workers read first (a full queue means no worker is waiting).
-        self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_size)
+        # failed connect or a backoff never waits (JobQueue.put_back).
+        self._queue = JobQueue(queue_size)
         # Bytes of the messages submitted and not yet ended: with large messages the
         # queue's length alone would let memory grow with message size x queue_size.
         self._bytes = ByteBudget(max_bytes_in_flight)
-        self._retry: deque[Job] = deque()
         self._slots = [_slot(Connection(self._options)) for _ in range(size)]
         self.max_open = 0  # most sessions ever open at once: for tests and stats
         self.metrics = PoolMetrics(
@@ -262,7 +260,7 @@ class SMTPPool:
 
     def queue_depth(self) -> int:
         """Messages waiting for a session now."""
-        return self._queue.qsize() + len(self._retry)
+        return len(self._queue)
 
     async def connect(self) -> None:
         """Open a session now, before any message: a batch learns that the login is
@@ -367,10 +365,7 @@ class SMTPPool:
         if self._stopped is None and not isinstance(error, RelayError):
             self._stopped = error
             self._halted.set()  # workers holding a job for the rate limiter give it up
-        while self._retry:
-            self._finish(self._retry.popleft(), stopped=error)
-        while not self._queue.empty():
-            job = self._queue.get_nowait()
+        for job in self._queue.drain():
             job.taken = True
             self._finish(job, stopped=error)
         for timer, job in list(self._timers.items()):
@@ -480,13 +475,10 @@ class SMTPPool:
 
     def _requeue(self, job: Job) -> None:
         """Back in line without waiting for room (its room was given back when taken)."""
-        try:
-            self._queue.put_nowait(job)
-        except asyncio.QueueFull:
-            self._retry.append(job)
+        self._queue.put_back(job)
 
     def _take(self) -> Job:
-        job = self._retry.popleft() if self._retry else self._queue.get_nowait()
+        job = self._queue.take()
         job.taken = True
         return job
 
@@ -518,7 +510,7 @@ class SMTPPool:
         """The oldest transaction's replies must be read before anything more is written:
         nothing else waits, the session is due for recycling, or the window is full."""
         conn = slot.connection
-        return ((self._queue.empty() and not self._retry) or self._must_recycle(conn)
+        return (not self._queue or self._must_recycle(conn)
                 or len(slot.window) >= (self.pipeline_depth if conn.bdat else 2))
 
     async def _next_to_send(self, slot: Slot) -> Job | None:
@@ -615,7 +607,7 @@ class SMTPPool:
         the relay is down, the first slot probes it every ``backoff_max`` seconds."""
         conn = slot.connection
         while True:
-            if self._retry or not self._queue.empty():
+            if self._queue:
                 return self._take()
             first = slot is self._slots[0]
             probing = first and self._health.is_down()
@@ -781,7 +773,7 @@ class SMTPPool:
         if outcome.deferred:
             self._deferred(job, outcome.deferred, bound)
         else:
-            self._finish(job)
+            self._finish(job, now=now)
 
     def _deferred(self, job: Job, deferred: Refusals, bound: EventLogger) -> None:
         """Retry the pending recipients after a backoff, or give up on them."""
@@ -829,7 +821,7 @@ class SMTPPool:
         else:
             self._requeue(job)
 
-    def _finish(self, job: Job, *, stopped: PoolError | None = None) -> None:
+    def _finish(self, job: Job, *, stopped: PoolError | None = None, now: float | None = None) -> None:
         """Resolve the caller's future with the job's outcome (exactly once).
 
         ``stopped``: why the pool will not try the pending recipients again; it is the
@@ -840,7 +832,7 @@ class SMTPPool:
         if not future.done():
             for rcpt in job.pending:
                 job.refused.setdefault(rcpt, job.deferred.get(rcpt, (job.last_code or 0, job.last_response)))
-            elapsed = time.monotonic() - job.submitted
+            elapsed = (time.monotonic() if now is None else now) - job.submitted
             if job.accepted:
                 code, response = job.delivered or (250, "")
                 # The job ends here: its list and dict go to the caller, not copies.

@@ -279,8 +279,7 @@ class Transaction:
             self._pending = None
             assert self._pipe is not None
             try:
-                replies = pending.result() if pending.done() else await self._connection.await_replies(
-                    self._pipe, pending)
+                replies = pending.result() if pending.done() else await self._pipe.replies(pending)
                 if self._bdat:
                     self.outcome = self._bdat_outcome(replies)
                 else:
@@ -360,7 +359,7 @@ class Transaction:
                                      dsn=conn.dsn and envelope.envelope_id is not None)
         commands.append(b"DATA\r\n")
         # The pipe's replies are valid Unicode already (decoded with replacement).
-        replies = await conn.await_replies(pipe, pipe.send(b"".join(commands), len(commands)))
+        replies = await pipe.replies(pipe.send(b"".join(commands), len(commands)))
         mail, rcpt, start = replies[0], replies[1:-1], replies[-1]
         clean = True
         for index, (code, text) in enumerate(replies):
@@ -385,7 +384,7 @@ class Transaction:
         if not willing:
             # RFC 2920 section 3.1: DATA accepted with no valid recipient; end it with
             # no content and take no delivery from it.
-            _checked(*(await conn.await_replies(pipe, pipe.send(END_OF_DATA, 1)))[0])
+            _checked(*(await pipe.replies(pipe.send(END_OF_DATA, 1)))[0])
             self.outcome = _outcome(recipients, mail, rcpt, None)
             return
         self._pending = pipe.send(envelope.content, 1)
@@ -409,7 +408,7 @@ class Transaction:
         self._pending = pipe.send(b"".join(commands), len(commands), body)
 
     async def _reset_pipelined(self, pipe: PipelineProtocol) -> None:
-        code, text = _checked(*(await self._connection.await_replies(pipe, pipe.send(b"RSET\r\n", 1)))[0])
+        code, text = _checked(*(await pipe.replies(pipe.send(b"RSET\r\n", 1)))[0])
         if not is_positive(code):
             raise ConnectionFailed(f"RSET refused: {code} {text}", code=code)
 
