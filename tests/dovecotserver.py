@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import trustme
+from _support import free_port, missing
 
 
 def need_dovecot() -> str:
@@ -28,17 +28,9 @@ def need_dovecot() -> str:
     elif os.geteuid() != 0:
         problem = "a private dovecot needs root (its master runs mail processes as the dovecot user)"
     if problem is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(problem)
-        pytest.skip(problem)
+        missing(problem)
     assert binary is not None
     return binary
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -82,7 +74,7 @@ def start_dovecot(user: str = "bounce", password: str = "imap-pass-0123") -> Dov
     home = root / "home"
     home.mkdir()
     shutil.chown(home, "dovecot", "dovecot")
-    port = _free_port()
+    port = free_port()
     (root / "dovecot.conf").write_text(f"""\
 base_dir = {root}/run
 state_dir = {root}/state

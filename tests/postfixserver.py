@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from _support import free_port, missing
 
 AUTOREPLY = '''\
 import smtplib, sys
@@ -77,9 +77,7 @@ def need_postfix() -> str:
         except KeyError:
             problem = "the postfix user or postdrop group is missing"
     if problem is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(problem)
-        pytest.skip(problem)
+        missing(problem)
     assert binary is not None
     return binary
 
@@ -87,12 +85,6 @@ def need_postfix() -> str:
 def _python() -> str:
     """A Python the pipe's user (nobody) may run: the system's, not a private venv's."""
     return "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -220,7 +212,7 @@ def start_postfix(main_cf: dict[str, str] | None = None, master_cf: str = "") ->
     _room_for_postlog()
     root = Path(tempfile.mkdtemp(prefix="postfix-test-"))
     root.chmod(0o755)  # the postfix user reaches its queue and the Maildirs under it
-    port = _free_port()
+    port = free_port()
     for sub in ("conf", "queue", "data", "mail"):
         (root / sub).mkdir()
     shutil.chown(root / "data", "postfix")

@@ -15,14 +15,12 @@ skips a test when ``redis-server`` is not installed, and fails it instead under
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
-import socket
 from pathlib import Path
 from typing import Self
 
-import pytest
+from _support import free_port, missing
 
 READY = b"Ready to accept connections"
 
@@ -37,16 +35,8 @@ def require_redis() -> str:
     if binary is None:
         reason = ("redis-server is not installed (Debian/Ubuntu: apt-get install redis-server); "
                   "the Redis tests need a real server")
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason + " and CI=true", pytrace=False)
-        pytest.skip(reason)
+        missing(reason)
     return binary
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _support import free_port
 from smtpserver import FaultyServer
-from test_dispatcher import dispatcher, free_port
+from test_dispatcher import dispatcher
 from test_run_relays import dispatcher_lines, smtp, write_yaml
 
 pytestmark = pytest.mark.timeout(60)

@@ -33,6 +33,7 @@ from typing import Any
 
 import dkim  # type: ignore[import-untyped]
 import pytest
+from _support import missing
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from test_mime import _build, _display, _expected_mailbox, _lines, check, generated
@@ -48,12 +49,10 @@ DOMAIN = "example.org"
 
 def _node() -> str:
     node = shutil.which("node")
-    missing = node is None or not (HERE / "node_modules" / "mailauth").is_dir() \
+    absent = node is None or not (HERE / "node_modules" / "mailauth").is_dir() \
         or not (HERE / "node_modules" / "mailparser").is_dir()
-    if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail("node, mailauth or mailparser missing: .ci/run installs them (npm ci --prefix tests)")
-        pytest.skip("node, mailauth or mailparser missing (npm ci --prefix tests)")
+    if absent:
+        missing("node, mailauth or mailparser missing (npm ci --prefix tests; .ci/run does it)")
     assert node is not None
     return node
 

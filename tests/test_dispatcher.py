@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -17,6 +16,7 @@ from typing import Any
 
 import aiosmtplib
 import pytest
+from _support import free_port
 from smtpserver import FaultyServer
 
 from dispatcher.batch.journal import IdSet, Journal
@@ -71,12 +71,6 @@ def results(path: Path) -> list[dict[str, Any]]:
 
 def delivered_ids(server: FaultyServer) -> Counter[str | None]:
     return Counter(m.header("X-Job-Id") for m in server.messages)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_bad_lines_are_invalid_naming_line_and_field_and_the_batch_goes_on(

@@ -76,7 +76,7 @@ async def test_a_worker_counts_the_recipients_it_leaves_out_on_its_metrics(
     import signal
     import urllib.request
 
-    from redisserver import free_port
+    from _support import free_port
 
     url, port = redis_server.url, free_port()
     async with FaultyServer() as server:

@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redisserver import RedisServer, free_port, require_redis
+from _support import free_port
+from redisserver import RedisServer, require_redis
 from smtpserver import FaultyServer
 
 from dispatcher.compose.mime import derived_message_id

@@ -559,7 +559,7 @@ async def test_a_message_moved_to_another_relay_counts_its_time_on_the_first() -
     from pool import SMTPRouter
 
     async with FaultyServer() as backup:
-        from test_dispatcher import free_port
+        from _support import free_port
 
         router = SMTPRouter({"down": SMTPPool("127.0.0.1", free_port(), size=1, relay_down_timeout=0.5,
                                               backoff_base=0.05, backoff_max=0.1, timeout=2),

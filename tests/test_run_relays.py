@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 import trustme
 import yaml
+from _support import free_port
 from smtpserver import FaultyServer
-from test_dispatcher import DISPATCHER, ROOT, delivered_ids, dispatcher, free_port, job, write_jobs
+from test_dispatcher import DISPATCHER, ROOT, delivered_ids, dispatcher, job, write_jobs
 
 from dispatcher.config import ConfigError, parse_settings, with_pool_overrides
 
