@@ -239,3 +239,63 @@ async def test_a_report_without_verp_or_envid_is_matched_by_the_returned_message
     assert json.loads(out)["job_id"] == "job-3001"
     code, _, err = await dispatcher("bounces", str(box), "--results", str(tmp_path / "missing.jsonl"), cwd=tmp_path)
     assert code == 2 and "missing.jsonl" in err and "Traceback" not in err
+
+
+def _dsn_message(*recipient_blocks: str, envid: str = "job-7") -> bytes:
+    blocks = "\r\n\r\n".join(recipient_blocks)
+    return (
+        "From: MAILER-DAEMON@mx.example.net\r\nTo: bounces@example.org\r\nSubject: report\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
+        "--B\r\nContent-Type: text/plain\r\n\r\nSee below.\r\n"
+        "--B\r\nContent-Type: message/delivery-status\r\n\r\n"
+        f"Reporting-MTA: dns; mx.example.net\r\nOriginal-Envelope-Id: {envid}\r\n\r\n{blocks}\r\n"
+        "--B--\r\n").encode()
+
+
+@pytest.mark.parametrize(("block", "expected"), [
+    # the status class decides, whatever the action says
+    ("Final-Recipient: rfc822; a@x.example\r\nAction: failed\r\nStatus: 4.2.2", ("delay", "4.2.2", "ignored")),
+    ("Final-Recipient: rfc822; a@x.example\r\nAction: delivered\r\nStatus: 4.4.1", ("delay", "4.4.1", "ignored")),
+    ("Final-Recipient: rfc822; a@x.example\r\nAction: delayed\r\nStatus: 5.1.1", ("bounce", "5.1.1", "suppressed")),
+    # without a status, the action
+    ("Final-Recipient: rfc822; a@x.example\r\nAction: failed", ("bounce", None, "ignored")),
+    ("Final-Recipient: rfc822; a@x.example\r\nAction: delayed", ("delay", None, "ignored")),
+    ("Final-Recipient: rfc822; a@x.example\r\nAction: relayed\r\nStatus: 2.0.0", ("unknown", None, "ignored")),
+    # Exim: 5.0.0 in Status, the real code in the diagnostic
+    ("Final-Recipient: rfc822; a@x.example\r\nAction: failed\r\nStatus: 5.0.0\r\n"
+     "Diagnostic-Code: smtp; 550 5.1.1 no such user", ("bounce", "5.1.1", "suppressed")),
+    # a diagnostic of another class does not override
+    ("Final-Recipient: rfc822; a@x.example\r\nAction: failed\r\nStatus: 5.0.0\r\n"
+     "Diagnostic-Code: smtp; 450 4.2.0 try later", ("bounce", "5.0.0", "ignored")),
+])
+def test_a_dsn_recipient_block_is_classified_by_status_then_action(block: str, expected: tuple[str, ...]) -> None:
+    [report] = classify(_dsn_message(block), None)
+    assert (report.type.value, report.status, report.action) == expected
+    assert report.recipient == "a@x.example" and report.job_id == "job-7"
+
+
+def test_a_dsn_reports_every_recipient_block_and_prefers_original_recipient() -> None:
+    reports = classify(_dsn_message(
+        "Original-Recipient: rfc822; first@x.example\r\nFinal-Recipient: rfc822; alias@x.example\r\n"
+        "Action: failed\r\nStatus: 5.1.1",
+        "Final-Recipient: rfc822; second@x.example\r\nAction: delayed\r\nStatus: 4.4.7",
+        "Action: failed\r\nStatus: 5.1.1"), None)  # no recipient: no report
+    assert [(r.recipient, r.type.value) for r in reports] == [("first@x.example", "bounce"),
+                                                               ("second@x.example", "delay")]
+
+
+def test_a_redacted_complaint_names_the_returned_to_and_the_job_of_its_verp_sender() -> None:
+    raw = (
+        "From: feedback@isp.example\r\nTo: abuse@example.org\r\nSubject: complaint\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=feedback-report; boundary="B"\r\n\r\n'
+        "--B\r\nContent-Type: text/plain\r\n\r\nA complaint.\r\n"
+        "--B\r\nContent-Type: message/feedback-report\r\n\r\n"
+        f"Feedback-Type: abuse\r\nUser-Agent: ISP-FBL/1.0\r\nOriginal-Mail-From: <{VERP.render('job-9')}>\r\n\r\n"
+        "--B\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        "From: news@example.org\r\nTo: reader@isp.example\r\nMessage-ID: <m9@example.org>\r\n\r\n"
+        "--B--\r\n").encode()
+    [report] = classify(raw, VERP)
+    assert (report.type.value, report.recipient, report.job_id, report.action) == \
+        ("complaint", "reader@isp.example", "job-9", "suppressed")
+    assert report.message_id == "<m9@example.org>"

@@ -156,41 +156,44 @@ def _address_field(value: str | None) -> str | None:
 
 def _dsn(msg: Message, job_from_verp: str | None) -> list[Report]:
     part = _part(msg, "message/delivery-status")
-    if part is None:
-        return []
-    blocks = _blocks(part)
+    blocks = _blocks(part) if part is not None else []
     if not blocks:
         return []
-    envelope = blocks[0]
-    envid = envelope.get("Original-Envelope-Id")
+    envid = blocks[0].get("Original-Envelope-Id")  # the per-message block
     job_id = xtext_decode(str(envid).strip()) if envid else job_from_verp
-    returned = _returned(msg)
-    message_id = _message_id(returned)
+    message_id = _message_id(_returned(msg))
     reports = []
-    for block in blocks[1:] if len(blocks) > 1 else blocks:
+    for block in blocks[1:] or blocks:  # one block per recipient after it
         recipient = _address_field(block.get("Original-Recipient")) or _address_field(block.get("Final-Recipient"))
-        if recipient is None:
-            continue
-        action = str(block.get("Action", "")).strip().lower()
-        status = _status(block.get("Status"))
-        diagnostic = _clean(block.get("Diagnostic-Code"))
-        said = _status(diagnostic.partition(";")[2]) if diagnostic else None  # smtp; 550 5.1.1 ...
-        # Exim writes Status: 5.0.0 and the real code only in the diagnostic.
-        if said is not None and (status is None or (status.endswith(".0.0") and said[0] == status[0])):
-            status = said
-        if action == "failed" or (status or "").startswith("5"):
-            if not (status or "").startswith("5") and (status or "").startswith("4"):
-                kind = Kind.DELAY  # failed for now: a transient status
-            else:
-                kind = Kind.BOUNCE
-        elif action == "delayed" or (status or "").startswith("4"):
-            kind = Kind.DELAY
-        else:  # delivered, relayed, expanded: no news for the list
-            kind = Kind.UNKNOWN
-        suppress = kind is Kind.BOUNCE and is_hard_bounce(status)
-        reports.append(Report(kind, recipient, status, diagnostic, job_id, message_id,
-                              "suppressed" if suppress else "ignored"))
+        if recipient is not None:
+            status, diagnostic = _dsn_status(block)
+            kind = _dsn_kind(str(block.get("Action", "")).strip().lower(), status)
+            suppress = kind is Kind.BOUNCE and is_hard_bounce(status)
+            reports.append(Report(kind, recipient, status, diagnostic, job_id, message_id,
+                                  "suppressed" if suppress else "ignored"))
     return reports
+
+
+def _dsn_status(block: Message) -> tuple[str | None, str | None]:
+    """A recipient block's status code and diagnostic. Exim writes ``Status: 5.0.0`` and
+    the real code only in the diagnostic (``smtp; 550 5.1.1 ...``): that one wins."""
+    status = _status(block.get("Status"))
+    diagnostic = _clean(block.get("Diagnostic-Code"))
+    said = _status(diagnostic.partition(";")[2]) if diagnostic else None
+    if said is not None and (status is None or (status.endswith(".0.0") and said[0] == status[0])):
+        status = said
+    return status, diagnostic
+
+
+_KIND_BY_CLASS = {"5": Kind.BOUNCE, "4": Kind.DELAY}
+_KIND_BY_ACTION = {"failed": Kind.BOUNCE, "delayed": Kind.DELAY}
+
+
+def _dsn_kind(action: str, status: str | None) -> Kind:
+    """The status class decides (a "failed" 4.x.x is failed for now: a delay); without
+    one, the action; delivered, relayed, expanded are no news for the list."""
+    by_class = _KIND_BY_CLASS.get((status or "")[:1])
+    return by_class if by_class is not None else _KIND_BY_ACTION.get(action, Kind.UNKNOWN)
 
 
 _NOT_COMPLAINTS = {"not-spam"}
@@ -204,21 +207,33 @@ def _arf(msg: Message, job_from_verp: str | None, return_path: ReturnPath | None
     fields = blocks[0] if blocks else Message()
     feedback = str(fields.get("Feedback-Type", "abuse")).strip().lower()
     returned = _returned(msg)
-    recipients = [_address_field(v) for v in fields.get_all("Original-Rcpt-To", [])]
-    found = [r for r in recipients if r]
-    if not found and returned is not None:  # many providers redact it; the returned To may remain
-        found = [a for _, a in getaddresses([str(v) for v in returned.get_all("To", [])]) if "@" in a]
-    job_id = job_from_verp
-    if job_id is None and return_path is not None:  # the report goes to the feedback address, not the VERP one
-        senders = [str(v) for v in fields.get_all("Original-Mail-From", [])]
-        if returned is not None:
-            senders += [str(v) for v in returned.get_all("Return-Path", [])]
-        job_id = next((j for _, a in getaddresses(senders) if (j := return_path.job_id(a)) is not None), None)
+    found = _arf_recipients(fields, returned)
+    job_id = job_from_verp if job_from_verp is not None else _arf_job(fields, returned, return_path)
     agent = _clean(fields.get("User-Agent"))
     action = "ignored" if feedback in _NOT_COMPLAINTS else "suppressed"
     if not found:
         return [Report(Kind.COMPLAINT, None, feedback, agent, job_id, _message_id(returned), "ignored")]
     return [Report(Kind.COMPLAINT, r, feedback, agent, job_id, _message_id(returned), action) for r in found]
+
+
+def _arf_recipients(fields: Message, returned: Message | None) -> list[str]:
+    """Who complained: Original-Rcpt-To, or, since many providers redact it, the To of
+    the returned message."""
+    found = [r for v in fields.get_all("Original-Rcpt-To", []) if (r := _address_field(v))]
+    if not found and returned is not None:
+        found = [a for _, a in getaddresses([str(v) for v in returned.get_all("To", [])]) if "@" in a]
+    return found
+
+
+def _arf_job(fields: Message, returned: Message | None, return_path: ReturnPath | None) -> str | None:
+    """The job of a complaint sent to the feedback address, not the VERP one: from the
+    VERP sender it names (Original-Mail-From, or the returned Return-Path)."""
+    if return_path is None:
+        return None
+    senders = [str(v) for v in fields.get_all("Original-Mail-From", [])]
+    if returned is not None:
+        senders += [str(v) for v in returned.get_all("Return-Path", [])]
+    return next((j for _, a in getaddresses(senders) if (j := return_path.job_id(a)) is not None), None)
 
 
 _AUTO_SUBJECT = re.compile(r"(?i)^\s*(auto(matic)?[ -]?(reply|response|antwort)|out of (the )?office|"
