@@ -702,7 +702,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description="smtp-dispatcher benchmarks (issue 4).")
     parser.add_argument("--quick", action="store_true", help="small counts, one run each: a smoke test")
     parser.add_argument("--runs", type=int, help="runs per row (default 3; 1 with --quick)")
-    parser.add_argument("--scale", type=float, help="multiply every message count (default 1; 0.1 with --quick)")
+    parser.add_argument("--scale", type=float,
+                        help="multiply every message and job count and the length of the timed rows, in every section "
+                             "(default 1; 0.1 with --quick); see benchmarks/README.md for how long a run takes")
     parser.add_argument("--pipelining", choices=["on", "off", "both"], default="both",
                         help="SMTPPool rows pipelined (RFC 2920), command by command, or both (default)")
     parser.add_argument("--sink", choices=["auto", "smtp-sink", "aiosmtpd"], default="auto")
@@ -718,12 +720,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def scaled(cfg: Settings, full: int, floor: int) -> int:
+    """A section's count at ``--scale``, never below ``floor`` (too few to measure)."""
+    return max(floor, int(full * cfg.scale))
+
+
 def redis_rows(cfg: Settings) -> str:
     """1 and 2 `dispatcher worker`s through Redis against `dispatcher run` on the same
     jobs and sink, in their own processes (issue 10's target: 1 worker >= 0.7x run)."""
     if shutil.which("redis-server") is None:
         return "\n## Redis workers\n\nNot run: redis-server is not installed (apt-get install redis-server).\n"
-    jobs = 2_000 if cfg.quick else 20_000
+    jobs = scaled(cfg, 20_000, 2_000)
     log(f"redis: 1 and 2 workers vs dispatcher run, {jobs} jobs x {cfg.runs} rounds")
     done = subprocess.run([sys.executable, "-m", "benchmarks.redis_workers", "--jobs", str(jobs),
                            "--rounds", str(cfg.runs)], capture_output=True, text=True, check=False)
@@ -738,7 +745,7 @@ def tls_rows(cfg: Settings) -> str:
     SMTPPool >= 2x the minimal pool and >= 4x Nodemailer at 4 connections)."""
     if shutil.which("stunnel4") is None and shutil.which("stunnel") is None:
         return "\n## Over TLS\n\nNot run: stunnel is not installed (apt-get install stunnel4).\n"
-    count = 1_000 if cfg.quick else 6_000
+    count = scaled(cfg, 6_000, 1_000)
     log(f"tls: SMTPPool, minimal pool, Nodemailer behind stunnel, {count} messages x {cfg.runs} rounds")
     done = subprocess.run([sys.executable, "-m", "benchmarks.tls", "--count", str(count), "--rounds", str(cfg.runs)],
                           capture_output=True, text=True, check=False, cwd=ROOT, env=_env())
@@ -755,7 +762,7 @@ def latency_rows(cfg: Settings) -> str:
         return "\n## Round trips against Postfix smtpd\n\nNot run: needs root and Postfix (apt-get install postfix).\n"
     log(f"latency: command, DATA and BDAT against Postfix at 1 and 20 ms, {cfg.runs} rounds")
     done = subprocess.run([sys.executable, "-m", "benchmarks.latency", "--rounds", str(cfg.runs),
-                           "--seconds", "1" if cfg.quick else "4"],
+                           "--seconds", f"{max(1.0, 4 * cfg.scale):g}"],
                           capture_output=True, text=True, check=False, cwd=ROOT, env=_env())
     if done.returncode != 0:
         return f"\n## Round trips against Postfix smtpd\n\nFailed: {done.stderr.strip().splitlines()[-1:]}\n"
@@ -766,7 +773,7 @@ def dkim_rows(cfg: Settings) -> str:
     """`dispatcher run` on a templated campaign unsigned, rsa-2048 and ed25519, beside
     one core's signing rate (issue 20's DKIM targets: rsa-2048 >= 1.25x one core's RSA
     signatures/s, ed25519 >= 0.8x unsigned)."""
-    jobs = 2_000 if cfg.quick else 20_000
+    jobs = scaled(cfg, 20_000, 2_000)
     log(f"dkim: templated campaign unsigned, rsa-2048, ed25519, {jobs} jobs x {cfg.runs} rounds")
     done = subprocess.run([sys.executable, "-m", "benchmarks.dkim", "--jobs", str(jobs), "--rounds", str(cfg.runs),
                            "--seconds", "1" if cfg.quick else "2"],
@@ -782,7 +789,7 @@ def relay_rows(cfg: Settings) -> str:
     to the relay's own limit)."""
     if os.geteuid() != 0 or find_tool("postfix") is None or find_tool("smtp-source") is None:
         return "\n## A real relay: Postfix smtpd\n\nNot run: needs root and Postfix (apt-get install postfix).\n"
-    jobs = max(500, int(5000 * cfg.scale))
+    jobs = scaled(cfg, 5_000, 500)
     log(f"relay: smtp-source, dispatcher run (STARTTLS, plain), SMTPPool against Postfix, {jobs} x {cfg.runs} rounds")
     done = subprocess.run([sys.executable, "-m", "benchmarks.relay", "--rounds", str(cfg.runs), "--jobs", str(jobs)],
                           capture_output=True, text=True, check=False, cwd=ROOT, env=_env())
@@ -798,16 +805,17 @@ def main(argv: list[str] | None = None) -> int:
     sections = {"loopback", "shapes", "proxy", "e2e", "memory", "redis", "tls", "latency", "dkim", "relay"}
     if args.only:
         sections = {s.strip() for s in args.only.split(",")} & sections
-    memory_jobs = (2000, 20000) if quick else (100_000, 1_000_000)
+    scale = args.scale or (0.1 if quick else 1.0)
+    memory_jobs = (2000, 20000) if quick else (max(10_000, int(100_000 * scale)), max(100_000, int(1_000_000 * scale)))
     if args.memory_jobs:
         a, b = (int(x) for x in args.memory_jobs.split(","))
         memory_jobs = (a, b)
     cfg = Settings(
         runs=args.runs or (1 if quick else 3), quick=quick,
         pipelining_modes={"on": ["on"], "off": ["off"], "both": ["off", "on"]}[args.pipelining],
-        scale=args.scale or (0.1 if quick else 1.0), memory_jobs=memory_jobs,
+        scale=scale, memory_jobs=memory_jobs,
         memory_deadline=args.memory_deadline if args.memory_deadline is not None else (30 if quick else 100),
-        e2e_jobs=args.e2e_jobs or (1000 if quick else 50_000), sections=sections)
+        e2e_jobs=args.e2e_jobs or (1000 if quick else max(5_000, int(50_000 * scale))), sections=sections)
     pipelining = pool_supports_pipelining()
     notes: list[str] = []
     if pipelining is None:
