@@ -400,3 +400,12 @@ def test_tune_gc_freezes_start_up_and_collects_young_objects_less_often() -> Non
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
     assert done.stdout.split() == ["700", "2000", "True", "True"]
+
+
+def test_journal_digests_spread_over_the_bits_the_index_keeps() -> None:
+    """The index homes a key by the top bits of its 64-bit digest: they must vary."""
+    from dispatcher.batch.journal import _digest, id_key
+
+    digests = [_digest(id_key(f"job-{i}")) for i in range(10_000)]
+    assert len(set(digests)) == 10_000 and all(0 <= d < 1 << 64 for d in digests)
+    assert len({d >> 60 for d in digests}) == 16
