@@ -140,6 +140,44 @@ def profile(row: str, jobs: Path, config: Path, count: int, top: int = 18) -> tu
     return per_job, f"### compose stage, {row}: {per_job:.0f} µs CPU per job without the profiler\n\n```\n{body}\n```\n"
 
 
+def compose_rate(jobs: Path, config: Path, processes: int) -> float:
+    """Jobs a second through ``ComposeProcess`` alone (no SMTP, no results): the
+    compose stage's own ceiling with ``processes`` children, the parent only decoding."""
+    import asyncio
+
+    from dispatcher.batch.journal import Journal
+    from dispatcher.compose.process import ComposeProcess
+    from dispatcher.compose.stage import Composer
+    from dispatcher.config import load_settings
+
+    settings = load_settings(config)
+    composer = Composer(settings, base_dir=jobs.parent, attachments_root=jobs.parent, batch=str(jobs))
+    results = jobs.parent / "compose-only.results.jsonl"
+    results.unlink(missing_ok=True)
+    journal = Journal(results)
+    journal.open()
+
+    async def drain() -> int:
+        composing = ComposeProcess(composer, os.open(jobs, os.O_RDONLY), journal, processes=processes)
+        loop = asyncio.get_running_loop()
+        done = 0
+        try:
+            async for _, batch in composing.outcomes(lambda n: loop.run_in_executor(None, os.read,
+                                                                                    composing.fileno(), n)):
+                done += len(batch)
+        finally:
+            composing.close()
+            os.close(composing.fileno())
+        return done
+
+    try:
+        start = time.perf_counter()
+        done = asyncio.run(drain())
+        return done / (time.perf_counter() - start)
+    finally:
+        journal.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.dkim", description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=20_000, help="jobs per dispatcher run")
@@ -149,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                                                       "dispatcher's own choice)")
     parser.add_argument("--sink", default="smtp-sink", choices=["auto", "smtp-sink", "aiosmtpd"])
     parser.add_argument("--profile", action="store_true", help="also profile the compose stage of the signed rows")
+    parser.add_argument("--compose-only", action="store_true",
+                        help="also the compose stage alone (no SMTP) with 1 and with one process per core, rsa-2048")
     args = parser.parse_args(argv)
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     rates: dict[str, list[float]] = {row: [] for row in ROWS}
@@ -159,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     errors: list[str] = []
     profiles: list[str] = []
     compose_cpu: dict[str, float] = {}
+    compose_only: dict[int, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-dkim-") as tmp:
         work = Path(tmp)
         jobs, templates = messages.write_templated_jobs(work / "campaign", args.jobs)
@@ -196,6 +237,14 @@ def main(argv: list[str] | None = None) -> int:
                     ratios["rsa"].append(round_rates["rsa-2048"] / round_rates["sign-rsa"])
                 if "ed25519" in round_rates and "unsigned" in round_rates:
                     ratios["ed25519"].append(round_rates["ed25519"] / round_rates["unsigned"])
+            if args.compose_only:
+                from dispatcher.compose.process import cores
+
+                for index in range(args.rounds):
+                    for processes in (1, cores()) if index % 2 == 0 else (cores(), 1):
+                        rate = compose_rate(jobs, configs["rsa-2048"], processes)
+                        compose_only.setdefault(processes, []).append(rate)
+                        print(f"compose only, rsa-2048, {processes} processes: {rate:,.0f} jobs/s", file=sys.stderr)
             if args.profile:
                 for row in ("unsigned", "rsa-2048", "ed25519"):
                     compose_cpu[row], text = profile(row, jobs, configs[row], min(args.jobs, 3000))
@@ -227,6 +276,15 @@ def main(argv: list[str] | None = None) -> int:
             median = statistics.median(ratios[kind])
             shown = ", ".join(f"{r:.2f}" for r in ratios[kind])
             print(f"| {name} ≥ {target} | {shown} | {median:.2f}× | {'met' if median >= target else 'missed'} |")
+    if compose_only:
+        print()
+        print("The compose stage alone (`--compose-only`: `ComposeProcess` drained by a parent that only decodes; "
+              "no SMTP), rsa-2048")
+        print()
+        print("| compose processes | jobs/s (median) | min–max |")
+        print("|---|---|---|")
+        for processes, rates_of in sorted(compose_only.items()):
+            print(f"| {processes} | {statistics.median(rates_of):,.0f} | {min(rates_of):,.0f}–{max(rates_of):,.0f} |")
     if compose_cpu:
         print()
         print("Where a job's CPU goes (µs): the compose stage alone, in one process (`--profile`), and the rest "

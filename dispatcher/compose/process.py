@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import signal
 import struct
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -44,6 +46,8 @@ BATCH_LINES = 64
 BATCH_BYTES = 1 << 18
 PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: a few batches in flight, so neither side waits on the other
 MAX_PROCESSES = 64
+AHEAD_BLOCKS = 4  # blocks a compose process may hold, composed, before its turns to write them
+AHEAD_BYTES = 4 * BATCH_BYTES
 _F_SETPIPE_SZ = 1031
 _HEAD = struct.Struct("<I")
 
@@ -222,6 +226,7 @@ class _Turn:
     def __init__(self, inbound: int, outbound: int, held: bool) -> None:
         self.inbound, self.outbound = inbound, outbound
         self.held = held or inbound < 0
+        self._poll: select.poll | None = None
 
     def take(self) -> None:
         """Wait for the turn. Raises _End when the file is done or a neighbour is gone."""
@@ -231,6 +236,17 @@ class _Turn:
                 self.give(b"e")  # pass the end on, so every child ends
                 raise _End
             self.held = True
+
+    def ready(self) -> bool:
+        """Take the turn if it has come; never waits."""
+        if not self.held:
+            if self._poll is None:
+                self._poll = select.poll()
+                self._poll.register(self.inbound, select.POLLIN)
+            if not self._poll.poll(0):
+                return False
+            self.take()
+        return True
 
     def give(self, token: bytes = b"t") -> None:
         """Pass the turn (``b"t"``) or the end (``b"e"``) to the next child."""
@@ -242,6 +258,62 @@ class _Turn:
                 pass  # the next one has ended already
 
 
+class _Writer:
+    """A child's frames, written to the shared pipe in its turns, one block a turn.
+
+    A child composes up to ``AHEAD_BLOCKS`` blocks (``AHEAD_BYTES``) before their
+    turns come, so one that is slow for a while (a big job, the scheduler) does not
+    stall the others at every block. A block still being composed is written as it
+    grows once it is the oldest and the turn is ours, and the turn stays ours until
+    it is complete."""
+
+    def __init__(self, out: int, turn: _Turn) -> None:
+        self.out, self.turn = out, turn
+        self.blocks: deque[list[bytes]] = deque()  # frames not yet written, block by block
+        self.open = False  # the last block is still being composed
+        self.held = 0  # bytes in self.blocks
+
+    def add(self, frame: tuple[Any, ...]) -> None:
+        data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
+        if not self.open:
+            self.blocks.append([])
+            self.open = True
+        self.blocks[-1].append(_HEAD.pack(len(data)) + data)
+        self.held += _HEAD.size + len(data)
+        self.flush()
+
+    def close_block(self) -> None:
+        self.open = False
+        self.flush()
+
+    def finish(self) -> None:
+        """Write every frame (the last block is complete), waiting for each turn."""
+        self.open = False
+        self.flush(wait=True)
+
+    def _ahead(self) -> bool:
+        return self.held > AHEAD_BYTES or len(self.blocks) - self.open > AHEAD_BLOCKS
+
+    def flush(self, *, wait: bool = False) -> None:
+        while self.blocks:
+            if not self.turn.held:
+                if wait or self._ahead():
+                    self.turn.take()
+                elif not self.turn.ready():
+                    return
+            frames = self.blocks[0]
+            for data in frames:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.out, view):]  # BrokenPipeError when the parent is gone
+                self.held -= len(data)
+            if len(self.blocks) == 1 and self.open:
+                frames.clear()  # the block being composed: the turn stays ours until it is complete
+                return
+            self.blocks.popleft()
+            self.turn.give()
+
+
 def _child(composer: Composer, fd: int, out: int, journal: Journal, turn: _Turn, index: int, count: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C, and then kills us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a service manager's stop, too: the run ends us
@@ -250,13 +322,7 @@ def _child(composer: Composer, fd: int, out: int, journal: Journal, turn: _Turn,
     except ValueError:
         pass
     _close_inherited({fd, out, 0, 1, 2, journal.reader_fd(), turn.inbound, turn.outbound})
-
-    def send(frame: tuple[Any, ...]) -> None:
-        turn.take()
-        data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
-        view = memoryview(_HEAD.pack(len(data)) + data)
-        while view:
-            view = view[os.write(out, view):]  # BrokenPipeError when the parent is gone: we end
+    writer = _Writer(out, turn)
 
     # What is composed goes out before any error: in-process, the lines before a failed
     # read or a bug are handled too.
@@ -271,8 +337,9 @@ def _child(composer: Composer, fd: int, out: int, journal: Journal, turn: _Turn,
                 chunk = os.pread(fd, READ_CHUNK, read)
             except OSError as exc:
                 if batch:
-                    send(("B", read, batch))
-                send(("O", exc.errno, exc.strerror or str(exc)))
+                    writer.add(("B", read, batch))
+                writer.add(("O", exc.errno, exc.strerror or str(exc)))
+                writer.finish()
                 return
             read += len(chunk)
             for line in splitter.feed(chunk) if chunk else splitter.end():
@@ -284,22 +351,22 @@ def _child(composer: Composer, fd: int, out: int, journal: Journal, turn: _Turn,
                 item = _encode(line.number, line.size, composer.compose(line, journal.done_earlier))
                 batch.append(item)
                 held += line.size + (len(item[5]) if isinstance(item[5], bytes) else 0)
-                if lines % BATCH_LINES == 0:  # the block's last line: the next child's turn
-                    send(("B", read, batch))
-                    turn.give()
+                if lines % BATCH_LINES == 0:  # the block's last line: then the next child's turn
+                    writer.add(("B", read, batch))
+                    writer.close_block()
                     batch, held = [], 0
                 elif held >= BATCH_BYTES:  # a block of big messages goes in several frames
-                    send(("B", read, batch))
+                    writer.add(("B", read, batch))
                     batch, held = [], 0
             if not chunk:
                 break
-        if batch or (turn.held and lines % BATCH_LINES and (lines // BATCH_LINES) % count == index):
-            if batch:  # the last block, ours, shorter than the others
-                send(("B", read, batch))
-            turn.give()
+        if batch:  # the last block, ours, shorter than the others
+            writer.add(("B", read, batch))
+        writer.finish()
         # The child whose turn would be next writes the end; the others hear of it.
         if -(-lines // BATCH_LINES) % count == index:
-            send(("E", read, splitter.blank))
+            turn.take()
+            writer.add(("E", read, splitter.blank))
             turn.give(b"e")
         else:
             turn.take()  # only the end comes now: _End
@@ -308,8 +375,9 @@ def _child(composer: Composer, fd: int, out: int, journal: Journal, turn: _Turn,
     except Exception as exc:  # noqa: BLE001  # a bug: say so, the parent stops the run with it
         try:
             if batch:
-                send(("B", read, batch))
-            send(("X", f"{type(exc).__name__}: {exc}"))
+                writer.add(("B", read, batch))
+            writer.add(("X", f"{type(exc).__name__}: {exc}"))
+            writer.finish()
         except (OSError, _End):
             pass
 
