@@ -394,7 +394,7 @@ async def test_progress_log_lines_give_the_recent_rate_the_share_and_an_eta(
     server.gate = asyncio.Event()  # the relay stops answering after the first messages
     server.gate.set()
     # The period shortened from 10 s, in the child only.
-    script = ("import sys, dispatcher.batch.runner as r; r.LOG_PROGRESS_EVERY = 0.05; from dispatcher.cli import main; "
+    script = ("import sys, dispatcher.engine.engine as r; r.LOG_PROGRESS_EVERY = 0.05; from dispatcher.cli import main; "
               "sys.exit(main(sys.argv[1:]))")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", script, "run", str(jobs), "--config", str(config), cwd=tmp_path, env=ENV,

@@ -249,7 +249,7 @@ async def test_progress_log_lines_when_stderr_is_not_a_terminal(server: FaultySe
     config = write_config(tmp_path / "c.yaml", server)
     server.gate = asyncio.Event()
     # The period shortened from 10 s, in the child only.
-    script = ("import sys, dispatcher.batch.runner as r; r.LOG_PROGRESS_EVERY = 0.05; from dispatcher.cli import main; "
+    script = ("import sys, dispatcher.engine.engine as r; r.LOG_PROGRESS_EVERY = 0.05; from dispatcher.cli import main; "
               "sys.exit(main(sys.argv[1:]))")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", script, "run", str(jobs), "--config", str(config), cwd=tmp_path, env=ENV,

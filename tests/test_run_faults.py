@@ -182,12 +182,12 @@ async def test_a_closed_standard_error_neither_hangs_nor_stops_the_run(
 async def test_a_bug_in_a_sender_stops_the_run_with_one_line_instead_of_hanging(
     server: FaultyServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import dispatcher.batch.runner as runner_module
+    import dispatcher.batch.ledger as ledger_module
 
     def broken(*args: Any, **fields: Any) -> Any:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(runner_module, "result_row", broken)
+    monkeypatch.setattr(ledger_module, "result_row", broken)
     jobs = write_jobs(tmp_path / "jobs.jsonl", [job(i) for i in range(300)])
     settings = load_settings(write_config(tmp_path / "c.yaml", server, size=2, queue_size=5))
     run = Run(RunOptions(jobs=str(jobs), results=tmp_path / "r.jsonl", progress=False), settings)

@@ -7,7 +7,29 @@ stream (``worker``): ``{"id", "line", "status", "attempts", "code", "response",
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
+
+UNSENT = "unsent"  # never on the wire (stopping, pool closed, relay down): no row; the stream hands it back
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one job ended, as the engine hands it to the ledger: ``status`` (``sent``,
+    ``failed``, ``invalid``, ``suppressed``, ``skipped`` or ``unsent``) and the fields
+    of its row (``result_row``'s keywords). ``transient``: a failure another try may
+    cure (4xx, lost connection), which the stream gives another delivery. ``earlier``:
+    a ``skipped`` job was finished before (not only left with nothing to retry)."""
+
+    status: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    transient: bool = False
+    earlier: bool = True
+
+
+SKIPPED = Outcome("skipped")
+NOTHING_TO_RETRY = Outcome("skipped", earlier=False)
+NOT_SENT = Outcome(UNSENT)
 
 
 def result_row(
