@@ -79,6 +79,7 @@ class Engine:
         progress: bool | None = False,
         announce: Iterable[tuple[str, dict[str, Any]]] = (),
         stop: asyncio.Event | None = None,
+        connect_first: bool = True,
         config_stop: Callable[[JobError, int], str] = lambda error, line: (
             f"{error}; the run stopped at line {line} (nothing recorded from it on): fix the configuration and "
             "run the same command"),
@@ -90,7 +91,8 @@ class Engine:
         ``announce``: log lines written once the display is up; ``stop``: an event
         that stops the engine when set (by the source's side too); ``config_stop``:
         what is said when a job shows the configuration wrong (every job would fail
-        alike), given the error and the job's line."""
+        alike), given the error and the job's line; ``connect_first``: open a session
+        before the first job is read (a relay refusing it stops the engine first)."""
         self.source = source
         self.ledger = ledger
         self.composer = composer
@@ -101,6 +103,7 @@ class Engine:
         self.progress = progress
         self.announce = list(announce)
         self.config_stop = config_stop
+        self.connect_first = connect_first
         self.stop_code: int | None = None  # why the engine stopped early, as an exit status
         self._stop = stop if stop is not None else asyncio.Event()
         self._idle = asyncio.Event()  # no sender task running
@@ -165,7 +168,8 @@ class Engine:
         try:
             # A session first: a wrong password, an untrusted certificate or a relay that
             # is down ends the run before any job is read or recorded.
-            await self.sender.connect()
+            if self.connect_first:
+                await self.sender.connect()
             async with aclosing(self.source.batches()) as batches:
                 async for batch in batches:
                     pending = iter(batch)
