@@ -278,6 +278,12 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 autoreply unix  -       n       n       -       -       pipe
   flags=q user=nobody argv={_python()} {root}/autoreply.py ${{sender}} {port}
 """ + master_cf)
+    # Postfix does not read a main.cf or master.cf changed within the last second or so
+    # (it may be half written): every command and daemon would poll it for ~2 s. These
+    # are complete, so they are dated a minute back.
+    a_minute_ago = time.time() - 60
+    for written in ("main.cf", "master.cf"):
+        os.utime(root / "conf" / written, (a_minute_ago, a_minute_ago))
     server = Postfix(root, port, binary)
     done = subprocess.run([binary, "-c", str(root / "conf"), "start"], capture_output=True, timeout=60)
     if done.returncode != 0:
