@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +179,130 @@ def compose_rate(jobs: Path, config: Path, processes: int) -> float:
         journal.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class Measured:
+    """Every number of one benchmark run."""
+
+    rates: dict[str, list[float]] = field(default_factory=lambda: {row: [] for row in ROWS})
+    cpu: dict[str, list[float]] = field(default_factory=lambda: {row: [] for row in ROWS})
+    sign: dict[str, list[float]] = field(default_factory=lambda: {"rsa": [], "ed25519": []})
+    sign_cpu: dict[str, list[float]] = field(default_factory=lambda: {"rsa": [], "ed25519": []})
+    ratios: dict[str, list[float]] = field(default_factory=lambda: {"rsa": [], "ed25519": []})
+    errors: list[str] = field(default_factory=list)
+    profiles: list[str] = field(default_factory=list)
+    compose_cpu: dict[str, float] = field(default_factory=dict)
+    compose_only: dict[int, list[float]] = field(default_factory=dict)
+
+    def one_round(self, index: int, work: Path, jobs: Path, configs: dict[str, Path], args: argparse.Namespace) -> None:
+        """The signing rates, then every row (alternated), then this round's ratios."""
+        got: dict[str, float] = {}
+        for kind in ("rsa", "ed25519"):
+            measured = sign_rate(work / f"{kind}.pem", args.seconds)
+            if "error" in measured:
+                self.errors.append(f"{kind} signing rate: {measured['error']}")
+                continue
+            self.sign[kind].append(measured["rate"])
+            self.sign_cpu[kind].append(measured["cpu"] / measured["count"] * 1e6)
+            got[f"sign-{kind}"] = measured["rate"]
+            print(f"round {index + 1}: cryptography {kind} {measured['rate']:,.0f} signatures/s", file=sys.stderr)
+        for row in ROWS if index % 2 == 0 else tuple(reversed(ROWS)):
+            outcome = run_dispatcher(jobs, configs[row], work / "results.jsonl", args.jobs, deadline=600)
+            if outcome.get("error") or not outcome.get("wall"):
+                self.errors.append(f"{row}: {outcome.get('error')}")
+                continue
+            got[row] = outcome["sent"] / outcome["wall"]
+            self.rates[row].append(got[row])
+            self.cpu[row].append(outcome["cpu"] / outcome["sent"] * 1e6)
+            print(f"round {index + 1}: {row} {got[row]:,.0f} jobs/s", file=sys.stderr)
+        if "rsa-2048" in got and "sign-rsa" in got:
+            self.ratios["rsa"].append(got["rsa-2048"] / got["sign-rsa"])
+        if "ed25519" in got and "unsigned" in got:
+            self.ratios["ed25519"].append(got["ed25519"] / got["unsigned"])
+
+    def extras(self, jobs: Path, configs: dict[str, Path], args: argparse.Namespace) -> None:
+        """``--compose-only`` and ``--profile``."""
+        if args.compose_only:
+            from dispatcher.compose.process import cores
+
+            for index in range(args.rounds):
+                for processes in (1, cores()) if index % 2 == 0 else (cores(), 1):
+                    rate = compose_rate(jobs, configs["rsa-2048"], processes)
+                    self.compose_only.setdefault(processes, []).append(rate)
+                    print(f"compose only, rsa-2048, {processes} processes: {rate:,.0f} jobs/s", file=sys.stderr)
+        if args.profile:
+            for row in ("unsigned", "rsa-2048", "ed25519"):
+                self.compose_cpu[row], text = profile(row, jobs, configs[row], min(args.jobs, 3000))
+                if row != "unsigned":
+                    self.profiles.append(text)
+
+    def report(self) -> None:
+        print("| row | jobs/s (median) | min–max | CPU µs per job (all processes) or signature |")
+        print("|---|---|---|---|")
+        for row in ROWS:
+            if self.rates[row]:
+                print(f"| dispatcher run, {row} | {statistics.median(self.rates[row]):,.0f} | "
+                      f"{min(self.rates[row]):,.0f}–{max(self.rates[row]):,.0f} | "
+                      f"{statistics.median(self.cpu[row]):.0f} |")
+        for kind, name in (("rsa", "RSA-2048"), ("ed25519", "Ed25519")):
+            if self.sign[kind]:
+                print(f"| `cryptography` {name} signatures/s, one core | {statistics.median(self.sign[kind]):,.0f} | "
+                      f"{min(self.sign[kind]):,.0f}–{max(self.sign[kind]):,.0f} | "
+                      f"{statistics.median(self.sign_cpu[kind]):.0f} |")
+        print()
+        print("| target | same-round ratios | median | verdict | ceiling from CPU per job |")
+        print("|---|---|---|---|---|")
+        for kind, name, target in (("rsa", "rsa-2048 jobs/s ÷ one core's RSA-2048 signatures/s", RSA_TARGET),
+                                   ("ed25519", "ed25519 jobs/s ÷ unsigned jobs/s", ED25519_TARGET)):
+            if self.ratios[kind]:
+                median = statistics.median(self.ratios[kind])
+                shown = ", ".join(f"{r:.2f}" for r in self.ratios[kind])
+                print(f"| {name} ≥ {target} | {shown} | {median:.2f}× | {'met' if median >= target else 'missed'} "
+                      f"| {self.ceiling(kind)} |")
+        self.report_extras()
+
+    def ceiling(self, kind: str) -> str:
+        """What the CPU per job allows: with every core ours, rsa-2048 jobs/s ÷ one
+        core's signatures/s ≤ cores × (µs per signature ÷ µs per job); ed25519 ÷
+        unsigned ≤ µs per unsigned job ÷ µs per ed25519 job."""
+        if kind == "rsa" and self.cpu["rsa-2048"] and self.sign_cpu["rsa"]:
+            per_job, per_signature = statistics.median(self.cpu["rsa-2048"]), statistics.median(self.sign_cpu["rsa"])
+            cores = os.cpu_count() or 1
+            return (f"{cores * per_signature / per_job:.2f}× on {cores} idle cores (needs ≤ "
+                    f"{cores * per_signature / RSA_TARGET:.0f} µs per job)")
+        if kind == "ed25519" and self.cpu["ed25519"] and self.cpu["unsigned"]:
+            signed, unsigned = statistics.median(self.cpu["ed25519"]), statistics.median(self.cpu["unsigned"])
+            return f"{unsigned / signed:.2f}× when CPU-bound (needs ≤ {unsigned / ED25519_TARGET:.0f} µs per job)"
+        return ""
+
+    def report_extras(self) -> None:
+        if self.compose_only:
+            print()
+            print("The compose stage alone (`--compose-only`: `ComposeProcess` drained by a parent that only decodes; "
+                  "no SMTP), rsa-2048")
+            print()
+            print("| compose processes | jobs/s (median) | min–max |")
+            print("|---|---|---|")
+            for processes, rates in sorted(self.compose_only.items()):
+                print(f"| {processes} | {statistics.median(rates):,.0f} | {min(rates):,.0f}–{max(rates):,.0f} |")
+        if self.compose_cpu:
+            print()
+            print("Where a job's CPU goes (µs): the compose stage alone, in one process (`--profile`), and the rest "
+                  "of the run's CPU per job (the event loop process: ids, pool, SMTP, results; pickling both ways)")
+            print()
+            print("| row | all processes | compose stage | the rest |")
+            print("|---|---|---|---|")
+            for row in ("unsigned", "rsa-2048", "ed25519"):
+                if self.cpu[row] and row in self.compose_cpu:
+                    total = statistics.median(self.cpu[row])
+                    print(f"| {row} | {total:.0f} | {self.compose_cpu[row]:.0f} | {total - self.compose_cpu[row]:.0f} |")
+        for error in self.errors:
+            print(f"\nerror: {error}")
+        for text in self.profiles:
+            print()
+            print(text)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.dkim", description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=20_000, help="jobs per dispatcher run")
     parser.add_argument("--rounds", type=int, default=3)
@@ -189,17 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="also profile the compose stage of the signed rows")
     parser.add_argument("--compose-only", action="store_true",
                         help="also the compose stage alone (no SMTP) with 1 and with one process per core, rsa-2048")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    rates: dict[str, list[float]] = {row: [] for row in ROWS}
-    cpu: dict[str, list[float]] = {row: [] for row in ROWS}
-    sign: dict[str, list[float]] = {"rsa": [], "ed25519": []}
-    sign_cpu: dict[str, list[float]] = {"rsa": [], "ed25519": []}
-    ratios: dict[str, list[float]] = {"rsa": [], "ed25519": []}
-    errors: list[str] = []
-    profiles: list[str] = []
-    compose_cpu: dict[str, float] = {}
-    compose_only: dict[int, list[float]] = {}
+    measured = Measured()
     with tempfile.TemporaryDirectory(prefix="bench-dkim-") as tmp:
         work = Path(tmp)
         jobs, templates = messages.write_templated_jobs(work / "campaign", args.jobs)
@@ -210,46 +330,8 @@ def main(argv: list[str] | None = None) -> int:
             configs = {row: config_for(row, work / f"row{i}.yaml", sink.port, work, templates, args.processes)
                        for i, row in enumerate(ROWS)}
             for index in range(args.rounds):
-                round_rates: dict[str, float] = {}
-                order = list(ROWS) if index % 2 == 0 else list(reversed(ROWS))
-                for kind in ("rsa", "ed25519"):
-                    measured = sign_rate(work / f"{kind}.pem", args.seconds)
-                    if "error" in measured:
-                        errors.append(f"{kind} signing rate: {measured['error']}")
-                        continue
-                    sign[kind].append(measured["rate"])
-                    sign_cpu[kind].append(measured["cpu"] / measured["count"] * 1e6)
-                    round_rates[f"sign-{kind}"] = measured["rate"]
-                    print(f"round {index + 1}: cryptography {kind} {measured['rate']:,.0f} signatures/s",
-                          file=sys.stderr)
-                for row in order:
-                    outcome = run_dispatcher(jobs, configs[row], work / "results.jsonl", args.jobs,
-                                             deadline=600)
-                    if outcome.get("error") or not outcome.get("wall"):
-                        errors.append(f"{row}: {outcome.get('error')}")
-                        continue
-                    rate = outcome["sent"] / outcome["wall"]
-                    rates[row].append(rate)
-                    cpu[row].append(outcome["cpu"] / outcome["sent"] * 1e6)
-                    round_rates[row] = rate
-                    print(f"round {index + 1}: {row} {rate:,.0f} jobs/s", file=sys.stderr)
-                if "rsa-2048" in round_rates and "sign-rsa" in round_rates:
-                    ratios["rsa"].append(round_rates["rsa-2048"] / round_rates["sign-rsa"])
-                if "ed25519" in round_rates and "unsigned" in round_rates:
-                    ratios["ed25519"].append(round_rates["ed25519"] / round_rates["unsigned"])
-            if args.compose_only:
-                from dispatcher.compose.process import cores
-
-                for index in range(args.rounds):
-                    for processes in (1, cores()) if index % 2 == 0 else (cores(), 1):
-                        rate = compose_rate(jobs, configs["rsa-2048"], processes)
-                        compose_only.setdefault(processes, []).append(rate)
-                        print(f"compose only, rsa-2048, {processes} processes: {rate:,.0f} jobs/s", file=sys.stderr)
-            if args.profile:
-                for row in ("unsigned", "rsa-2048", "ed25519"):
-                    compose_cpu[row], text = profile(row, jobs, configs[row], min(args.jobs, 3000))
-                    if row != "unsigned":
-                        profiles.append(text)
+                measured.one_round(index, work, jobs, configs, args)
+            measured.extras(jobs, configs, args)
         finally:
             sink.stop()
     print(f"`dispatcher run` on {args.jobs:,} templated jobs with unsubscribe headers (~2 KB text), 4 connections, "
@@ -257,51 +339,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.processes if args.processes is not None else 'default'}; {os.cpu_count()} cores; load average "
           f"before {load_before}, after {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print()
-    print("| row | jobs/s (median) | min–max | CPU µs per job (all processes) or signature |")
-    print("|---|---|---|---|")
-    for row in ROWS:
-        if rates[row]:
-            print(f"| dispatcher run, {row} | {statistics.median(rates[row]):,.0f} | {min(rates[row]):,.0f}–"
-                  f"{max(rates[row]):,.0f} | {statistics.median(cpu[row]):.0f} |")
-    for kind, name in (("rsa", "RSA-2048"), ("ed25519", "Ed25519")):
-        if sign[kind]:
-            print(f"| `cryptography` {name} signatures/s, one core | {statistics.median(sign[kind]):,.0f} | "
-                  f"{min(sign[kind]):,.0f}–{max(sign[kind]):,.0f} | {statistics.median(sign_cpu[kind]):.0f} |")
-    print()
-    print("| target | same-round ratios | median | verdict |")
-    print("|---|---|---|---|")
-    for kind, name, target in (("rsa", "rsa-2048 jobs/s ÷ one core's RSA-2048 signatures/s", RSA_TARGET),
-                               ("ed25519", "ed25519 jobs/s ÷ unsigned jobs/s", ED25519_TARGET)):
-        if ratios[kind]:
-            median = statistics.median(ratios[kind])
-            shown = ", ".join(f"{r:.2f}" for r in ratios[kind])
-            print(f"| {name} ≥ {target} | {shown} | {median:.2f}× | {'met' if median >= target else 'missed'} |")
-    if compose_only:
-        print()
-        print("The compose stage alone (`--compose-only`: `ComposeProcess` drained by a parent that only decodes; "
-              "no SMTP), rsa-2048")
-        print()
-        print("| compose processes | jobs/s (median) | min–max |")
-        print("|---|---|---|")
-        for processes, rates_of in sorted(compose_only.items()):
-            print(f"| {processes} | {statistics.median(rates_of):,.0f} | {min(rates_of):,.0f}–{max(rates_of):,.0f} |")
-    if compose_cpu:
-        print()
-        print("Where a job's CPU goes (µs): the compose stage alone, in one process (`--profile`), and the rest "
-              "of the run's CPU per job (the event loop process: ids, pool, SMTP, results; pickling both ways)")
-        print()
-        print("| row | all processes | compose stage | the rest |")
-        print("|---|---|---|---|")
-        for row in ("unsigned", "rsa-2048", "ed25519"):
-            if cpu[row] and row in compose_cpu:
-                total = statistics.median(cpu[row])
-                print(f"| {row} | {total:.0f} | {compose_cpu[row]:.0f} | {total - compose_cpu[row]:.0f} |")
-    for error in errors:
-        print(f"\nerror: {error}")
-    for text in profiles:
-        print()
-        print(text)
-    return 1 if errors else 0
+    measured.report()
+    return 1 if measured.errors else 0
 
 
 if __name__ == "__main__":
