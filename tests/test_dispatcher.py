@@ -394,7 +394,7 @@ async def test_config_example_documents_only_keys_that_exist(tmp_path: Path) -> 
 def test_tune_gc_freezes_start_up_and_collects_young_objects_less_often() -> None:
     """``dispatcher run`` calls it before the compose process forks (which inherits
     both settings); in a process of its own here, not to freeze pytest's objects."""
-    script = ("import gc; from dispatcher.cli import tune_gc; before = gc.get_threshold(); tune_gc(); "
+    script = ("import gc; from dispatcher.commands.common import tune_gc; before = gc.get_threshold(); tune_gc(); "
               "after = gc.get_threshold(); "
               "print(before[0], after[0], after[1:] == before[1:], gc.get_freeze_count() > 10000)")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30,

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from smtpserver import FaultyServer
 
-from dispatcher.cli import _campaign_lines
+from dispatcher.commands.check_config import campaign_lines as _campaign_lines
 from dispatcher.compose.jobs import Line
 from dispatcher.compose.stage import Composer, Invalid, Ready
 from dispatcher.config import Settings
