@@ -135,6 +135,9 @@ class Connection:
         self.dsn = False  # the relay offers DSN (RFC 3461): MAIL and RCPT may carry RET, ENVID, NOTIFY, ORCPT
         self.chunking = False  # RFC 3030 CHUNKING offered (BDAT)
         self.unclean = False  # a BDAT transaction may have left the server mid-transaction: RSET first
+        #: Transactions go as MAIL, RCPT, ``BDAT n LAST`` and the content, several in
+        #: flight (RFC 3030 CHUNKING over RFC 2920 PIPELINING). Set by ``connect``.
+        self.bdat = False
 
     def __repr__(self) -> str:
         mode = "pipelined" if self.pipe is not None else "command"
@@ -159,12 +162,6 @@ class Connection:
     @property
     def pipelined(self) -> bool:
         return self.pipe is not None
-
-    @property
-    def bdat(self) -> bool:
-        """Transactions go as MAIL, RCPT, ``BDAT n LAST`` and the content, several in
-        flight (RFC 3030 CHUNKING over RFC 2920 PIPELINING)."""
-        return self.chunking and self.pipe is not None and self.options.pipeline_depth > 1
 
     def idle_for(self) -> float:
         return time.monotonic() - self.last_used
@@ -228,6 +225,7 @@ class Connection:
             if transport is not None:
                 self.pipe = PipelineProtocol(transport, o.timeout)
                 transport.set_protocol(self.pipe)
+        self.bdat = self.chunking and self.pipe is not None and o.pipeline_depth > 1
         self.state = ConnState.IDLE
 
     def begin(self, now: float) -> None:
@@ -270,6 +268,7 @@ class Connection:
         """Drop the session at once (no QUIT)."""
         client, pipe = self.client, self.pipe
         self.client = self.pipe = None
+        self.bdat = False
         self.state = ConnState.CLOSED
         self.on_the_wire = 0
         if pipe is not None:

@@ -409,7 +409,7 @@ class SMTPPool:
         if envelope_id is not None:
             envelope = with_envelope_id(envelope, envelope_id)
         self._check_open()
-        supervisor = self._start()
+        supervisor = self._supervisor or self._start()
         size = len(envelope.content)
         if not self._bytes.take(size):
             await self._room_for(size)
@@ -853,7 +853,8 @@ class SMTPPool:
 
     def _job_done(self) -> None:
         self._unfinished -= 1
-        self._settle_drained()
+        if not self._unfinished:
+            self._settle_drained()
 
     def _settle_drained(self) -> None:
         if self._unfinished == 0 and self._admitting == 0:

@@ -169,6 +169,9 @@ def envelope_commands(envelope: Envelope, recipients: tuple[str, ...], smtputf8:
     recipient, each a CRLF-ended command line, for the pipelined and the command path
     alike; with ``dsn`` (the relay offers DSN and the envelope has an id) each RCPT
     carries ``rcpt_parameters``."""
+    if not params and not dsn and envelope.all_ascii:  # the usual envelope, in one encode
+        return [b"MAIL FROM:<%s>\r\n" % envelope.sender.encode("ascii"),
+                *[b"RCPT TO:<%s>\r\n" % address.encode("ascii") for address in recipients]]
     mail = b" ".join([b"MAIL FROM:" + _address(envelope.sender, smtputf8), *params]) if params else (
         b"MAIL FROM:" + _address(envelope.sender, smtputf8))
     if dsn:
@@ -209,8 +212,8 @@ def _data_refused(start: Reply) -> Reply:
 class Transaction:
     """One attempt to send ``envelope`` to ``recipients`` on one connection."""
 
-    __slots__ = ("_bdat", "_clean", "_connection", "_envelope", "_mail", "_params", "_pending", "_pipe", "_rcpt",
-                 "_recipients", "_reset_first", "outcome")
+    __slots__ = ("_clean", "_connection", "_envelope", "_mail", "_params", "_pending", "_pipe", "_rcpt",
+                 "_recipients", "_reset_first", "bdat", "outcome")
 
     def __init__(self, connection: Connection, envelope: Envelope, recipients: tuple[str, ...]) -> None:
         self._connection = connection
@@ -219,7 +222,9 @@ class Transaction:
         self._pipe: PipelineProtocol | None = None
         self._pending: asyncio.Future[list[Reply]] | None = None  # the end-of-DATA reply, pipelined
         self._clean = False  # pipelined: MAIL and every RCPT accepted, DATA answered 354
-        self._bdat = False  # sent as MAIL, RCPT..., BDAT n LAST and the content, all at once
+        #: Sent as MAIL, RCPT..., BDAT n LAST and the content, all at once: later
+        #: transactions may follow it before its replies.
+        self.bdat = False
         self._reset_first = False  # ... after an RSET
         self._mail: Reply = (0, "")
         self._rcpt: list[Reply] = []
@@ -230,11 +235,6 @@ class Transaction:
     def open(self) -> bool:
         """The end of DATA (or the BDAT) is on the wire and its reply not yet read."""
         return self._pending is not None
-
-    @property
-    def bdat(self) -> bool:
-        """Sent with BDAT: later transactions may follow it before its replies."""
-        return self._bdat
 
     async def start(self) -> None:
         """Send the transaction; set ``outcome`` unless the end-of-DATA reply is still
@@ -280,7 +280,7 @@ class Transaction:
             assert self._pipe is not None
             try:
                 replies = pending.result() if pending.done() else await self._pipe.replies(pending)
-                if self._bdat:
+                if self.bdat:
                     self.outcome = self._bdat_outcome(replies)
                 else:
                     code, text = replies[0]
@@ -304,8 +304,8 @@ class Transaction:
         have the message. A 421 is an answer; with BDAT, so is a refusal that came before
         the loss, and nothing is ambiguous that was never written."""
         # Called first, whatever the answer: it keeps the recipients refused before the loss.
-        could_deliver = self._bdat_partial(exc.replies) if self._bdat and exc.replies else True
-        return exc.code is None and (not self._bdat or (exc.written and could_deliver))
+        could_deliver = self._bdat_partial(exc.replies) if self.bdat and exc.replies else True
+        return exc.code is None and (not self.bdat or (exc.written and could_deliver))
 
     def _bdat_outcome(self, replies: list[Reply]) -> Outcome:
         if self._reset_first:
@@ -404,7 +404,7 @@ class Transaction:
             conn.unclean = False
         body = bdat_body(self._envelope.content)
         commands.append(b"BDAT %d LAST\r\n" % len(body))
-        self._bdat = True
+        self.bdat = True
         self._pending = pipe.send(b"".join(commands), len(commands), body)
 
     async def _reset_pipelined(self, pipe: PipelineProtocol) -> None:
