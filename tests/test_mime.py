@@ -712,3 +712,21 @@ def test_a_message_attachment_that_cannot_be_sent_as_it_is_is_invalid() -> None:
     for content in (b"Subject: x\n\n" + b"y" * 1200 + b"\n", b"Subject: x\n\n\x00\n"):
         error = _job_error(attachments=[{"filename": "m.eml", "content_base64": base64.b64encode(content).decode()}])
         assert error.field == "attachments.0"
+
+
+@pytest.mark.parametrize("value", ["<https://example.org/u/1>", "<mailto:u@example.org>, <https://example.org/u/x>",
+                                   "a" * 60, "a" * 61, "a" * 62, "<a@b> " + "x" * 55, "<a@b>  two  spaces",
+                                   "<a@b>\ttab", "w " * 40 + "end"])
+def test_a_structured_header_on_one_line_is_what_folding_writes(value: str) -> None:
+    """The one-line shortcut writes exactly what the folder writes for the same words."""
+    from dispatcher.compose.mime import _Folder, _structured_header
+
+    for name in ("List-Unsubscribe", "In-Reply-To", "X"):
+        out: list[str] = []
+        _structured_header(out, name, value, "headers")
+        folder = _Folder(name)
+        for word in value.split():
+            folder.add(" ", word)
+        expected: list[str] = []
+        folder.end(expected)
+        assert out == expected

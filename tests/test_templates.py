@@ -426,3 +426,18 @@ def test_header_encoding_is_linear_in_the_value_size() -> None:
     seconds(1000)
     small, large = seconds(400_000), seconds(1_600_000)
     assert large < 8 * small + 0.2, (small, large)  # quadratic would be 16 times
+
+
+def test_a_fixed_unsubscribe_part_is_rendered_once_and_a_templated_one_per_job() -> None:
+    """A mailto (or URL) without a Jinja2 tag is the same for every job; one with a
+    tag, a comment or a statement is still a template."""
+    fixed = Unsubscribe(url="https://example.org/leave", mailto="leave@example.org")
+    jobs = [{"id": "a", "to": ["x@example.net"]}, {"id": "b", "to": ["y@example.net"]}]
+    assert [fixed.headers(job) for job in jobs] == [{
+        "List-Unsubscribe": "<https://example.org/leave>, <mailto:leave@example.org>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}] * 2
+    templated = Unsubscribe(url="https://example.org/u/{{ id }}{# a comment #}",
+                            mailto="leave+{% if id == 'a' %}first{% else %}{{ id }}{% endif %}@example.org")
+    assert [templated.headers(job)["List-Unsubscribe"] for job in jobs] == [
+        "<https://example.org/u/a>, <mailto:leave+first@example.org>",
+        "<https://example.org/u/b>, <mailto:leave+b@example.org>"]

@@ -45,6 +45,7 @@ _MAX_NAME = 150  # a header name cannot be folded
 
 _SAFE_ADDRESS = re.compile(r"[^\x00-\x20\x7f<>]+")
 _PLAIN_VALUE = re.compile(r"[!-~]+(?:[ \t]+[!-~]+)*")  # printable ASCII, no leading or trailing space
+_SINGLE_SPACED = re.compile(r"[!-~]+(?: [!-~]+)*")  # printable ASCII words, one space between two
 _PLAIN_WORD = re.compile(r"[!-~]+")
 _TOKENS = re.compile(r"[ \t]+|[^ \t]+")
 _SEGMENTS = re.compile(r"[^ \t]+[ \t]*|[ \t]+")  # a word and the white space after it
@@ -284,6 +285,9 @@ _STRUCTURED = frozenset({"message-id", "in-reply-to", "references"})
 
 
 def _structured_header(out: list[str], name: str, value: str, field: str) -> None:
+    if len(name) + len(value) < SOFT_LINE - 1 and _SINGLE_SPACED.fullmatch(value):
+        out.append(f"{name}: {value}\r\n")  # the common case: what folding would write, on one line
+        return
     words = value.split()
     if not value.isascii() or not words or any(len(name) + 2 + len(word) > MAX_LINE for word in words) \
             or not _PLAIN_VALUE.fullmatch(" ".join(words)):

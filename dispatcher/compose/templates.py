@@ -218,6 +218,7 @@ class _Budget(threading.local):
 
 _budget = _Budget()
 _CHECK_EVERY = 256  # loop iterations between two looks at the clock (~0.2 µs each)
+_CHECK_CHUNKS = 32  # chunks of output between two looks (a one-line template makes a few)
 _FORMAT_WIDTH = re.compile(r"%[#0 +-]*(\*|\d+)?(?:\.(\*|\d+))?")
 
 
@@ -372,7 +373,8 @@ def _render(template: jinja2.Template, variables: dict[str, Any], context: Mappi
                 size += len(chunk)
                 if size > max_bytes:
                     raise _Runaway(f"rendered more than {max_bytes} bytes (templates.max_bytes)")
-                _check_time()
+                if not len(out) % _CHECK_CHUNKS:  # loops, calls and operators check the clock themselves
+                    _check_time()
             return env.concat(out)
         except Exception:  # noqa: BLE001 - a template expression can raise anything (1 / 0, int("x"))
             env.handle_exception()  # re-raises it with the template's file and line in the traceback
@@ -561,6 +563,9 @@ class Unsubscribe:
         if mailto is not None and not mailto.lower().startswith("mailto:"):
             mailto = "mailto:" + mailto
         self._mailto = self._compile(env, mailto, "mailto")
+        # A part without a {{ tag }} (a fixed mailto address) is the same for every job: rendered once here.
+        self._url_text = self._constant(self._url, url)
+        self._mailto_text = self._constant(self._mailto, mailto)
 
     @staticmethod
     def _compile(env: _Sandbox, source: str | None, key: str) -> jinja2.Template | None:
@@ -570,6 +575,14 @@ class Unsubscribe:
             return env.from_string(source)
         except jinja2.TemplateSyntaxError as exc:
             raise ValueError(f"unsubscribe.{key}: not a valid template: {exc.message}") from None
+
+    @staticmethod
+    def _constant(template: jinja2.Template | None, source: str | None) -> str | None:
+        """What ``template`` renders for any job, when its source holds no Jinja2
+        delimiter at all (``{{``, ``{%`` and ``{#`` all start with ``{``); else None."""
+        if template is None or source is None or "{" in source:
+            return None
+        return _render(template, dict(template.environment.globals), {}, lambda: "unsubscribe", None)
 
     @classmethod
     def from_settings(cls, settings: UnsubscribeSettings) -> Unsubscribe | None:
@@ -597,14 +610,19 @@ class Unsubscribe:
             if recipient is not None:
                 variables["token"] = make_token(self._secret, str(context.get("id")), recipient)
         if self._url is not None:
-            url = quote(_render(self._url, variables, context, lambda: "unsubscribe.url", None).strip(), safe=_URL_SAFE)
+            rendered = self._url_text
+            if rendered is None:
+                rendered = _render(self._url, variables, context, lambda: "unsubscribe.url", None)
+            url = quote(rendered.strip(), safe=_URL_SAFE)
             scheme = url[:8].lower()
             if not scheme.startswith(("https://", "http://")):
                 raise TemplateError("unsubscribe.url", f"rendered {url[:60]!r}, not an http(s) URL")
             uris.append(_uri(url, "unsubscribe.url"))
             one_click = scheme == "https://"
         if self._mailto is not None:
-            mailto = _render(self._mailto, variables, context, lambda: "unsubscribe.mailto", None)
+            mailto = self._mailto_text
+            if mailto is None:
+                mailto = _render(self._mailto, variables, context, lambda: "unsubscribe.mailto", None)
             uris.append(_uri(quote(mailto.strip(), safe=_URL_SAFE), "unsubscribe.mailto"))
         headers = {"List-Unsubscribe": ", ".join(uris)}
         if one_click:
