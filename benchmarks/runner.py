@@ -32,6 +32,21 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
+#: Everything from this line on in RESULTS.md is written by hand (analyses, earlier runs,
+#: one-off tools): a run of ``python -m benchmarks`` replaces what is above it and keeps it.
+KEEP_BELOW = "<!-- Written by hand below this line: python -m benchmarks keeps it. -->"
+
+
+def write_results(path: Path, text: str) -> None:
+    """Write a run's tables to ``path``, keeping the hand-written part of the file."""
+    kept = ""
+    if path.exists():
+        old = path.read_text()
+        if KEEP_BELOW in old:
+            kept = "\n" + old[old.index(KEEP_BELOW):]
+    path.write_text(text.rstrip("\n") + "\n" + kept)
+
+
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -890,6 +905,6 @@ def main(argv: list[str] | None = None) -> int:
         text += relay_rows(cfg)
     print(text)
     if not args.no_write:
-        args.output.write_text(text)
+        write_results(args.output, text)
         log(f"written to {args.output}")
     return 0

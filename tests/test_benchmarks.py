@@ -58,3 +58,18 @@ def test_relay_rows_configs_are_valid_dispatcher_configs(tmp_path: Path) -> None
         assert done.returncode == 0, done.stdout + done.stderr
     assert "start_tls: true" in (tmp_path / "tls.yaml").read_text()
     assert "start_tls: false" in (tmp_path / "plain.yaml").read_text()
+
+
+def test_a_run_replaces_the_tables_and_keeps_what_was_written_by_hand(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    try:
+        runner = importlib.import_module("benchmarks.runner")
+    finally:
+        sys.path.remove(str(ROOT))
+    results = tmp_path / "RESULTS.md"
+    results.write_text(f"# old tables\n\n{runner.KEEP_BELOW}\n\n## An analysis\n\nkept\n")
+    runner.write_results(results, "# new tables\n")
+    assert results.read_text() == f"# new tables\n\n{runner.KEEP_BELOW}\n\n## An analysis\n\nkept\n"
+    runner.write_results(tmp_path / "fresh.md", "# tables\n")
+    assert (tmp_path / "fresh.md").read_text() == "# tables\n"
+    assert runner.KEEP_BELOW in (ROOT / "benchmarks" / "RESULTS.md").read_text()
