@@ -21,6 +21,7 @@ def free_port() -> int:
 def missing(reason: str) -> NoReturn:
     """Skip the test because ``reason`` (a server or tool is not installed); under
     ``CI=true`` fail it instead, so that CI never passes by skipping the real thing."""
+    __tracebackhide__ = True  # the skip or failure is reported at the test's line, not here
     if os.environ.get("CI") == "true":
         pytest.fail(reason, pytrace=False)
     pytest.skip(reason)
