@@ -441,3 +441,16 @@ def test_a_fixed_unsubscribe_part_is_rendered_once_and_a_templated_one_per_job()
     assert [templated.headers(job)["List-Unsubscribe"] for job in jobs] == [
         "<https://example.org/u/a>, <mailto:leave+first@example.org>",
         "<https://example.org/u/b>, <mailto:leave+b@example.org>"]
+
+
+def test_a_fixed_mailto_too_long_for_a_header_line_fails_each_job_naming_it() -> None:
+    unsubscribe = Unsubscribe(mailto="a" * 800 + "@example.org")
+    for job_id in ("a", "b"):
+        with pytest.raises(TemplateError) as caught:
+            unsubscribe.headers({"id": job_id, "to": ["x@example.net"]})
+        assert caught.value.field == "unsubscribe.mailto"
+
+
+def test_a_template_name_with_a_line_break_is_refused() -> None:
+    with pytest.raises(ValidationError):
+        TemplatedJob.model_validate({"id": "1", "template": "welcome\n", "to": ["a@example.net"]})

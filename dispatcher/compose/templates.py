@@ -43,7 +43,7 @@ from pool.config import Section
 Part = Literal["subject", "text", "html"]
 PARTS: tuple[Part, ...] = ("subject", "text", "html")
 
-_TEMPLATE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$"
+_TEMPLATE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
 _MAX_SEQUENCE = 1_000_000  # longest string or list ``*`` may build in a template
 DEFAULT_TIMEOUT = 2.0  # seconds of CPU to render one job's templates (templates.timeout)
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024  # the most one rendered part may hold (templates.max_bytes)
@@ -157,7 +157,7 @@ class TemplatedJob(BaseModel):
     @field_validator("template")
     @classmethod
     def _name(cls, value: str) -> str:
-        if len(value) > 255 or not re.match(_TEMPLATE_NAME, value):
+        if len(value) > 255 or not _TEMPLATE_NAME.fullmatch(value):
             raise ValueError(f"{value[:60]!r} is not a template name (letters, digits, '_', '-', '.', "
                              "'/' between names)")
         return value
@@ -490,7 +490,7 @@ class Templates:
     def render(self, name: str, context: Mapping[str, Any], parts: Iterable[Part] = PARTS) -> Rendered:
         """Render the ``parts`` of template ``name`` that exist. Raises TemplateError
         when none of ``NAME.subject``, ``NAME.text``, ``NAME.html`` exists, or one fails."""
-        if not re.match(_TEMPLATE_NAME, name):
+        if not _TEMPLATE_NAME.fullmatch(name):
             raise TemplateError("template", f"{name!r} is not a template name")
         if all(self._template(f"{name}.{part}") is None for part in PARTS):
             if not self.directory.is_dir():
@@ -565,7 +565,12 @@ class Unsubscribe:
         self._mailto = self._compile(env, mailto, "mailto")
         # A part without a {{ tag }} (a fixed mailto address) is the same for every job: rendered once here.
         self._url_text = self._constant(self._url, url)
-        self._mailto_text = self._constant(self._mailto, mailto)
+        self._mailto_uri: str | None = None
+        if (mailto_text := self._constant(self._mailto, mailto)) is not None:
+            try:
+                self._mailto_uri = _uri(quote(mailto_text.strip(), safe=_URL_SAFE), "unsubscribe.mailto")
+            except TemplateError:
+                pass  # too long for a header line: said for each job, as for a rendered one
 
     @staticmethod
     def _compile(env: _Sandbox, source: str | None, key: str) -> jinja2.Template | None:
@@ -620,10 +625,11 @@ class Unsubscribe:
             uris.append(_uri(url, "unsubscribe.url"))
             one_click = scheme == "https://"
         if self._mailto is not None:
-            mailto = self._mailto_text
-            if mailto is None:
+            uri = self._mailto_uri
+            if uri is None:
                 mailto = _render(self._mailto, variables, context, lambda: "unsubscribe.mailto", None)
-            uris.append(_uri(quote(mailto.strip(), safe=_URL_SAFE), "unsubscribe.mailto"))
+                uri = _uri(quote(mailto.strip(), safe=_URL_SAFE), "unsubscribe.mailto")
+            uris.append(uri)
         headers = {"List-Unsubscribe": ", ".join(uris)}
         if one_click:
             headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
