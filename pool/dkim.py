@@ -101,6 +101,9 @@ class DKIMSigner:
         self._domain_b = domain.encode("ascii")
         self._selector_b = selector.encode("ascii")
         self._algorithm_b = algorithm.encode("ascii")
+        # The tags before t=, the same in every signature of this signer.
+        self._tags = b"".join((b"v=1; a=", self._algorithm_b, b"; c=relaxed/relaxed; d=", self._domain_b,
+                               b"; i=@", self._domain_b, b"; q=dns/txt; s=", self._selector_b, b"; t="))
 
     def __reduce__(self) -> tuple[Any, ...]:
         # OpenSSL key objects do not pickle: a copy is made again from the key's PEM.
@@ -155,52 +158,66 @@ class DKIMSigner:
 
         return sign_all((self,), message)
 
-    def _signature(self, signed: bytes, body_hash: bytes, include: list[bytes]) -> bytes:
+    def _signature(self, signed: bytes, body_hash: bytes, h: bytes) -> bytes:
         """The DKIM-Signature field, CRLF-terminated, as ``dkim.DKIM.sign`` and its
         ``gen_header`` write it (dkimpy folds it), over ``signed``: the relaxed
-        canonical form of the signed header fields, already joined."""
+        canonical form of the signed header fields, already joined. ``h``: the h= tag's
+        value."""
         import dkim  # type: ignore[import-untyped]  # dkimpy ships no type hints
 
-        fields = [
-            (b"v", b"1"), (b"a", self._algorithm_b), (b"c", b"relaxed/relaxed"), (b"d", self._domain_b),
-            (b"i", b"@" + self._domain_b), (b"q", b"dns/txt"), (b"s", self._selector_b),
-            (b"t", str(int(time.time())).encode("ascii")), (b"h", b" : ".join(include)),
-            (b"bh", body_hash),
-            (b"b", b"0" * 60),  # as dkimpy: puts b= on a line of its own before the header is hashed
-        ]
-        value: bytes = dkim.fold(b"; ".join(b"=".join(field) for field in fields), namelen=len(b"DKIM-Signature"))
+        tags = b"".join((self._tags, str(int(time.time())).encode("ascii"), b"; h=", h, b"; bh=", body_hash))
+        # As dkimpy: a placeholder puts b= on a line of its own before the header is hashed.
+        value: bytes = dkim.fold(tags + b"; b=" + b"0" * 60, namelen=len(b"DKIM-Signature"))
         # The field itself with an empty b=, canonicalised, without its CRLF (section 3.7).
         # b= is the last tag, and the only one: what dkimpy's RE_BTAG leaves of it.
         unsigned = _relaxed_value(value[:value.rindex(b" b=") + 3])
         digest = hashlib.sha256(signed + b"dkim-signature:" + unsigned).digest()
-        fields[-1] = (b"b", base64.b64encode(self._sign_digest(digest)))
-        value = dkim.fold(b"; ".join(b"=".join(field) for field in fields) + b"\r\n", namelen=len(b"DKIM-Signature"))
+        signature = base64.b64encode(self._sign_digest(digest))
+        value = dkim.fold(tags + b"; b=" + signature + b"\r\n", namelen=len(b"DKIM-Signature"))
         return b"DKIM-Signature: " + bytes(value)
 
     def __repr__(self) -> str:
         return f"DKIMSigner(domain={self.domain!r}, selector={self.selector!r}, algorithm={self.algorithm!r})"
 
 
-def sign_all(signers: Sequence[DKIMSigner], message: bytes) -> bytes:
+def sign_all(signers: Sequence[DKIMSigner], message: bytes, *, prepared: bool = False) -> bytes:
     """``message`` with one DKIM-Signature per signer, the first signer's on top; each
-    signs the message as given (none covers another's signature). Raises ValueError as
+    signs the message as given (none covers another's signature). ``prepared``: the
+    caller's builder promises CRLF line endings only. Raises ValueError as
     ``DKIMSigner.sign``."""
-    message = _crlf(bytes(message))
+    if not prepared:
+        message = _crlf(bytes(message))
     if message and not message.endswith(b"\r\n"):
         # What SMTP sends anyway (RFC 5321 section 4.1.1.4): signed as it will arrive.
         # mailauth hashes an unterminated last line with trailing white space otherwise.
         message += b"\r\n"
     check_headers(message)  # a folded first line continues no field
     headers, body = parse_message(message)
-    counts = Counter(name.lower() for name, _ in headers)
+    h, chosen = _plan(tuple([name.lower() for name, _ in headers]))
+    # Hashed once for every signer: the signed fields' canonical form and the body hash.
+    signed = b"".join([_relaxed_field(*headers[index]) for index in chosen])
+    body_hash = base64.b64encode(body_digest(body))
+    return b"".join([signer._signature(signed, body_hash, h) for signer in signers]) + message
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(names: tuple[bytes, ...]) -> tuple[bytes, tuple[int, ...]]:
+    """(the h= tag, the indices of the fields it signs, in its order) for a header
+    whose field names are ``names``, in lower case: the same for every message of a
+    campaign. Raises ValueError without From."""
+    counts = Counter(names)
     if not counts[b"from"]:
         raise ValueError("message: no From header (DKIM signs From, RFC 6376 section 5.4)")
-    include = [name for name in SIGNED_HEADERS
-               for _ in range(counts[name] + (name in OVERSIGNED_HEADERS))]
-    # Hashed once for every signer: the signed fields' canonical form and the body hash.
-    signed = b"".join(name + b":" + value for name, value in relaxed_headers(select_headers(headers, include)))
-    body_hash = base64.b64encode(body_digest(body))
-    return b"".join(signer._signature(signed, body_hash, include) for signer in signers) + message
+    include = [name for name in SIGNED_HEADERS for _ in range(counts[name] + (name in OVERSIGNED_HEADERS))]
+    positions: dict[bytes, list[int]] = {}
+    for index, name in enumerate(names):
+        positions.setdefault(name, []).append(index)
+    chosen = []
+    for name in include:  # select_headers, by index
+        below = positions.get(name)
+        if below:
+            chosen.append(below.pop())
+    return b" : ".join(include), tuple(chosen)
 
 
 # -- canonicalisation (RFC 6376 section 3.4) ---------------------------------------------
@@ -263,6 +280,16 @@ def relaxed_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes,
     case, values unfolded, runs of white space one space, none at either end; each value
     ends with CRLF."""
     return [(name.lower().rstrip(), _relaxed_value(value) + b"\r\n") for name, value in headers]
+
+
+def _relaxed_field(name: bytes, value: bytes) -> bytes:
+    """``name:value`` CRLF, relaxed (``relaxed_headers``), as it is hashed."""
+    value = value.replace(b"\r\n", b"")
+    if b"\n" in value:
+        value = value.replace(b"\n", b"")
+    if b"\t" in value or b"  " in value:
+        value = _WSP_RUN.sub(b" ", value)
+    return name.lower().rstrip() + b":" + value.strip() + b"\r\n"
 
 
 def _relaxed_value(value: bytes) -> bytes:

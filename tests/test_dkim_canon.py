@@ -21,6 +21,8 @@ from pool.dkim import (
     OVERSIGNED_HEADERS,
     SIGNED_HEADERS,
     DKIMSigner,
+    _plan,
+    _relaxed_field,
     body_digest,
     parse_message,
     relaxed_body,
@@ -112,6 +114,14 @@ def test_parse_select_and_canonicalise_are_dkimpys(message: bytes, junk: bytes) 
     include = [name for name in SIGNED_HEADERS
                for _ in range(lowered.count(name) + (name in OVERSIGNED_HEADERS))] + [b"x-mailer", b"received"]
     assert select_headers(headers, include) == [tuple(h) for h in dkim.select_headers(headers, include)]
+    # What sign_all uses: the plan cached per list of field names, the fields canonicalised one by one.
+    assert [_relaxed_field(name, value) for name, value in headers] == \
+        [name + b":" + value for name, value in Relaxed.canonicalize_headers(headers)]
+    if b"from" in lowered:
+        h, chosen = _plan(tuple(lowered))
+        include = [name for name in SIGNED_HEADERS for _ in range(lowered.count(name) + (name in OVERSIGNED_HEADERS))]
+        assert h == b" : ".join(include)
+        assert [headers[index] for index in chosen] == [tuple(h) for h in dkim.select_headers(headers, include)]
 
 
 @settings(max_examples=200, deadline=None)

@@ -154,7 +154,7 @@ class Composer:
             outgoing.sender = self.return_path.render(job.id)
         if self.signers:
             try:
-                outgoing.message = sign_all(self.signers, outgoing.message)
+                outgoing.message = sign_all(self.signers, outgoing.message, prepared=outgoing.prepared)
                 outgoing.prepared = True  # the signer writes CRLF line endings only
             except ValueError as exc:  # only a raw message can lack From or hold a broken header
                 raise JobError("raw", str(exc).removeprefix("message: "), job.id) from None
