@@ -105,6 +105,7 @@ class Engine:
         self.config_stop = config_stop
         self.connect_first = connect_first
         self.stop_code: int | None = None  # why the engine stopped early, as an exit status
+        self.relay_error: RelayError | None = None  # the relay's refusal or outage that stopped it, if one did
         self._stop = stop if stop is not None else asyncio.Event()
         self._idle = asyncio.Event()  # no sender task running
         self._idle.set()
@@ -129,6 +130,11 @@ class Engine:
         if not self._stop.is_set():
             self.stop_code = code
             self._stop.set()
+
+    def _relay_down(self, exc: RelayError) -> None:
+        if self.relay_error is None:
+            self.relay_error = exc
+        self.halt(ExitCode.RELAY_DOWN if exc.transient else ExitCode.USAGE, str(exc))
 
     def abort(self) -> None:
         """Drop every session now (a second signal): what was on the wire is not settled."""
@@ -182,7 +188,7 @@ class Engine:
         except Halt as exc:
             self.halt(exc.code, exc.message)
         except RelayError as exc:
-            self.halt(_relay_code(exc), str(exc))
+            self._relay_down(exc)
         except Exception as exc:  # a bug: stop, never hang
             log.exception("run.reader_failed")
             self.halt(ExitCode.USAGE, f"internal error while reading jobs: {type(exc).__name__}: {exc}")
@@ -331,7 +337,7 @@ class Engine:
         except RelayError as exc:
             # Not the message's fault: not recorded, so the next run sends it.
             self._settle(delivery, NOT_SENT)
-            self.halt(_relay_code(exc), str(exc))
+            self._relay_down(exc)
         except PoolClosedError:
             self._settle(delivery, NOT_SENT)  # never sent (or not known to be): a re-run sends it
         except ValueError as exc:
@@ -386,10 +392,6 @@ class Engine:
             await asyncio.sleep(LOG_PROGRESS_EVERY)
             log.info("run.progress", **self.tally.counts, **progress_fields(self.tally, speed),
                      queue_depth=self.sender.queue_depth())
-
-
-def _relay_code(exc: RelayError) -> int:
-    return ExitCode.RELAY_DOWN if exc.transient else ExitCode.USAGE
 
 
 def _message_bytes(outgoing: Outgoing) -> int:

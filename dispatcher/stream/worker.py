@@ -239,6 +239,11 @@ class Worker:
         if self.signalled:
             return ExitCode.SIGNAL
         code = self.engine.stop_code if self.engine is not None else None
+        fatal = self.engine.relay_error if self.engine is not None else None
+        if fatal is not None and code is not None:
+            log.error("worker.relay_error", relay=fatal.relay, transient=fatal.transient, error=str(fatal))
+            print(f"dispatcher worker: relay {fatal.relay}: {fatal}", file=sys.stderr)
+            return code
         if code is not None:
             for message in self._said:
                 print(f"dispatcher worker: {message}", file=sys.stderr)
