@@ -179,6 +179,55 @@ def compose_rate(jobs: Path, config: Path, processes: int) -> float:
         journal.close()
 
 
+def micro(jobs: Path, config: Path, repeat: int = 7, number: int = 1000) -> str:
+    """µs per message, in this process, on the first templated job built unsigned:
+    dkimpy's parse + canonicalise + select + body hash against ``pool.dkim``'s, and
+    ``sign_all`` with the row's key beside the signature alone. Best of ``repeat``
+    runs of ``number``, alternated."""
+    import hashlib
+    import timeit
+
+    import dkim  # type: ignore[import-untyped]
+    from dkim.canonicalization import Relaxed  # type: ignore[import-untyped]
+
+    from dispatcher.compose.jobs import LineSplitter
+    from dispatcher.compose.stage import Composer, Ready
+    from dispatcher.config import load_settings
+    from pool import dkim as ours
+
+    composer = Composer(load_settings(config), base_dir=jobs.parent, attachments_root=jobs.parent, batch=str(jobs))
+    signers, composer.signers = composer.signers, []
+    with jobs.open("rb") as source:
+        line = LineSplitter().feed(source.readline())[0]
+    outcome = composer.compose(line)
+    assert isinstance(outcome, Ready)
+    message = outcome.outgoing.message
+    lowered = [name.lower() for name, _ in ours.parse_message(message)[0]]
+    include = [name for name in ours.SIGNED_HEADERS
+               for _ in range(lowered.count(name) + (name in ours.OVERSIGNED_HEADERS))]
+
+    def theirs() -> None:
+        headers, body = dkim.rfc822_parse(message)
+        dkim.select_headers(Relaxed.canonicalize_headers(headers), include)
+        hashlib.sha256(Relaxed.canonicalize_body(body)).digest()
+
+    def own() -> None:
+        headers, body = ours.parse_message(message)
+        ours.relaxed_headers(ours.select_headers(headers, include))
+        ours.body_digest(body)
+
+    digest = hashlib.sha256(message).digest()
+    cases = {"dkimpy: parse, canonicalise, select, body hash": theirs,
+             "pool.dkim: parse, canonicalise, select, body hash": own,
+             "pool.dkim.sign_all (prepared)": lambda: ours.sign_all(signers, message, prepared=True),
+             "the signature alone (cryptography)": lambda: signers[0]._sign_digest(digest)}
+    best = {name: float("inf") for name in cases}
+    for _ in range(repeat):
+        for name, case in cases.items():
+            best[name] = min(best[name], timeit.timeit(case, number=number) / number * 1e6)
+    return "\n".join(f"| {name} | {value:.1f} |" for name, value in best.items())
+
+
 @dataclass
 class Measured:
     """Every number of one benchmark run."""
@@ -192,6 +241,7 @@ class Measured:
     profiles: list[str] = field(default_factory=list)
     compose_cpu: dict[str, float] = field(default_factory=dict)
     compose_only: dict[int, list[float]] = field(default_factory=dict)
+    micro: dict[str, str] = field(default_factory=dict)
 
     def one_round(self, index: int, work: Path, jobs: Path, configs: dict[str, Path], args: argparse.Namespace) -> None:
         """The signing rates, then every row (alternated), then this round's ratios."""
@@ -229,6 +279,9 @@ class Measured:
                     rate = compose_rate(jobs, configs["rsa-2048"], processes)
                     self.compose_only.setdefault(processes, []).append(rate)
                     print(f"compose only, rsa-2048, {processes} processes: {rate:,.0f} jobs/s", file=sys.stderr)
+        if args.micro:
+            for row in ("ed25519", "rsa-2048"):
+                self.micro[row] = micro(jobs, configs[row])
         if args.profile:
             for row in ("unsigned", "rsa-2048", "ed25519"):
                 self.compose_cpu[row], text = profile(row, jobs, configs[row], min(args.jobs, 3000))
@@ -295,6 +348,14 @@ class Measured:
                 if self.cpu[row] and row in self.compose_cpu:
                     total = statistics.median(self.cpu[row])
                     print(f"| {row} | {total:.0f} | {self.compose_cpu[row]:.0f} | {total - self.compose_cpu[row]:.0f} |")
+        for row, table in self.micro.items():
+            print()
+            print(f"`--micro`, {row}: µs per message in one process (a 2 KB templated message, best of 7×1000, "
+                  "alternated)")
+            print()
+            print("| what | µs |")
+            print("|---|---|")
+            print(table)
         for error in self.errors:
             print(f"\nerror: {error}")
         for text in self.profiles:
@@ -311,6 +372,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                       "dispatcher's own choice)")
     parser.add_argument("--sink", default="smtp-sink", choices=["auto", "smtp-sink", "aiosmtpd"])
     parser.add_argument("--profile", action="store_true", help="also profile the compose stage of the signed rows")
+    parser.add_argument("--micro", action="store_true",
+                        help="also time dkimpy's canonicalisation against pool.dkim's, and sign_all, in this process")
     parser.add_argument("--compose-only", action="store_true",
                         help="also the compose stage alone (no SMTP) with 1 and with one process per core, rsa-2048")
     return parser.parse_args(argv)
