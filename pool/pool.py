@@ -434,6 +434,12 @@ class SMTPPool:
                     # Still queued: the worker that takes it will see the future cancelled.
                     job.future.cancel()
                 raise
+            except BaseException:
+                # The error leaves with this frame in its traceback, and the job's future holds
+                # the error: without the job, the frame, its envelope and the message are freed
+                # as soon as the caller is done with the error, not by the cyclic collector.
+                del job
+                raise
         finally:
             self._bytes.release(size)
 

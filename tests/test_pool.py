@@ -135,6 +135,23 @@ async def test_permanent_sender_refusal_is_not_retried(server: FaultyServer, mak
     assert server.sessions[0].commands.count("MAIL") == 1
 
 
+async def test_a_failed_submit_leaves_no_cycle_holding_the_message(server: FaultyServer, make_pool: Any) -> None:
+    """The error's traceback holds submit's frame; were the job (whose future holds
+    the error) still in it, the frame, the envelope and the message would wait for the
+    cyclic collector: with large messages failing fast, hundreds of them at a time."""
+    server.faults.mail_code = "553 5.7.1 Sender not allowed"
+    async with make_pool(size=1) as pool:
+        with pytest.raises(DeliveryError) as failed:
+            await pool.submit(make_message(1))
+    frames = []
+    tb = failed.value.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    submit = [f for f in frames if f.f_code is SMTPPool.submit.__code__]
+    assert submit and "job" not in submit[0].f_locals
+
+
 async def test_transient_data_reply_is_retried_until_accepted(server: FaultyServer, make_pool: Any) -> None:
     server.faults.data_4xx = 2
     async with make_pool(size=1) as pool:
