@@ -192,17 +192,7 @@ class Connection:
             tls_context=o.tls_context,
         )
         try:
-            await client.connect()
-            if client.is_ehlo_or_helo_needed:
-                # aiosmtplib greets lazily (implicit TLS, no AUTH); our commands need it now.
-                try:
-                    await client.ehlo()
-                except SMTPHeloError:
-                    await client.helo()
-            if o.oauth2 is not None and o.username is not None:
-                await o.oauth2.login(client, o.username, o.hostname, o.port)
-            elif o.username is not None:
-                await _login_once(client, o.username, o.password or "")
+            await self._open_session(client)
         except (TimeoutError, SMTPException, OSError, TokenError) as exc:
             client.close()
             self.state = ConnState.CLOSED
@@ -211,6 +201,26 @@ class Connection:
             client.close()
             self.state = ConnState.CLOSED
             raise
+        self._established(client)
+
+    async def _open_session(self, client: aiosmtplib.SMTP) -> None:
+        """TCP (and TLS or STARTTLS), EHLO, AUTH: aiosmtplib's errors pass through."""
+        o = self.options
+        await client.connect()
+        if client.is_ehlo_or_helo_needed:
+            # aiosmtplib greets lazily (implicit TLS, no AUTH); our commands need it now.
+            try:
+                await client.ehlo()
+            except SMTPHeloError:
+                await client.helo()
+        if o.oauth2 is not None and o.username is not None:
+            await o.oauth2.login(client, o.username, o.hostname, o.port)
+        elif o.username is not None:
+            await _login_once(client, o.username, o.password or "")
+
+    def _established(self, client: aiosmtplib.SMTP) -> None:
+        """The session is open: what the relay offers; the pipe takes over when it pipelines."""
+        o = self.options
         self.client = client
         self.smtputf8 = client.supports_extension("smtputf8")
         self.eightbitmime = client.supports_extension("8bitmime")
