@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import aclosing
 from typing import Any
 
@@ -325,7 +325,10 @@ class Engine:
         started = time.monotonic()
         retried = recipients if delivery.retry else None
         try:
-            result = await self._on_the_wire(delivery, outgoing, recipients)
+            if delivery.lease is None:
+                result: SendResult | None = await self._submission(delivery, outgoing, recipients)
+            else:
+                result = await self._leased(delivery, outgoing, recipients)
         except DeliveryError as exc:
             self._settle(delivery, Outcome("failed", {
                 "attempts": exc.attempts, "code": exc.code, "response": exc.response, "refused": exc.refused,
@@ -354,20 +357,24 @@ class Engine:
             }))
             await self.admission.refused(delivery.job_id or "", result.refused, delivered=True)
 
-    async def _on_the_wire(self, delivery: Delivery, outgoing: Outgoing, recipients: list[str]) -> SendResult | None:
-        """``sender.submit``; with a lease, asked right before the message goes on the
-        wire, a lapsed one is confirmed by the ledger first (None: it was not)."""
+    def _submission(self, delivery: Delivery, outgoing: Outgoing, recipients: list[str]) -> Awaitable[SendResult]:
+        """``sender.submit`` for the delivery (a plain call: no coroutine of its own
+        per job); with a lease, asked right before the message goes on the wire."""
         envelope_id = envelope_id_for(delivery.job_id or "")
+        if outgoing.envelope is not None:  # prepared by the compose process
+            envelope = outgoing.envelope
+            if len(recipients) != len(envelope.recipients):
+                envelope = for_recipients(envelope, recipients)
+            return self.sender.submit(envelope, envelope_id=envelope_id, admit=delivery.lease)
+        return self.sender.submit(outgoing.message, sender=outgoing.sender, recipients=recipients,
+                                  prepared=outgoing.prepared, envelope_id=envelope_id, admit=delivery.lease)
+
+    async def _leased(self, delivery: Delivery, outgoing: Outgoing, recipients: list[str]) -> SendResult | None:
+        """A lapsed lease is confirmed by the ledger before the message goes on the
+        wire (None: it was not; the ledger settled or dropped the job)."""
         while True:
             try:
-                if outgoing.envelope is not None:  # prepared by the compose process
-                    envelope = outgoing.envelope
-                    if len(recipients) != len(envelope.recipients):
-                        envelope = for_recipients(envelope, recipients)
-                    return await self.sender.submit(envelope, envelope_id=envelope_id, admit=delivery.lease)
-                return await self.sender.submit(outgoing.message, sender=outgoing.sender, recipients=recipients,
-                                                prepared=outgoing.prepared, envelope_id=envelope_id,
-                                                admit=delivery.lease)
+                return await self._submission(delivery, outgoing, recipients)
             except Withdrawn:
                 if not await self.ledger.confirm(delivery):
                     return None

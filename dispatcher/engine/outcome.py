@@ -13,7 +13,7 @@ from typing import Any
 UNSENT = "unsent"  # never on the wire (stopping, pool closed, relay down): no row; the stream hands it back
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per job, and a frozen init costs twice as much
 class Outcome:
     """How one job ended, as the engine hands it to the ledger: ``status`` (``sent``,
     ``failed``, ``invalid``, ``suppressed``, ``skipped`` or ``unsent``) and the fields
