@@ -243,9 +243,23 @@ class StreamSource:
 
     async def _deliveries(self, entries: list[Entry]) -> list[Delivery]:
         """Hold the entries, mark those whose id is done already (the ledger
-        acknowledges them) and compose the rest in a thread."""
+        acknowledges them) and compose the rest in a thread. Entries held here and
+        not handed to the engine (stopped, or Redis gone meanwhile) are handed back."""
+        fresh = self._hold_fresh(entries)
+        if not fresh:
+            return []
+        try:
+            return await self._judge(fresh)
+        except BaseException:  # Stopped, or the engine stopping (cancelled): never left held
+            for entry in fresh:
+                self.hold.settle(b"R", entry)
+            raise
+
+    def _hold_fresh(self, entries: list[Entry]) -> list[Entry]:
+        """The entries not held yet (a claim may return ours), held now; none when
+        stopping."""
         hold = self.hold
-        fresh = [e for e in entries if e.entry_id not in hold.entries]  # a claim may return ours
+        fresh = [e for e in entries if e.entry_id not in hold.entries]
         for entry in fresh:
             hold.entries[entry.entry_id] = entry
         if fresh and hold.stopping.is_set():
@@ -255,21 +269,16 @@ class StreamSource:
                 entry.settling = True
                 hold.settles.put_nowait(Settle(b"R", entry))
             return []
-        if not fresh:
-            return []
-        try:
-            done = await hold.call(lambda: hold.redis.hmget(hold.keys.done, [e.job_id for e in fresh]), "check")
-        except Stopped:
-            for entry in fresh:
-                hold.settle(b"R", entry)
-            raise
+        return fresh
+
+    async def _judge(self, fresh: list[Entry]) -> list[Delivery]:
+        hold = self.hold
+        done = await hold.call(lambda: hold.redis.hmget(hold.keys.done, [e.job_id for e in fresh]), "check")
         todo = [entry for entry, status in zip(fresh, done, strict=True) if status is None]
         prepared = iter(await asyncio.to_thread(_prepare, todo, self.composer) if todo else [])
-        out = []
-        for entry, status in zip(fresh, done, strict=True):
-            out.append(_delivery(entry, next(prepared)) if status is None else
-                       Delivery(entry.line, entry.job_id, _size(entry), done=True, token=entry))
-        return out
+        return [_delivery(entry, next(prepared)) if status is None else
+                Delivery(entry.line, entry.job_id, _size(entry), done=True, token=entry)
+                for entry, status in zip(fresh, done, strict=True)]
 
     # -- keeping what is held --
 
