@@ -327,3 +327,66 @@ async def test_with_dkim_one_compose_process_per_core_signs(server: FaultyServer
     assert code == 0, err
     assert sorted(delivered_ids(server)) == sorted(f"job-{i}" for i in range(2500))
     assert all(m.content.startswith(b"DKIM-Signature: v=1; a=ed25519-sha256") for m in server.messages)
+
+
+def _frames(fd: int) -> list[tuple[Any, ...]]:
+    """The frames waiting in a pipe (non-blocking)."""
+    import pickle
+    import select
+
+    from dispatcher.compose.process import _HEAD
+
+    data = b""
+    while select.select([fd], [], [], 0)[0]:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    frames = []
+    while data:
+        (length,) = _HEAD.unpack_from(data)
+        frames.append(pickle.loads(data[_HEAD.size:_HEAD.size + length]))
+        data = data[_HEAD.size + length:]
+    return frames
+
+
+def test_a_compose_process_composes_ahead_of_its_turn_up_to_a_bound() -> None:
+    """Blocks composed before the turn comes are held (not waited on) up to
+    AHEAD_BLOCKS; written one a turn, oldest first; past the bound the process waits."""
+    import threading
+
+    from dispatcher.compose.process import AHEAD_BLOCKS, _Turn, _Writer
+
+    out_r, out_w = os.pipe()
+    inbound_r, inbound_w = os.pipe()  # the child before us passes the turn here
+    outbound_r, outbound_w = os.pipe()  # we pass it to the next
+    try:
+        writer = _Writer(out_w, _Turn(inbound_r, outbound_w, held=False))
+        for block in range(AHEAD_BLOCKS):  # none of them waits: the turn has not come
+            writer.add(("B", block, [f"block {block}"]))
+            writer.close_block()
+        assert _frames(out_r) == []
+        os.write(inbound_w, b"t")
+        writer.add(("B", AHEAD_BLOCKS, ["next block, being composed"]))  # the turn has come: the oldest goes out
+        assert _frames(out_r) == [("B", 0, ["block 0"])]
+        assert os.read(outbound_r, 1) == b"t"  # and the turn goes on at once
+        writer.close_block()  # AHEAD_BLOCKS complete blocks held again: at the bound, not past it
+        assert _frames(out_r) == []
+        done = threading.Event()
+
+        def one_more() -> None:
+            writer.add(("B", 99, ["past the bound"]))
+            writer.close_block()
+            done.set()
+
+        thread = threading.Thread(target=one_more, daemon=True)
+        thread.start()
+        assert not done.wait(0.3)  # past the bound it waits for its turn
+        os.write(inbound_w, b"t")
+        assert done.wait(10)
+        thread.join(10)
+        assert _frames(out_r) == [("B", 1, ["block 1"])]
+        assert os.read(outbound_r, 1) == b"t"
+    finally:
+        for fd in (out_r, out_w, inbound_r, inbound_w, outbound_r, outbound_w):
+            os.close(fd)
