@@ -30,8 +30,9 @@ class ByteBudget:
     def take(self, size: int) -> bool:
         """Hold ``size`` bytes now if they fit and nobody waits before; else False
         (then ``acquire`` waits for them). No coroutine: the usual case costs a call."""
-        if not self._waiters and self._fits(size):
-            self.held += size
+        held = self.held
+        if not self._waiters and (not held or held + size <= self.limit):  # _fits, inline: once per message
+            self.held = held + size
             return True
         return False
 
@@ -54,7 +55,8 @@ class ByteBudget:
 
     def release(self, size: int) -> None:
         self.held -= size
-        self._wake()
+        if self._waiters:
+            self._wake()
 
     def _wake(self) -> None:
         while self._waiters and self._fits(self._waiters[0][0]):

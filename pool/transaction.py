@@ -242,8 +242,12 @@ class Transaction:
         the session."""
         conn, envelope, recipients = self._connection, self._envelope, self._recipients
         try:
-            params = mail_parameters(envelope, recipients, smtputf8=conn.smtputf8, eightbitmime=conn.eightbitmime,
-                                     dsn=conn.dsn and envelope.envelope_id is not None)
+            if envelope.all_ascii and not (envelope.utf8_headers or envelope.eight_bit or envelope.envelope_id):
+                params: list[bytes] | Reply = []  # the usual envelope: nothing to declare, nothing to check
+            else:
+                params = mail_parameters(envelope, recipients, smtputf8=conn.smtputf8,
+                                         eightbitmime=conn.eightbitmime,
+                                         dsn=conn.dsn and envelope.envelope_id is not None)
             if isinstance(params, tuple):
                 # Nothing is sent: the session stays as it is, the message fails for good.
                 self.outcome = Outcome(refused=dict.fromkeys(recipients, params), reply=params)
