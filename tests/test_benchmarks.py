@@ -20,6 +20,9 @@ def test_ab_pool_checkout_imports_the_revisions_pool_not_the_working_tree(tmp_pa
     tree = ab_pool.checkout("HEAD", tmp_path / "head")
     assert (tree / "pool" / "pool.py").is_file()
     assert (tree / "benchmarks" / "client.py").is_file()
+    # Byte-compiled as an installed package: no run compiles the source inside its timed CPU.
+    assert {p.stem for p in (tree / "pool").glob("*.py")} == {
+        p.name.split(".")[0] for p in (tree / "pool" / "__pycache__").glob("*.pyc")}
     found = subprocess.run([sys.executable, "-c", "import pool, benchmarks.client; print(pool.__file__)"],
                            cwd=tree, env={"PYTHONPATH": str(tree)}, check=True, capture_output=True,
                            text=True).stdout.strip()
