@@ -195,6 +195,24 @@ async def test_cancelling_the_engine_is_never_swallowed_and_leaves_no_task(
     await pool.close(drain=False)
 
 
+async def test_an_engine_cancelled_as_it_starts_leaves_no_task(server: FaultyServer, tmp_path: Path) -> None:
+    compose = composer(tmp_path)
+    pool = pool_for(server)
+    # progress=None: a progress task that logs every 10 s (stderr is no terminal here).
+    run = engine(ListSource(deliveries(compose, 5)), KeepingLedger(), compose, pool, progress=None)
+    running = asyncio.create_task(run.run())
+    await asyncio.sleep(0)  # run() has started its progress and suppression-watch tasks, and yields once
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(10):
+            await running
+    leftover = engine_tasks() + [t for t in asyncio.all_tasks() if "Admission.watch" in repr(t.get_coro())]
+    for task in leftover:
+        task.cancel()
+    assert leftover == []
+    await pool.close(drain=False)
+
+
 async def test_a_delivery_whose_lease_lapsed_is_confirmed_before_it_goes_on_the_wire(
     server: FaultyServer, tmp_path: Path
 ) -> None:

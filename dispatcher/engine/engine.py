@@ -143,10 +143,10 @@ class Engine:
     async def run(self) -> Tally:
         progress = asyncio.create_task(self._progress())
         watch = asyncio.create_task(self.admission.watch())  # the suppression list, changed by others
-        await asyncio.sleep(0)  # the live display is up: these lines go above it, wrapped to the terminal
-        for event, fields in self.announce:
-            log.info(event, **fields)
-        try:
+        try:  # from here on, whatever ends run() (a cancel at the first await too) ends both tasks
+            await asyncio.sleep(0)  # the live display is up: these lines go above it, wrapped to the terminal
+            for event, fields in self.announce:
+                log.info(event, **fields)
             async with asyncio.TaskGroup() as group:
                 reader = group.create_task(self._read(group))
                 stopped = group.create_task(self._stop.wait())
