@@ -208,16 +208,20 @@ class Worker:
                 await self.name.leave_group()
 
     async def _run(self, source: StreamSource, ledger: StreamLedger, engine: Engine) -> None:
-        """The engine, with the ledger's commits and the source's heartbeat beside it
-        until every settle is queued."""
+        """The engine, with the ledger's commits beside it until every settle is
+        queued, and the source's heartbeat until every settle is committed."""
         finishing = asyncio.Event()
         async with asyncio.TaskGroup() as group:
-            group.create_task(ledger.finisher())
+            finisher = group.create_task(ledger.finisher())
+            # Held entries stay touched until their settles are committed, not only until
+            # the engine stops: stopped while Redis refuses the records (maxmemory) for
+            # longer than claim_after, this worker must still own what it sent, or another
+            # worker claims it and sends it a second time.
+            finisher.add_done_callback(lambda _: finishing.set())
             group.create_task(source.heartbeat(self.name, finishing))
             try:
                 await engine.run()
             finally:
-                finishing.set()
                 self.hold.settles.put_nowait(None)
 
     async def _close(self, sending: Sending | None, metrics_server: MetricsServer | None) -> None:
