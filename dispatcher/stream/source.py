@@ -215,8 +215,13 @@ class StreamSource:
         args: list[Any] = [hold.group, hold.consumer, mode, self._claim_ms, self._room_left(),
                            self.max_deliveries, start]
         sent = time.monotonic()
-        cursor, raw = await hold.call(lambda: self._take(keys=keys, args=args), f"claim ({mode})")
-        entries = [_entry(entry_id, fields, int(n), sent + hold.lease) for entry_id, fields, n in raw]
+
+        def entries_of(reply: Any) -> list[Entry]:
+            return [_entry(entry_id, fields, int(n), sent + hold.lease) for entry_id, fields, n in reply[1]]
+
+        reply = await self._taking(hold.call(lambda: self._take(keys=keys, args=args), f"claim ({mode})"),
+                                   entries_of)
+        cursor, entries = reply[0], entries_of(reply)
         if entries:
             log.info("worker.claimed" if mode == "idle" else "worker.took_back", consumer=hold.consumer,
                      entries=len(entries))
@@ -225,15 +230,37 @@ class StreamSource:
     async def _read_new(self, block_ms: int) -> list[Entry]:
         hold = self.hold
         sent = time.monotonic()
-        reply: Any = await hold.call(
+
+        def entries_of(reply: Any) -> list[Entry]:
+            return [_entry(entry_id, _flat(fields), None, sent + hold.lease)
+                    for _stream, items in reply or [] for entry_id, fields in items]
+
+        reply: Any = await self._taking(hold.call(
             lambda: hold.redis.xreadgroup(hold.group, hold.consumer, {hold.keys.stream: ">"},
                                           count=self._room_left(), block=block_ms),
-            "read")
-        entries: list[Entry] = []
-        for _stream, items in reply or []:
-            for entry_id, fields in items:
-                entries.append(_entry(entry_id, _flat(fields), None, sent + hold.lease))
-        return entries
+            "read"), entries_of)
+        return entries_of(reply)
+
+    async def _taking(self, read: Awaitable[T], entries_of: Callable[[T], list[Entry]]) -> T:
+        """``read`` (a read or a claim: Redis makes its entries this consumer's as it
+        runs). Cancelled meanwhile (the engine stopped), it is still awaited to its end
+        (a BLOCK is at most 500 ms) and what it took is handed back at once: a reply
+        dropped in flight would leave its entries pending on this consumer, unsent,
+        until another worker claimed them after claim_after (counting a delivery)."""
+        task = asyncio.ensure_future(read)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            try:
+                taken = entries_of(await task)
+            except asyncio.CancelledError:
+                task.cancel()  # cancelled again (a second signal): the read is dropped
+                raise
+            except Exception:  # noqa: BLE001 - Stopped, Redis gone: nothing known taken
+                taken = []
+            for entry in self._hold_fresh(taken):  # stopping: straight back
+                self.hold.settle(b"R", entry)  # held (the engine stopped on its own): back all the same
+            raise
 
     async def _empty(self) -> bool:
         hold = self.hold
