@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
+from collections.abc import Awaitable
 
 from pool.errors import ConnectionFailed
 
@@ -201,16 +202,21 @@ class PipelineProtocol(asyncio.Protocol):
             self._outgoing.extend(more)
         return future
 
-    async def replies(self, future: asyncio.Future[list[Reply]]) -> list[Reply]:
-        """The replies ``future`` (from ``send``) stands for. When they are not in yet,
-        what is queued is written first; replies already in leave the queued data (the
-        next content, say) to share a write with the next envelope. The protocol's own
-        timer ends a silent session."""
+    def replies(self, future: asyncio.Future[list[Reply]]) -> Awaitable[list[Reply]]:
+        """Awaited: the replies ``future`` (from ``send``) stands for. When they are not
+        in yet, what is queued is written first; replies already in leave the queued
+        data (the next content, say) to share a write with the next envelope. The
+        protocol's own timer ends a silent session. No coroutine unless the transport's
+        buffer is full: the usual wait is on ``future`` itself (twice per message)."""
         if future.done():
-            return future.result()
+            return future
         self.write()
         if self._paused and self.transport is not None:
-            await self._drained()
+            return self._replies_drained(future)
+        return future
+
+    async def _replies_drained(self, future: asyncio.Future[list[Reply]]) -> list[Reply]:
+        await self._drained()
         return await future
 
     async def flush(self) -> None:

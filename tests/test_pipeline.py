@@ -260,3 +260,33 @@ def test_sessions_are_pipelined_on_uvloop_too() -> None:
             return pipelined, len(srv.messages)
 
     assert uvloop.run(run()) == (True, 1)
+
+
+async def test_replies_wait_for_the_transport_to_drain_when_its_buffer_is_full() -> None:
+    """The transport said its buffer is full (pause_writing): what was queued is written,
+    and the replies are handed over only once it drains, however early they came."""
+    from pool.pipeline import PipelineProtocol
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            writer.write(b"250 ok " + line.split()[0] + b"\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        transport, _ = await asyncio.get_running_loop().create_connection(asyncio.Protocol, "127.0.0.1", port)
+        pipe = PipelineProtocol(transport, 5.0)  # type: ignore[arg-type]
+        transport.set_protocol(pipe)
+        pipe.pause_writing()
+        sent = pipe.send(b"NOOP\r\n", 1)
+        waiting = asyncio.ensure_future(pipe.replies(sent))
+        assert await asyncio.wait_for(asyncio.shield(sent), 5) == [(250, "ok NOOP")]  # written, answered
+        assert not waiting.done()  # ... and held until the buffer drains
+        pipe.resume_writing()
+        assert await asyncio.wait_for(waiting, 5) == [(250, "ok NOOP")]
+        assert await pipe.replies(pipe.send(b"RSET\r\n", 1)) == [(250, "ok RSET")]  # not paused: at once
+        pipe.abort()
+    finally:
+        server.close()
+        await server.wait_closed()
