@@ -390,3 +390,20 @@ def test_a_compose_process_composes_ahead_of_its_turn_up_to_a_bound() -> None:
     finally:
         for fd in (out_r, out_w, inbound_r, inbound_w, outbound_r, outbound_w):
             os.close(fd)
+
+
+def test_a_composed_job_comes_back_with_its_dsn_envid_so_the_loop_only_submits() -> None:
+    """The compose process works out the ENVID (RFC 3461: the job id when it is printable
+    ASCII of at most 100 characters as xtext): the event loop submits the envelope as is."""
+    from dispatcher.compose.jobs import Outgoing
+    from dispatcher.compose.process import _decode, _encode
+    from dispatcher.compose.stage import Ready
+
+    message = b"Subject: x\r\nMessage-ID: <1@example.org>\r\n\r\nHi\r\n"
+    for job_id, envid in (("job-7", "job-7"), ("é", None), ("+" * 40, None)):
+        outgoing = Outgoing(message, "bounces@example.org", ["a@example.net"], prepared=True)
+        number, size, ready = _decode(_encode(3, 99, Ready(3, job_id, outgoing)))
+        assert (number, size) == (3, 99) and isinstance(ready, Ready)
+        envelope = ready.outgoing.envelope
+        assert envelope is not None and envelope.envelope_id == envid
+        assert envelope.recipients == ("a@example.net",) and envelope.message_id == "<1@example.org>"

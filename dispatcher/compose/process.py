@@ -39,6 +39,7 @@ from typing import Any
 from dispatcher.batch.journal import Journal
 from dispatcher.compose.jobs import JobError, LineSplitter, Outgoing
 from dispatcher.compose.stage import Composer, Done, Invalid, Ready
+from dispatcher.loop.verp import envelope_id_for
 from pool import Envelope, prepare
 
 READ_CHUNK = 1 << 18
@@ -397,7 +398,7 @@ def _close_inherited(keep: set[int]) -> None:
 
 def _encode(number: int, size: int, outcome: Ready | Invalid | Done) -> tuple[Any, ...]:
     if isinstance(outcome, Done):  # parsed, not composed: the parent skips it as it always does
-        return (number, size, outcome.job_id, None, None, None, None, None)
+        return (number, size, outcome.job_id, None, None, None, None, None, None)
     if isinstance(outcome, Ready):
         o = outcome.outgoing
         try:  # what SMTPPool.submit would do first, done here: the loop process only sends
@@ -405,16 +406,18 @@ def _encode(number: int, size: int, outcome: Ready | Invalid | Done) -> tuple[An
         except ValueError as exc:
             outcome = Invalid(number, JobError("", str(exc), outcome.job_id), parsed=True)
         else:
-            return (number, size, outcome.job_id, e.sender, e.recipients, e.content, e.message_id, e.all_ascii)
+            # Its DSN ENVID too, worked out here: the loop process submits the envelope as it is.
+            return (number, size, outcome.job_id, e.sender, e.recipients, e.content, e.message_id, e.all_ascii,
+                    envelope_id_for(outcome.job_id))
     error = outcome.error
-    return (number, size, None, error.field, str(error), error.job_id, outcome.parsed, None)
+    return (number, size, None, error.field, str(error), error.job_id, outcome.parsed, None, None)
 
 
 def _decode(item: tuple[Any, ...]) -> Composed:
-    number, size, job_id, a, b, c, d, e = item
+    number, size, job_id, a, b, c, d, e, envelope_id = item
     if job_id is not None and a is None:  # done by an earlier run: not composed
         return number, size, Done(number, job_id)
     if job_id is not None:
-        envelope = Envelope(a, b, c, d, e)
+        envelope = Envelope(a, b, c, d, e, envelope_id)
         return number, size, Ready(number, job_id, Outgoing(b"", a, list(b), prepared=True, envelope=envelope))
     return number, size, Invalid(number, JobError.restore(a, b, c), parsed=d)

@@ -360,14 +360,14 @@ class Engine:
     def _submission(self, delivery: Delivery, outgoing: Outgoing, recipients: list[str]) -> Awaitable[SendResult]:
         """``sender.submit`` for the delivery (a plain call: no coroutine of its own
         per job); with a lease, asked right before the message goes on the wire."""
-        envelope_id = envelope_id_for(delivery.job_id or "")
-        if outgoing.envelope is not None:  # prepared by the compose process
+        if outgoing.envelope is not None:  # prepared by the compose process, its ENVID included
             envelope = outgoing.envelope
             if len(recipients) != len(envelope.recipients):
                 envelope = for_recipients(envelope, recipients)
-            return self.sender.submit(envelope, envelope_id=envelope_id, admit=delivery.lease)
+            return self.sender.submit(envelope, admit=delivery.lease)
         return self.sender.submit(outgoing.message, sender=outgoing.sender, recipients=recipients,
-                                  prepared=outgoing.prepared, envelope_id=envelope_id, admit=delivery.lease)
+                                  prepared=outgoing.prepared, envelope_id=envelope_id_for(delivery.job_id or ""),
+                                  admit=delivery.lease)
 
     async def _leased(self, delivery: Delivery, outgoing: Outgoing, recipients: list[str]) -> SendResult | None:
         """A lapsed lease is confirmed by the ledger before the message goes on the
