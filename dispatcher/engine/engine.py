@@ -4,10 +4,12 @@
 
 One reader task takes the source's jobs in order, asks the ledger about each (resume,
 duplicates), composes it (here, or in a thread when it reads files or signs) and
-starts one sender task per job to send, at most ``limit`` at a time and within
+hands each job to send to a sender task, at most ``limit`` jobs at a time and within
 ``max_bytes`` of messages: the pool's queue is the backpressure, and memory depends on
-it, not on the number of jobs. A sender awaits ``sender.submit`` and settles the job
-with one ``Outcome``. The engine counts every settled job in its ``Tally`` (progress
+it, not on the number of jobs. The senders are a set of tasks started as they are
+needed (never more than ``limit``) that each take one job at a time from the reader,
+in order: no task per job. A sender awaits ``sender.submit`` and settles the job with
+one ``Outcome``. The engine counts every settled job in its ``Tally`` (progress
 and metrics read it).
 
 What it promises, whatever stops it (the source or the ledger raising ``Halt``, the
@@ -107,10 +109,14 @@ class Engine:
         self.stop_code: int | None = None  # why the engine stopped early, as an exit status
         self.relay_error: RelayError | None = None  # the relay's refusal or outage that stopped it, if one did
         self._stop = stop if stop is not None else asyncio.Event()
-        self._idle = asyncio.Event()  # no sender task running
-        self._idle.set()
-        self._senders = 0
-        self._room = asyncio.Semaphore(limit if limit is not None else sender.size + sender.queue_size)
+        limit = limit if limit is not None else sender.size + sender.queue_size
+        self._room = asyncio.Semaphore(limit)  # jobs handed to the senders and not finished
+        # The sender tasks and the jobs waiting for one (None: no more jobs, the task ends).
+        self._senders: list[asyncio.Task[None]] = []
+        self._max_senders = limit
+        self._waiting_senders = 0
+        self._handed: asyncio.Queue[Delivery | None] = asyncio.Queue()
+        self._reading = True
         # Messages in flight are bounded by bytes too: 1,000 queued 10 MB messages would
         # need 10 GB. Jobs composed by their sender (attachment files, DKIM) compose a
         # few at a time, each holding its place until its bytes fit.
@@ -152,12 +158,15 @@ class Engine:
                 stopped = group.create_task(self._stop.wait())
                 await asyncio.wait({reader, stopped}, return_when=asyncio.FIRST_COMPLETED)
                 if not self._stop.is_set():  # every job read: wait for the last results
-                    idle = group.create_task(self._idle.wait())
-                    await asyncio.wait({idle, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                    idle.cancel()
+                    self._no_more_jobs()
+                    if self._senders:
+                        idle = group.create_task(asyncio.wait(self._senders))
+                        await asyncio.wait({idle, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                        idle.cancel()
                 stopped.cancel()
                 if self._stop.is_set():
-                    reader.cancel()
+                    reader.cancel()  # it hands out no job from here on
+                    self._no_more_jobs()  # the senders settle those handed out (unsent) and end
                     # Queued messages fail with PoolClosedError (not recorded); those on
                     # the wire finish and are recorded. A second signal terminates.
                     await self.sender.close(drain=False)
@@ -219,6 +228,9 @@ class Engine:
     async def _launch(self, group: asyncio.TaskGroup, delivery: Delivery | None) -> None:
         """One sender for a job to send, once the pool has room for it."""
         self.tally.jobs_read += 1
+        if delivery is not None and not self._reading:  # stopped, and the senders told there are no more
+            self._settle(delivery, NOT_SENT)  # (a reader that went on after its cancel: not handed out)
+            delivery = None
         if delivery is not None:
             try:
                 await self._room.acquire()
@@ -233,9 +245,9 @@ class Engine:
                     self._room.release()
                     self._settle(delivery, NOT_SENT)
                     raise
-            self._senders += 1
-            self._idle.clear()
-            group.create_task(self._send(delivery))
+            self._handed.put_nowait(delivery)
+            if self._handed.qsize() > self._waiting_senders and len(self._senders) < self._max_senders:
+                self._senders.append(group.create_task(self._sender()))
         if self.tally.jobs_read % 64 == 0:
             await asyncio.sleep(0)  # let senders, results, signals and progress through
 
@@ -262,6 +274,29 @@ class Engine:
 
     # -- sending --
 
+    def _no_more_jobs(self) -> None:
+        """The reader is done (or cancelled): each sender ends once the jobs handed out are."""
+        if self._reading:
+            self._reading = False
+            for _ in self._senders:
+                self._handed.put_nowait(None)
+
+    async def _sender(self) -> None:
+        """Takes the reader's jobs one at a time, in order, until there are no more."""
+        handed = self._handed
+        while True:
+            if handed.empty():
+                self._waiting_senders += 1
+                try:
+                    delivery = await handed.get()
+                finally:
+                    self._waiting_senders -= 1
+            else:
+                delivery = handed.get_nowait()
+            if delivery is None:
+                return
+            await self._send(delivery)
+
     async def _send(self, delivery: Delivery) -> None:
         try:
             await self._deliver(delivery)
@@ -275,9 +310,6 @@ class Engine:
         finally:
             self._bytes.release(delivery.held)
             self._room.release()
-            self._senders -= 1
-            if self._senders == 0:
-                self._idle.set()
 
     async def _deliver(self, delivery: Delivery) -> None:
         outgoing = delivery.outgoing
