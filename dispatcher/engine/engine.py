@@ -239,12 +239,13 @@ class Engine:
                 raise
             if delivery.outgoing is not None:  # composed already: its bytes are known
                 delivery.held = _message_bytes(delivery.outgoing)
-                try:
-                    await self._bytes.acquire(delivery.held)
-                except BaseException:
-                    self._room.release()
-                    self._settle(delivery, NOT_SENT)
-                    raise
+                if not self._bytes.take(delivery.held):  # the usual case: no coroutine
+                    try:
+                        await self._bytes.acquire(delivery.held)
+                    except BaseException:
+                        self._room.release()
+                        self._settle(delivery, NOT_SENT)
+                        raise
             self._handed.put_nowait(delivery)
             if self._handed.qsize() > self._waiting_senders and len(self._senders) < self._max_senders:
                 self._senders.append(group.create_task(self._sender()))
@@ -295,21 +296,18 @@ class Engine:
                 delivery = handed.get_nowait()
             if delivery is None:
                 return
-            await self._send(delivery)
-
-    async def _send(self, delivery: Delivery) -> None:
-        try:
-            await self._deliver(delivery)
-        except Halt as exc:
-            self.halt(exc.code, exc.message)
-        except Exception as exc:  # a bug: stop, never hang
-            log.exception("run.sender_failed", line=delivery.line, id=delivery.job_id)
-            self.halt(ExitCode.USAGE, f"internal error on line {delivery.line}: {type(exc).__name__}: {exc}")
-            if not delivery.settled:
-                self._settle(delivery, NOT_SENT)
-        finally:
-            self._bytes.release(delivery.held)
-            self._room.release()
+            try:
+                await self._deliver(delivery)
+            except Halt as exc:
+                self.halt(exc.code, exc.message)
+            except Exception as exc:  # a bug: stop, never hang
+                log.exception("run.sender_failed", line=delivery.line, id=delivery.job_id)
+                self.halt(ExitCode.USAGE, f"internal error on line {delivery.line}: {type(exc).__name__}: {exc}")
+                if not delivery.settled:
+                    self._settle(delivery, NOT_SENT)
+            finally:
+                self._bytes.release(delivery.held)
+                self._room.release()
 
     async def _deliver(self, delivery: Delivery) -> None:
         outgoing = delivery.outgoing
