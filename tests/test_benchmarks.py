@@ -7,16 +7,22 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_ab_pool_checkout_imports_the_revisions_pool_not_the_working_tree(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT))  # benchmarks/ is not installed, only run from the checkout
+def _benchmark(name: str) -> Any:
+    """``benchmarks.NAME``, imported from the checkout: benchmarks/ is not installed."""
+    sys.path.insert(0, str(ROOT))
     try:
-        ab_pool = importlib.import_module("benchmarks.ab_pool")
+        return importlib.import_module(f"benchmarks.{name}")
     finally:
         sys.path.remove(str(ROOT))
+
+
+def test_ab_pool_checkout_imports_the_revisions_pool_not_the_working_tree(tmp_path: Path) -> None:
+    ab_pool = _benchmark("ab_pool")
     tree = ab_pool.checkout("HEAD", tmp_path / "head")
     assert (tree / "pool" / "pool.py").is_file()
     assert (tree / "benchmarks" / "client.py").is_file()
@@ -46,11 +52,7 @@ def test_dkim_benchmark_runs_every_row_and_prints_both_targets() -> None:
 
 def test_relay_rows_configs_are_valid_dispatcher_configs(tmp_path: Path) -> None:
     """The relay benchmark's STARTTLS and plain-text configs pass ``dispatcher check-config``."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        relay = importlib.import_module("benchmarks.relay")
-    finally:
-        sys.path.remove(str(ROOT))
+    relay = _benchmark("relay")
     ca = tmp_path / "ca.pem"
     relay.tls_main_cf(tmp_path)
     assert ca.read_text().startswith("-----BEGIN CERTIFICATE-----")
@@ -64,11 +66,7 @@ def test_relay_rows_configs_are_valid_dispatcher_configs(tmp_path: Path) -> None
 
 
 def test_a_run_replaces_the_tables_and_keeps_what_was_written_by_hand(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT))
-    try:
-        runner = importlib.import_module("benchmarks.runner")
-    finally:
-        sys.path.remove(str(ROOT))
+    runner = _benchmark("runner")
     results = tmp_path / "RESULTS.md"
     results.write_text(f"# old tables\n\n{runner.KEEP_BELOW}\n\n## An analysis\n\nkept\n")
     runner.write_results(results, "# new tables\n")
